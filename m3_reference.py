@@ -1,0 +1,1489 @@
+"""MiniMax M3 reference: the whole vision-language MoE in one readable PyTorch file.
+
+MiniMax M3 (428B total, ~22B active) is a decoder-only MoE language model with a CLIP-style
+vision tower. This file defines every component in the order data flows through the model;
+the torch code here is the specification, and `kernels.py` (later) mirrors its hot functions.
+
+Notable features
+  - Gemma RMSNorm everywhere in the text model: y = x * rsqrt(mean(x^2) + eps) * (1 + w), fp32.
+  - SwiGLU-OAI in every FFN: gate clamped from above, up clamped both sides, g*sigmoid(1.702 g)*(u+1).
+  - Sigmoid router with an aux-free correction bias that picks experts but never weights them,
+    weights renormalised and scaled by 2.0; one unscaled, ungated shared expert.
+  - Per-head q/k Gemma norm, then partial NeoX RoPE on the first `rotary_dim` channels.
+  - Lightning indexer + block-sparse attention: each KV group keeps its top-k key blocks.
+  - Multi-token prediction (DeepSeek-V3 style): depth k fuses embed(ids shifted by k) with h_{k-1}.
+  - Vision: Conv3d patches, 3D RoPE, per-item attention (videos cut into segments), a per-patch
+    projector, then a 2x2 patch-merge MLP; features replace placeholder token embeddings.
+
+Sources checked (facts only): transformers `models/minimax_m3_vl`, vLLM `models/minimax_m3`,
+NeMo Automodel `models/minimax_m3_vl`, SGLang `minimax_m3*.py`, MiniMax-AI/MSA test references.
+Decisions where they disagree are fixed in SPEC.md and noted where they apply.
+
+    pip install -r requirements.txt
+    pytest -q
+    python m3_reference.py            # demo forward of the tiny preset
+    python m3_reference.py bench      # long-sequence sparse attention benchmark
+
+Shape letters: B batch, S sequence, D model width, H query heads, Hkv KV heads, Dh head dim,
+Hi index heads, Di index dim, E experts, K experts per token, I FFN width, N vision patches,
+nb key blocks, C query chunk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ============================================================================================
+# Config
+# ============================================================================================
+
+@dataclass
+class VisionConfig:
+    """The CLIP-style vision tower (released values as defaults)."""
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2           # frames fused by the Conv3d into one patch
+    spatial_merge_size: int = 2            # 2x2 patches merged into one text token
+    vision_segment_max_frames: int = 4     # temporal groups per attention segment of a video
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patch_dim(self) -> int:            # length of one pixel_values row, laid out (C, T, P, P)
+        return self.num_channels * self.temporal_patch_size * self.patch_size ** 2
+
+
+@dataclass
+class M3Config:
+    """Text model fields (released values as defaults) plus an optional vision part.
+
+    `moe_layer_freq[i] != 0` makes layer i an MoE layer (None: every layer);
+    `sparse_attention_freq[i] != 0` gives layer i the indexer and block-sparse attention
+    (None: no layer). Both are normalised to lists of length `num_hidden_layers`.
+    """
+    # embeddings and head
+    vocab_size: int = 200064
+    hidden_size: int = 6144
+    num_hidden_layers: int = 60
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 524288  # informational: no rope scaling exists in M3
+    # attention
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 4
+    head_dim: int = 128
+    rotary_dim: int = 64                   # channels rotated per head; the rest pass through
+    rope_theta: float = 5e6
+    # sparse attention (lightning indexer)
+    sparse_attention_freq: list[int] | None = None
+    sparse_index_dim: int = 128
+    sparse_num_index_heads: int = 4        # one selection per KV head, so must equal Hkv
+    sparse_topk_blocks: int = 16           # forced blocks count inside this budget
+    sparse_block_size: int = 128
+    sparse_init_block: int = 0
+    sparse_local_block: int = 1
+    # feed-forward
+    moe_layer_freq: list[int] | None = None
+    dense_intermediate_size: int = 12288
+    intermediate_size: int = 3072          # one routed expert
+    shared_intermediate_size: int = 3072
+    n_shared_experts: int = 1
+    num_local_experts: int = 128
+    num_experts_per_tok: int = 4
+    routed_scaling_factor: float = 2.0
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    # multi-token prediction
+    num_mtp_modules: int = 1
+    # multimodal (vision=None: a text-only model)
+    vision: VisionConfig | None = field(default_factory=VisionConfig)
+    image_token_index: int = 200025
+    video_token_index: int = 200026
+    projector_hidden_size: int = 6144
+
+    def __post_init__(self):
+        n = self.num_hidden_layers
+        if self.moe_layer_freq is None:
+            self.moe_layer_freq = [1] * n
+        if self.sparse_attention_freq is None:
+            self.sparse_attention_freq = [0] * n
+        self.moe_layer_freq = [int(f) for f in self.moe_layer_freq]
+        self.sparse_attention_freq = [int(f) for f in self.sparse_attention_freq]
+        _validate(self)
+
+    def is_moe(self, i: int) -> bool:
+        return self.moe_layer_freq[i] != 0
+
+    def is_sparse(self, i: int) -> bool:
+        return self.sparse_attention_freq[i] != 0
+
+    # ---- presets ------------------------------------------------------------------------
+    @classmethod
+    def minimax_m3(cls) -> "M3Config":
+        """The released model: 3 dense full-attention layers, then 57 MoE + sparse layers."""
+        layers = [0] * 3 + [1] * 57
+        return cls(moe_layer_freq=layers, sparse_attention_freq=list(layers))
+
+    @classmethod
+    def tiny(cls) -> "M3Config":
+        """Every feature on at CPU size: layer 0 dense + full attention, layers 1-2 MoE + sparse;
+        blocks of 8 with top-4 (one init, one local) so a 64-token prompt drops blocks; a 2-layer
+        vision tower whose videos are cut every 2 temporal groups; one MTP depth."""
+        return cls(
+            vocab_size=512, hidden_size=64, num_hidden_layers=3, max_position_embeddings=65536,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rotary_dim=8, rope_theta=10000.0,
+            sparse_attention_freq=[0, 1, 1], sparse_index_dim=16, sparse_num_index_heads=2,
+            sparse_topk_blocks=4, sparse_block_size=8, sparse_init_block=1, sparse_local_block=1,
+            moe_layer_freq=[0, 1, 1], dense_intermediate_size=128, intermediate_size=32,
+            shared_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+            num_mtp_modules=1,
+            vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, vision_segment_max_frames=2),
+            image_token_index=500, video_token_index=501, projector_hidden_size=64)
+
+    # ---- reading and writing ------------------------------------------------------------
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "M3Config":
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read config {str(path)!r}: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"config {str(path)!r} must hold a JSON object, got {type(d).__name__}")
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "M3Config":
+        """Accept the upstream checkpoint form (`text_config.sparse_attention_config`,
+        `moe_layer_freq`, `rope_theta`, `img_token_compression_config`, ...) and the transformers
+        form (`layer_types`, `mlp_layer_types`, `index_*`, `rope_parameters`). A dict without
+        `text_config` is a text-only config. Absent keys take the released model's values;
+        `model_type` strings are never read (the checkpoint's text part says "minimax_m2")."""
+        if not isinstance(d, dict):
+            raise TypeError(f"config must be a dict, got {type(d).__name__}")
+        if "text_config" not in d:
+            return cls(**_text_fields(d, "config"), vision=None)
+        text = _sub(d, "text_config", "config")
+        vision = _vision_fields(_sub(d, "vision_config", "config", {}), d)
+        top = _Reader(d, "config")
+        return cls(**_text_fields(text, "text_config"), vision=vision,
+                   image_token_index=top.int("image_token_index", top.int("image_token_id", 200025)),
+                   video_token_index=top.int("video_token_index", top.int("video_token_id", 200026)),
+                   projector_hidden_size=top.int("projector_hidden_size", 6144))
+
+    def to_dict(self) -> dict:
+        """The upstream checkpoint form (what `save_pretrained` writes to config.json)."""
+        text = {
+            "model_type": "minimax_m3", "hidden_act": "swigluoai",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers, "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "rotary_dim": self.rotary_dim, "rope_theta": self.rope_theta,
+            "use_gemma_norm": True, "use_qk_norm": True, "qk_norm_type": "per_head",
+            "attention_output_gate": False, "tie_word_embeddings": False,
+            "moe_layer_freq": list(self.moe_layer_freq),
+            "dense_intermediate_size": self.dense_intermediate_size,
+            "intermediate_size": self.intermediate_size,
+            "shared_intermediate_size": self.shared_intermediate_size,
+            "n_shared_experts": self.n_shared_experts, "num_local_experts": self.num_local_experts,
+            "num_experts_per_tok": self.num_experts_per_tok, "scoring_func": "sigmoid",
+            "use_routing_bias": True, "routed_scaling_factor": self.routed_scaling_factor,
+            "swiglu_alpha": self.swiglu_alpha, "swiglu_limit": self.swiglu_limit,
+            "num_mtp_modules": self.num_mtp_modules,
+            "sparse_attention_config": {
+                "use_sparse_attention": any(self.sparse_attention_freq),
+                "sparse_index_dim": self.sparse_index_dim,
+                "sparse_num_index_heads": self.sparse_num_index_heads,
+                "sparse_topk_blocks": self.sparse_topk_blocks,
+                "sparse_block_size": self.sparse_block_size,
+                "sparse_init_block": self.sparse_init_block,
+                "sparse_local_block": self.sparse_local_block,
+                "sparse_score_type": "max",
+                "sparse_attention_freq": list(self.sparse_attention_freq),
+                "sparse_disable_index_value": [int(f != 0) for f in self.sparse_attention_freq],
+            },
+        }
+        if self.vision is None:
+            return {"architectures": ["MiniMaxM3SparseForCausalLM"], **text}
+        v = self.vision
+        compression = {"image_token_compression_method": "patch_merge",
+                       "spatial_merge_size": v.spatial_merge_size,
+                       "temporal_patch_size": v.temporal_patch_size}
+        vision = {
+            "model_type": "clip_vision_model", "hidden_act": "gelu",
+            "position_embedding_type": "rope", "rope_mode": "3d",
+            **{f.name: getattr(v, f.name) for f in fields(v)
+               if f.name not in ("spatial_merge_size", "temporal_patch_size")},
+            "img_token_compression_config": compression,
+        }
+        return {"architectures": ["MiniMaxM3SparseForConditionalGeneration"],
+                "model_type": "minimax_m3_vl", "text_config": text, "vision_config": vision,
+                "image_token_index": self.image_token_index,
+                "video_token_index": self.video_token_index,
+                "projector_hidden_size": self.projector_hidden_size,
+                "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
+                "img_token_compression_config": compression}
+
+
+class _Reader:
+    """Typed look-ups in one level of a config dict; errors name the full key path."""
+
+    def __init__(self, d: dict, where: str):
+        self.d, self.where = d, where
+
+    def _get(self, key, default, kinds, kind_name):
+        if key not in self.d or self.d[key] is None:
+            return default
+        value = self.d[key]
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise ValueError(f"config key '{self.where}.{key}' must be {kind_name}, got {value!r}")
+        return value
+
+    def int(self, key, default=None):
+        return self._get(key, default, (int,), "an integer")
+
+    def float(self, key, default=None):
+        value = self._get(key, default, (int, float), "a number")
+        return None if value is None else float(value)
+
+    def bool(self, key, default=None):
+        return self._get(key, default, (bool, int), "a boolean")
+
+    def str(self, key, default=None):
+        return self._get(key, default, (str,), "a string")
+
+    def list(self, key, default=None):
+        return self._get(key, default, (list,), "a list")
+
+    def require(self, key, allowed):
+        """Keys M3 fixes to one value: accept it (or absence), reject anything else."""
+        if key in self.d and self.d[key] not in allowed:
+            raise ValueError(f"config key '{self.where}.{key}' = {self.d[key]!r} is not supported; "
+                             f"allowed: {allowed!r}")
+
+
+def _sub(d: dict, key: str, where: str, default=None) -> dict:
+    value = d.get(key, default)
+    if not isinstance(value, dict):
+        raise ValueError(f"config key '{where}.{key}' must be an object, got {value!r}")
+    return value
+
+
+def _text_fields(d: dict, where: str) -> dict:
+    r = _Reader(d, where)
+    for key, allowed in [("use_gemma_norm", [True]), ("use_qk_norm", [True]),
+                         ("qk_norm_type", ["per_head"]), ("attention_output_gate", [False]),
+                         ("tie_word_embeddings", [False]), ("scoring_func", ["sigmoid"]),
+                         ("use_routing_bias", [True])]:
+        r.require(key, allowed)
+    out = dict(
+        vocab_size=r.int("vocab_size", 200064), hidden_size=r.int("hidden_size", 6144),
+        num_hidden_layers=r.int("num_hidden_layers", 60), rms_norm_eps=r.float("rms_norm_eps", 1e-6),
+        max_position_embeddings=r.int("max_position_embeddings", 524288),
+        num_attention_heads=r.int("num_attention_heads", 64),
+        num_key_value_heads=r.int("num_key_value_heads", 4),
+        dense_intermediate_size=r.int("dense_intermediate_size", 12288),
+        intermediate_size=r.int("intermediate_size", 3072),
+        shared_intermediate_size=r.int("shared_intermediate_size", 3072),
+        n_shared_experts=r.int("n_shared_experts", 1),
+        num_local_experts=r.int("num_local_experts", 128),
+        num_experts_per_tok=r.int("num_experts_per_tok", 4),
+        routed_scaling_factor=r.float("routed_scaling_factor", 2.0),
+        swiglu_alpha=r.float("swiglu_alpha", 1.702), swiglu_limit=r.float("swiglu_limit", 7.0),
+        num_mtp_modules=r.int("num_mtp_modules", 0 if "layer_types" in d else 1))
+    out["head_dim"] = r.int("head_dim", out["hidden_size"] // max(out["num_attention_heads"], 1))
+    out.update(_rope_fields(d, where, out["head_dim"]))
+    out.update(_sparse_fields(d, where))
+    layer_kinds = r.list("mlp_layer_types")
+    if layer_kinds is not None:
+        _check_members(layer_kinds, ("sparse", "dense"), f"{where}.mlp_layer_types")
+        out["moe_layer_freq"] = [int(k == "sparse") for k in layer_kinds]
+    else:
+        out["moe_layer_freq"] = r.list("moe_layer_freq")
+    return out
+
+
+def _rope_fields(d: dict, where: str, head_dim: int) -> dict:
+    r = _Reader(d, where)
+    params = d.get("rope_parameters") or {}
+    p = _Reader(params, f"{where}.rope_parameters")
+    p.require("rope_type", ["default"])
+    theta = r.float("rope_theta", p.float("rope_theta", 5e6))
+    factor = p.float("partial_rotary_factor", r.float("partial_rotary_factor"))
+    rotary_dim = r.int("rotary_dim")
+    if rotary_dim is None:
+        rotary_dim = int(head_dim * (0.5 if factor is None else factor))
+    elif factor is not None and int(head_dim * factor) != rotary_dim:
+        raise ValueError(f"config keys '{where}.rotary_dim' ({rotary_dim}) and partial_rotary_factor "
+                         f"({factor}) disagree: head_dim {head_dim} x factor must equal rotary_dim")
+    return dict(rope_theta=theta, rotary_dim=rotary_dim)
+
+
+def _sparse_fields(d: dict, where: str) -> dict:
+    """Sparse keys from `sparse_attention_config` (upstream) or flat `index_*` (transformers)."""
+    r = _Reader(d, where)
+    if "sparse_attention_config" in d and d["sparse_attention_config"] is not None:
+        sw = f"{where}.sparse_attention_config"
+        s = _Reader(_sub(d, "sparse_attention_config", where), sw)
+        s.require("sparse_score_type", ["max"])
+        freq = s.list("sparse_attention_freq")
+        if not s.bool("use_sparse_attention", True):
+            freq = [0] * len(freq) if freq is not None else None
+        disable_value = s.list("sparse_disable_index_value")
+        if freq is not None and disable_value is not None:
+            if len(disable_value) != len(freq):
+                raise ValueError(f"config key '{sw}.sparse_disable_index_value' has {len(disable_value)} "
+                                 f"entries but sparse_attention_freq has {len(freq)}")
+            bad = [i for i, (f, dv) in enumerate(zip(freq, disable_value)) if f and not dv]
+            if bad:
+                raise ValueError(f"config key '{sw}.sparse_disable_index_value' is 0 on sparse layers "
+                                 f"{bad}: the index value branch is not part of M3; allowed: 1")
+        return dict(sparse_attention_freq=freq,
+                    sparse_index_dim=s.int("sparse_index_dim", 128),
+                    sparse_num_index_heads=s.int("sparse_num_index_heads", 4),
+                    sparse_topk_blocks=s.int("sparse_topk_blocks", 16),
+                    sparse_block_size=s.int("sparse_block_size", 128),
+                    sparse_init_block=s.int("sparse_init_block", 0),
+                    sparse_local_block=s.int("sparse_local_block", 1))
+    layer_types = r.list("layer_types")
+    freq = None
+    if layer_types is not None:
+        _check_members(layer_types, ("minimax_m3_sparse", "full_attention"), f"{where}.layer_types")
+        freq = [int(t == "minimax_m3_sparse") for t in layer_types]
+    return dict(sparse_attention_freq=freq,
+                sparse_index_dim=r.int("index_head_dim", 128),
+                sparse_num_index_heads=r.int("index_n_heads", 4),
+                sparse_topk_blocks=r.int("index_topk_blocks", 16),
+                sparse_block_size=r.int("index_block_size", 128),
+                sparse_init_block=r.int("index_init_blocks", 0),
+                sparse_local_block=r.int("index_local_blocks", 1))
+
+
+def _vision_fields(v: dict, top: dict) -> VisionConfig:
+    r = _Reader(v, "config.vision_config")
+    r.require("hidden_act", ["gelu"])
+    _Reader(top, "config").require("projector_hidden_act", ["gelu"])
+    _Reader(top, "config").require("multimodal_projector_bias", [True])
+    _Reader(top, "config").require("patch_merge_bias", [True])
+    compression = v.get("img_token_compression_config") or top.get("img_token_compression_config") or {}
+    c = _Reader(compression, "config.vision_config.img_token_compression_config")
+    params = _Reader(v.get("rope_parameters") or {}, "config.vision_config.rope_parameters")
+    return VisionConfig(
+        hidden_size=r.int("hidden_size", 1280), intermediate_size=r.int("intermediate_size", 5120),
+        num_hidden_layers=r.int("num_hidden_layers", 32),
+        num_attention_heads=r.int("num_attention_heads", 16),
+        num_channels=r.int("num_channels", 3), patch_size=r.int("patch_size", 14),
+        temporal_patch_size=c.int("temporal_patch_size", r.int("temporal_patch_size", 2)),
+        spatial_merge_size=c.int("spatial_merge_size", r.int("spatial_merge_size", 2)),
+        vision_segment_max_frames=r.int("vision_segment_max_frames", 4),
+        rope_theta=r.float("rope_theta", params.float("rope_theta", 10000.0)),
+        layer_norm_eps=r.float("layer_norm_eps", 1e-5))
+
+
+def _check_members(values: list, allowed: tuple, key: str):
+    bad = [x for x in values if x not in allowed]
+    if bad:
+        raise ValueError(f"config key '{key}' holds {bad!r}; allowed values: {list(allowed)}")
+
+
+def _validate(c: M3Config):
+    """Reject configs the math below cannot run, naming the key and what is allowed."""
+    def need(ok, key, msg):
+        if not ok:
+            raise ValueError(f"config key '{key}': {msg}")
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "dense_intermediate_size", "intermediate_size",
+                 "shared_intermediate_size", "n_shared_experts", "num_local_experts",
+                 "num_experts_per_tok", "sparse_index_dim", "sparse_num_index_heads",
+                 "sparse_topk_blocks", "sparse_block_size", "projector_hidden_size"):
+        need(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}")
+    for name in ("sparse_init_block", "sparse_local_block", "num_mtp_modules"):
+        need(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
+    for name in ("moe_layer_freq", "sparse_attention_freq"):
+        n = len(getattr(c, name))
+        need(n == c.num_hidden_layers, name,
+             f"has {n} entries but num_hidden_layers is {c.num_hidden_layers}; allowed: one per layer")
+    need(c.num_attention_heads % c.num_key_value_heads == 0, "num_attention_heads",
+         f"{c.num_attention_heads} is not divisible by num_key_value_heads {c.num_key_value_heads}")
+    need(c.rotary_dim % 2 == 0 and 0 < c.rotary_dim <= c.head_dim, "rotary_dim",
+         f"must be even and in (0, head_dim={c.head_dim}], got {c.rotary_dim}")
+    need(c.num_experts_per_tok <= c.num_local_experts, "num_experts_per_tok",
+         f"{c.num_experts_per_tok} exceeds num_local_experts {c.num_local_experts}")
+    if any(c.sparse_attention_freq):
+        need(c.sparse_num_index_heads == c.num_key_value_heads, "sparse_num_index_heads",
+             f"must equal num_key_value_heads ({c.num_key_value_heads}): index head h selects the "
+             f"key blocks of KV head h; got {c.sparse_num_index_heads}")
+        need(c.rotary_dim <= c.sparse_index_dim, "sparse_index_dim",
+             f"must be >= rotary_dim ({c.rotary_dim}): the index q/k share the attention RoPE")
+    if c.vision is not None:
+        v = c.vision
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
+                     "vision_segment_max_frames"):
+            need(getattr(v, name) >= 1, f"vision_config.{name}", f"must be >= 1, got {getattr(v, name)}")
+        need(v.hidden_size % v.num_attention_heads == 0, "vision_config.num_attention_heads",
+             f"hidden_size {v.hidden_size} is not divisible by {v.num_attention_heads} heads")
+        need(v.head_dim >= 6, "vision_config.num_attention_heads",
+             f"head_dim {v.head_dim} leaves no channels for the 3-axis RoPE (needs >= 6)")
+
+
+# ============================================================================================
+# Gemma RMSNorm
+# ============================================================================================
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x * rsqrt(mean(x^2) + eps) * (1 + w), over the last dim.
+
+    x [..., D] any float dtype, weight [D] (stored as the offset from 1, zero-initialised).
+    Computed in fp32 (input, weight and the +1) and cast back to x.dtype once.
+    """
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (1.0 + weight.float())).to(x.dtype)
+
+
+class GemmaRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+# ============================================================================================
+# SwiGLU-OAI, dense MLP
+# ============================================================================================
+
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """out = g * sigmoid(alpha * g) * (u + 1), with g = min(gate, limit), u = clamp(up, -limit, limit).
+
+    gate, up [..., I] (not interleaved: separate projections). The gate is clamped from above
+    only, the up projection on both sides. Computed in fp32, cast back to gate.dtype.
+    """
+    g = gate.float().clamp(max=limit)
+    u = up.float().clamp(min=-limit, max=limit)
+    return (g * torch.sigmoid(alpha * g) * (u + 1.0)).to(gate.dtype)
+
+
+class MLP(nn.Module):
+    """down(swiglu_oai(gate(x), up(x))): the dense FFN of layers 0..2 and the shared expert.
+    x [..., D] -> [..., D]; no biases."""
+
+    def __init__(self, dim: int, inter: int, alpha: float, limit: float):
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu_oai(self.gate_proj(x), self.up_proj(x), self.alpha, self.limit))
+
+
+# ============================================================================================
+# Router, routed experts, shared expert, MoE block
+# ============================================================================================
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
+          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid router with an aux-free correction bias.
+
+    p = sigmoid(x @ W^T)                        [T, E]  fp32 (x and W upcast)
+    ids = topk(p + bias, k)                     [T, K]  int64, biased score descending
+    w = p[ids] / sum(p[ids]) * scaling          [T, K]  fp32: the bias picks, never weights
+    """
+    p = torch.sigmoid(F.linear(x.float(), weight.float()))
+    ids = torch.topk(p + bias.float(), top_k, dim=-1).indices
+    w = p.gather(-1, ids)
+    return w / w.sum(-1, keepdim=True) * scaling, ids
+
+
+def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                   w1: Sequence[torch.Tensor], w2: Sequence[torch.Tensor], w3: Sequence[torch.Tensor],
+                   alpha: float, limit: float) -> torch.Tensor:
+    """sum_k w[t,k] * W2_e swiglu_oai(W1_e x_t, W3_e x_t) with e = ids[t,k].
+
+    x [T, D] model dtype; ids [T, K]; weights [T, K] fp32; w1/w3 per expert [I, D] (gate/up),
+    w2 [D, I] (down). Each expert runs only on its tokens; its output (model dtype) is weighted
+    after the down projection and accumulated in fp32. Returns [T, D] fp32.
+    """
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        xe = x[tok]
+        ye = F.linear(swiglu_oai(F.linear(xe, w1[e]), F.linear(xe, w3[e]), alpha, limit), w2[e])
+        out.index_add_(0, tok, ye.float() * weights[tok, slot, None])
+    return out
+
+
+class Expert(nn.Module):
+    """Weights of one routed expert, named as the checkpoint: w1 gate, w3 up, w2 down."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+
+
+class MoE(nn.Module):
+    """out = sum_k w_k expert_{ids_k}(x) + shared(x); x [B, S, D] -> [B, S, D].
+
+    The shared expert has no gate and no scale. Routed outputs accumulate in fp32, the shared
+    output joins them in fp32 and the sum is rounded to the model dtype once. The router weight
+    and correction bias stay fp32 whatever dtype the model is cast to (checkpoint: fp32 in vLLM
+    and SGLang; bf16 top-k drifts).
+    """
+
+    def __init__(self, cfg: M3Config):
+        super().__init__()
+        self.top_k, self.scaling = cfg.num_experts_per_tok, cfg.routed_scaling_factor
+        self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False, dtype=torch.float32)
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_local_experts))
+        self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.intermediate_size)
+                                     for _ in range(cfg.num_local_experts))
+        self.shared_experts = MLP(cfg.hidden_size, cfg.shared_intermediate_size * cfg.n_shared_experts,
+                                  cfg.swiglu_alpha, cfg.swiglu_limit)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.gate.weight.data = self.gate.weight.data.float()
+        self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TD = x.reshape(-1, x.shape[-1])
+        w, ids = route(x_TD, self.gate.weight, self.e_score_correction_bias, self.top_k, self.scaling)
+        routed = routed_experts(x_TD, ids, w, [e.w1.weight for e in self.experts],
+                                [e.w2.weight for e in self.experts], [e.w3.weight for e in self.experts],
+                                self.alpha, self.limit)
+        return (routed + self.shared_experts(x_TD).float()).to(x.dtype).view_as(x)
+
+
+# ============================================================================================
+# Partial NeoX RoPE (+ the fused per-head q/k norm)
+# ============================================================================================
+
+def rope_angles(position_ids: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of pos * inv_freq, inv_freq[i] = theta^(-2i/rotary_dim), i < rotary_dim/2.
+
+    position_ids [B, S] int -> cos, sin [B, S, rotary_dim/2] fp32 (angles formed in fp32).
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32,
+                                            device=position_ids.device) / rotary_dim)
+    angles = position_ids.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def _rotate(x32: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX rotation of pairs (i, i + R/2) over the first R = 2 * cos.shape[-1] channels.
+    x32 [..., H, Dh] fp32, cos/sin [..., R/2] (broadcast over heads); channels >= R pass through."""
+    half = cos.shape[-1]
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x1, x2, rest = x32[..., :half], x32[..., half:2 * half], x32[..., 2 * half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Partial NeoX RoPE in fp32, cast back once. x [..., H, Dh], cos/sin [..., R/2]."""
+    return _rotate(x.float(), cos, sin).to(x.dtype)
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              eps: float) -> torch.Tensor:
+    """Per-head Gemma RMSNorm then partial NeoX RoPE, fp32 throughout, rounded once.
+
+    x [B, S, H, Dh]; weight [Dh] shared by every head; cos/sin [B, S, R/2] -> [B, S, H, Dh].
+    """
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())
+    return _rotate(y, cos, sin).to(x.dtype)
+
+
+# ============================================================================================
+# Attention: dense causal GQA, lightning indexer, block-sparse attention
+# ============================================================================================
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + causal) v with GQA: query head j reads KV head j // (H / Hkv).
+
+    q [B, S, H, Dh], k/v [B, S, Hkv, Dh] -> [B, S, H, Dh]; fp32 softmax and accumulation.
+    SDPA's fused CPU/GPU kernels keep memory linear in S.
+    """
+    group = q.shape[2] // k.shape[2]
+    qt = q.transpose(1, 2).float()                                         # [B, H, S, Dh]
+    kt = k.transpose(1, 2).float().repeat_interleave(group, dim=1)         # [B, H, S, Dh]
+    vt = v.transpose(1, 2).float().repeat_interleave(group, dim=1)
+    o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    return o.transpose(1, 2).to(q.dtype)
+
+
+def index_block_scores(iq: torch.Tensor, ik: torch.Tensor, q_start: int, block_size: int) -> torch.Tensor:
+    """Block scores of one query chunk: S[b,h,i,n] = max_{j in block n, j <= q_start+i} <iq[b,i,h], ik[b,j]>.
+
+    iq [B, C, Hi, Di] (normed + roped), ik [B, Sk, Di] (one key head shared by all index heads);
+    query i sits at slot q_start + i, key j at slot j, block n covers slots [n*bs, (n+1)*bs).
+    Plain fp32 dot products (no scale, no ReLU, no head weights), masked token-causally *before*
+    the max-pool. Only keys up to the chunk's last query are read, so blocks past it are absent:
+    returns [B, Hi, C, ceil(min(Sk, q_start + C) / bs)] fp32, -inf where a block has no causal key.
+    """
+    C = iq.shape[1]
+    kv_len = min(ik.shape[1], q_start + C)
+    s = torch.einsum("bchd,bkd->bhck", iq.float(), ik[:, :kv_len].float())      # [B, Hi, C, kv]
+    q_slot = torch.arange(q_start, q_start + C, device=iq.device)
+    future = torch.arange(kv_len, device=iq.device)[None, :] > q_slot[:, None]   # [C, kv]
+    s = s.masked_fill(future, float("-inf"))
+    nb = -(-kv_len // block_size)
+    s = F.pad(s, (0, nb * block_size - kv_len), value=float("-inf"))
+    return s.unflatten(-1, (nb, block_size)).amax(-1)                            # [B, Hi, C, nb]
+
+
+def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, topk: int,
+                  init_blocks: int, local_blocks: int) -> torch.Tensor:
+    """Top-k key blocks per (index head, query), forced blocks inside the budget.
+
+    block_scores [B, Hi, C, nb] from `index_block_scores`. Query i (slot q_start + i) lives in
+    block c; its candidates are blocks 0..c. Blocks < init_blocks and blocks in
+    (c - local_blocks, c] are forced; init outranks local when both do not fit; the rest go by
+    score, ties to the lower block id. k = min(topk, c + 1).
+    Returns int32 [B, Hi, C, topk]: the chosen ids sorted ascending, then -1 padding.
+    """
+    B, Hi, C, nb = block_scores.shape
+    dev = block_scores.device
+    c = torch.arange(q_start, q_start + C, device=dev)[:, None] // block_size     # [C, 1]
+    n = torch.arange(nb, device=dev)[None, :]                                     # [1, nb]
+    causal = n <= c
+    init, local = causal & (n < init_blocks), causal & (n > c - local_blocks)
+    # forced blocks rank above every finite score: init at +inf, local just below it
+    key = block_scores.masked_fill(local, torch.finfo(torch.float32).max)
+    key = key.masked_fill(init, float("inf")).masked_fill(~causal, float("-inf"))
+    k = min(topk, nb)
+    threshold = key.topk(k, dim=-1).values[..., -1:]                              # k-th largest
+    above = key > threshold
+    tied = key == threshold
+    # exact ties at the threshold are filled in block-id order, so lower ids win
+    room = k - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(-1) <= room))                           # k True per row
+    ids = chosen.nonzero()[:, -1].view(B, Hi, C, k)                               # ascending ids
+    ids = ids.masked_fill(ids > c, -1)          # non-causal picks only fill rows with c + 1 < k
+    return F.pad(ids, (0, topk - k), value=-1).to(torch.int32)
+
+
+def lightning_indexer(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk: int,
+                      init_blocks: int, local_blocks: int, q_start: int = 0,
+                      query_chunk: int | None = None) -> torch.Tensor:
+    """Block selection for every query: `index_block_scores` + `select_blocks` per query chunk.
+
+    iq [B, S, Hi, Di], ik [B, Sk, Di] -> int32 [B, Hi, S, topk]. Chunking keeps the score
+    buffer at [B, Hi, C, Sk] instead of [B, Hi, S, Sk]; the chunk size never changes the result.
+    """
+    B, S, Hi, _ = iq.shape
+    C = query_chunk or max(1, (1 << 24) // (Hi * max(ik.shape[1], 1)))
+    out = []
+    for s0 in range(0, S, C):
+        scores = index_block_scores(iq[:, s0:s0 + C], ik, q_start + s0, block_size)
+        out.append(select_blocks(scores, q_start + s0, block_size, topk, init_blocks, local_blocks))
+    return torch.cat(out, dim=2)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor,
+                     block_size: int, scale: float, q_start: int = 0,
+                     query_chunk: int | None = None) -> torch.Tensor:
+    """Block-sparse causal GQA: query i attends key j iff j <= q_start + i and block(j) is in
+    block_ids[b, kv_head, i].
+
+    q [B, S, H, Dh]; k/v [B, Sk, Hkv, Dh]; block_ids int32 [B, Hkv, S, topk] (-1 = empty slot).
+    Each query chunk gathers only its selected blocks ([B, Hkv, C, topk*bs, Dh]), so memory grows
+    linearly with S; no [S, S] mask or score matrix exists. fp32 softmax. -> [B, S, H, Dh].
+    """
+    B, S, H, Dh = q.shape
+    Sk, Hkv, topk = k.shape[1], k.shape[2], block_ids.shape[-1]
+    group, nb = H // Hkv, -(-Sk // block_size)
+    pad = (0, 0, 0, 0, 0, nb * block_size - Sk)
+    kb = F.pad(k, pad).view(B, nb, block_size, Hkv, Dh).permute(0, 3, 1, 2, 4)   # [B, Hkv, nb, bs, Dh]
+    vb = F.pad(v, pad).view(B, nb, block_size, Hkv, Dh).permute(0, 3, 1, 2, 4)
+    bi = torch.arange(B, device=q.device)[:, None, None, None]
+    hi = torch.arange(Hkv, device=q.device)[None, :, None, None]
+    offs = torch.arange(block_size, device=q.device)
+    C = query_chunk or max(1, (1 << 22) // (H * topk * block_size))
+    out = torch.empty_like(q)
+    for s0 in range(0, S, C):
+        ids = block_ids[:, :, s0:s0 + C].long()                                   # [B, Hkv, C, topk]
+        n = ids.shape[2]
+        safe = ids.clamp(min=0)
+        kg = kb[bi, hi, safe].flatten(3, 4).float()                               # [B, Hkv, C, topk*bs, Dh]
+        vg = vb[bi, hi, safe].flatten(3, 4).float()
+        slot = (safe[..., None] * block_size + offs).flatten(3)                   # [B, Hkv, C, topk*bs]
+        q_slot = torch.arange(q_start + s0, q_start + s0 + n, device=q.device)[:, None]
+        keep = (ids >= 0).repeat_interleave(block_size, dim=-1) & (slot <= q_slot)
+        qc = q[:, s0:s0 + n].float().view(B, n, Hkv, group, Dh).permute(0, 2, 3, 1, 4)  # [B, Hkv, g, C, Dh]
+        scores = torch.einsum("bhgcd,bhckd->bhgck", qc, kg) * scale
+        scores = scores.masked_fill(~keep[:, :, None], float("-inf"))
+        o = torch.einsum("bhgck,bhckd->bhgcd", scores.softmax(-1), vg)            # [B, Hkv, g, C, Dh]
+        out[:, s0:s0 + n] = o.permute(0, 3, 1, 2, 4).reshape(B, n, H, Dh).to(q.dtype)
+    return out
+
+
+class Attention(nn.Module):
+    """q/k/v projections, per-head q/k Gemma norm + partial RoPE, causal GQA, o projection.
+
+    Sparse layers add the lightning indexer (index_q/k_proj + index_q/k_norm, same RoPE table)
+    and attend only to the selected key blocks. x [B, S, D] -> [B, S, D]; no biases.
+    """
+
+    def __init__(self, cfg: M3Config, sparse: bool):
+        super().__init__()
+        D, H, Hkv, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, Dh
+        self.eps, self.scale, self.sparse = cfg.rms_norm_eps, Dh ** -0.5, sparse
+        self.q_proj = nn.Linear(D, H * Dh, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        self.q_norm = GemmaRMSNorm(Dh, cfg.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(Dh, cfg.rms_norm_eps)
+        if sparse:
+            self.n_index_heads, self.index_dim = cfg.sparse_num_index_heads, cfg.sparse_index_dim
+            self.block_size, self.topk = cfg.sparse_block_size, cfg.sparse_topk_blocks
+            self.init_blocks, self.local_blocks = cfg.sparse_init_block, cfg.sparse_local_block
+            self.index_q_proj = nn.Linear(D, self.n_index_heads * self.index_dim, bias=False)
+            self.index_k_proj = nn.Linear(D, self.index_dim, bias=False)
+            self.index_q_norm = GemmaRMSNorm(self.index_dim, cfg.rms_norm_eps)
+            self.index_k_norm = GemmaRMSNorm(self.index_dim, cfg.rms_norm_eps)
+
+    def index_qk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index queries [B, S, Hi, Di] and the single shared index key [B, S, Di], normed + roped."""
+        B, S, _ = x.shape
+        iq = norm_rope(self.index_q_proj(x).view(B, S, self.n_index_heads, self.index_dim),
+                       self.index_q_norm.weight, cos, sin, self.eps)
+        ik = norm_rope(self.index_k_proj(x).view(B, S, 1, self.index_dim),
+                       self.index_k_norm.weight, cos, sin, self.eps)
+        return iq, ik[:, :, 0]
+
+    def select(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The indexer's block ids for this layer: int32 [B, Hi, S, topk] (ascending, -1 padded)."""
+        iq, ik = self.index_qk(x, cos, sin)
+        return lightning_indexer(iq, ik, self.block_size, self.topk, self.init_blocks, self.local_blocks)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = norm_rope(self.q_proj(x).view(B, S, self.n_heads, self.head_dim), self.q_norm.weight, cos, sin, self.eps)
+        k = norm_rope(self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim), self.k_norm.weight, cos, sin, self.eps)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.sparse:
+            o = sparse_attention(q, k, v, self.select(x, cos, sin), self.block_size, self.scale)
+        else:
+            o = causal_attention(q, k, v, self.scale)
+        return self.o_proj(o.reshape(B, S, -1))
+
+
+# ============================================================================================
+# Decoder layer, text model
+# ============================================================================================
+
+class DecoderLayer(nn.Module):
+    """h += attn(input_layernorm(h)); h += ffn(post_attention_layernorm(h)). [B, S, D] -> [B, S, D].
+    The FFN is the dense MLP (`mlp`) or the MoE block (`block_sparse_moe`), as the checkpoint names them."""
+
+    def __init__(self, cfg: M3Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, sparse=cfg.is_sparse(layer_idx))
+        self.post_attention_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe(layer_idx):
+            self.block_sparse_moe = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.dense_intermediate_size, cfg.swiglu_alpha, cfg.swiglu_limit)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_sparse_moe(x) if hasattr(self, "block_sparse_moe") else self.mlp(x)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h + self.ffn(self.post_attention_layernorm(h))
+
+
+class MTPDepth(nn.Module):
+    """One multi-token-prediction depth k (DeepSeek-V3 style, embedding first in the concat):
+
+    x   = eh_proj(cat[enorm(embed(ids_k)), hnorm(h_{k-1})])      [B, S, 2D] -> [B, S, D]
+    h_k = final_layernorm(transformer_layer(x))                   transformer_layer: a full decoder
+                                                                   layer built like the last one
+    emb [B, S, D] is the embedding of the ids shifted left by k; h_prev [B, S, D] is h_{k-1}.
+    """
+
+    def __init__(self, cfg: M3Config):
+        super().__init__()
+        D = cfg.hidden_size
+        self.enorm = GemmaRMSNorm(D, cfg.rms_norm_eps)
+        self.hnorm = GemmaRMSNorm(D, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.transformer_layer = DecoderLayer(cfg, cfg.num_hidden_layers - 1)
+        self.final_layernorm = GemmaRMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return self.final_layernorm(self.transformer_layer(x, cos, sin))
+
+
+class TextModel(nn.Module):
+    """embed_tokens -> layers -> norm (no embedding scaling), plus the MTP depths.
+    Runs on embeddings so the multimodal splice can happen before it: [B, S, D] -> [B, S, D]."""
+
+    def __init__(self, cfg: M3Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.num_mtp_modules:
+            self.mtp = nn.ModuleDict({"layers": nn.ModuleList(MTPDepth(cfg) for _ in range(cfg.num_mtp_modules))})
+
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_angles(position_ids, self.cfg.rotary_dim, self.cfg.rope_theta)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.norm(h)
+
+    def mtp_hidden(self, h: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> list[torch.Tensor]:
+        """h_1..h_D: depth k embeds the ids shifted left by k (tail filled with id 0) and takes
+        h_{k-1} (h_0 = the main output after `norm`); positions are not shifted."""
+        out = []
+        for k, depth in enumerate(self.mtp["layers"] if self.cfg.num_mtp_modules else [], start=1):
+            ids_k = F.pad(input_ids[:, k:], (0, min(k, input_ids.shape[1])))   # [B, S]
+            h = depth(h, self.embed_tokens(ids_k), cos, sin)
+            out.append(h)
+        return out
+
+
+class LanguageModel(nn.Module):
+    """`model` (the text model) + the untied `lm_head`; `language_model.` in the VL checkpoint."""
+
+    def __init__(self, cfg: M3Config):
+        super().__init__()
+        self.model = TextModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+# ============================================================================================
+# Vision tower: patch embedding, 3D RoPE, encoder layers
+# ============================================================================================
+
+def video_segments(grid_thw: Sequence[Sequence[int]], max_frames: int) -> list[tuple[int, int, int]]:
+    """Attention segments: each image is one; a video of t temporal groups is cut into pieces of
+    at most `max_frames` groups (rows stay contiguous since t is the outermost patch loop)."""
+    return [(min(max_frames, t - s), h, w) for t, h, w in grid_thw for s in range(0, t, max_frames)]
+
+
+def vision_rope_angles(segments: Sequence[tuple[int, int, int]], head_dim: int, merge: int,
+                       theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D RoPE angles [t | row | col] per patch, in 2x2 merge-window order, t restarting per segment.
+
+    d_axis = 2 * floor(floor(head_dim / 3) / 2) channels per axis, inv_freq[j] = theta^(-2j/d_axis);
+    returns cos, sin [N, 3 * d_axis / 2] fp32 (pairs (i, i + 3*d_axis/2) rotate; the rest pass).
+    """
+    d_axis = 2 * ((head_dim // 3) // 2)
+    inv_freq = 1.0 / theta ** (torch.arange(0, d_axis, 2, dtype=torch.float32) / d_axis)
+    pos = []
+    for t, h, w in segments:
+        rows = torch.arange(h)[:, None].expand(h, w)
+        cols = torch.arange(w)[None, :].expand(h, w)
+        # [h, w] -> [h/m, m, w/m, m] -> [h/m, w/m, m, m]: consecutive 4 patches = one 2x2 window
+        window = lambda g: g.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
+        hw = torch.stack([window(rows), window(cols)], dim=-1).repeat(t, 1)        # [t*h*w, 2]
+        tt = torch.arange(t).repeat_interleave(h * w)[:, None]
+        pos.append(torch.cat([tt, hw], dim=-1))
+    angles = (torch.cat(pos).float()[:, :, None] * inv_freq).flatten(1)           # [N, 3 * d_axis/2]
+    return angles.cos(), angles.sin()
+
+
+def layer_norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+    """LayerNorm with weight and bias, computed in fp32 and cast back once."""
+    return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU in fp32; the checkpoint says "gelu", not the tanh or quick variants."""
+    return F.gelu(x.float()).to(x.dtype)
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional MHA with biases and 3D RoPE, full within each segment, never across.
+    x [N, Dv], cos/sin [N, R/2], lengths: rows per segment (sum N) -> [N, Dv]."""
+
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = v.num_attention_heads, v.head_dim
+        self.q_proj = nn.Linear(v.hidden_size, v.hidden_size)
+        self.k_proj = nn.Linear(v.hidden_size, v.hidden_size)
+        self.v_proj = nn.Linear(v.hidden_size, v.hidden_size)
+        self.out_proj = nn.Linear(v.hidden_size, v.hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        N = x.shape[0]
+        q = rope(self.q_proj(x).view(N, self.n_heads, self.head_dim), cos, sin)
+        k = rope(self.k_proj(x).view(N, self.n_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(N, self.n_heads, self.head_dim)
+        out = [F.scaled_dot_product_attention(qs.transpose(0, 1).float(), ks.transpose(0, 1).float(),
+                                              vs.transpose(0, 1).float()).transpose(0, 1)
+               for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
+        return self.out_proj(torch.cat(out).reshape(N, -1).to(x.dtype))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(v.hidden_size, v.intermediate_size)
+        self.fc2 = nn.Linear(v.intermediate_size, v.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(gelu(self.fc1(x)))
+
+
+class VisionEncoderLayer(nn.Module):
+    """CLIP pre-norm block: x += attn(LN1(x)); x += fc2(gelu(fc1(LN2(x)))). [N, Dv] -> [N, Dv]."""
+
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
+        self.self_attn = VisionAttention(v)
+        self.layer_norm2 = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
+        self.mlp = VisionMLP(v)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        x = x + self.self_attn(layer_norm(x, self.layer_norm1), cos, sin, lengths)
+        return x + self.mlp(layer_norm(x, self.layer_norm2))
+
+
+class VisionTower(nn.Module):
+    """pixel rows [N, C*T*P*P] laid out (C, T, P, P), grids (t, h, w) -> patch features [N, Dv].
+
+    Conv3d patch embedding with kernel = stride = (T, P, P) and no bias (one matmul per row),
+    `pre_layrnorm`, the encoder layers, no post-layernorm. The nesting (`vision_model.embeddings`,
+    `vision_model.encoder.layers`) only mirrors the checkpoint keys.
+    """
+
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.cfg = v
+        patch = nn.Conv3d(v.num_channels, v.hidden_size, bias=False,
+                          kernel_size=(v.temporal_patch_size, v.patch_size, v.patch_size))
+        self.vision_model = nn.ModuleDict({
+            "embeddings": nn.ModuleDict({"patch_embedding": patch}),
+            "pre_layrnorm": nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps),   # sic, checkpoint spelling
+            "encoder": nn.ModuleDict({"layers": nn.ModuleList(VisionEncoderLayer(v) for _ in range(v.num_hidden_layers))}),
+        })
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: Sequence[Sequence[int]]) -> torch.Tensor:
+        vm, v = self.vision_model, self.cfg
+        weight = vm["embeddings"]["patch_embedding"].weight
+        x = F.linear(pixel_values.to(weight.dtype), weight.flatten(1))              # [N, Dv]
+        x = layer_norm(x, vm["pre_layrnorm"])
+        segments = video_segments(grid_thw, v.vision_segment_max_frames)
+        cos, sin = vision_rope_angles(segments, v.head_dim, v.spatial_merge_size, v.rope_theta)
+        cos, sin = cos.to(x.device), sin.to(x.device)
+        lengths = [t * h * w for t, h, w in segments]
+        for layer in vm["encoder"]["layers"]:
+            x = layer(x, cos, sin, lengths)
+        return x
+
+
+# ============================================================================================
+# Projector, patch merger, multimodal splice
+# ============================================================================================
+
+class Projector(nn.Module):
+    """linear_2(gelu(linear_1(x))) with biases: `multi_modal_projector` (per patch, Dv -> D) and
+    `patch_merge_mlp` (per 2x2 window of projected patches, 4D -> D)."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(d_in, d_hidden)
+        self.linear_2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(gelu(self.linear_1(x)))
+
+
+def splice(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, token_id: int,
+           what: str) -> torch.Tensor:
+    """Replace the embeddings at input_ids == token_id, in row-major (batch, position) order,
+    by the feature rows. embeds [B, S, D], features [n, D] -> [B, S, D]; other rows untouched."""
+    mask = input_ids == token_id
+    n = int(mask.sum())
+    if n != features.shape[0]:
+        raise ValueError(f"input_ids hold {n} {what} placeholder tokens (id {token_id}) but the vision "
+                         f"tower produced {features.shape[0]} {what} feature rows; the counts must match")
+    out = embeds.clone()
+    out[mask] = features.to(embeds.dtype)
+    return out
+
+
+# ============================================================================================
+# The full model and its losses
+# ============================================================================================
+
+@dataclass
+class M3Output:
+    logits: torch.Tensor                 # [B, S, V]
+    mtp_logits: list[torch.Tensor]       # one [B, S, V] per MTP depth
+    loss: torch.Tensor | None = None     # lm_loss + mtp_loss
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
+    """mean over valid i of CE(logits[:, i], labels[:, i + shift]), in fp32.
+
+    Positions whose target falls past the end or is -100 are ignored; with no valid target the
+    loss is 0. logits [B, S, V], labels [B, S] (labels = input ids, the shift happens here).
+    """
+    target = F.pad(labels[:, shift:], (0, min(shift, labels.shape[1])), value=-100)
+    valid = target != -100
+    ce = F.cross_entropy(logits.float().flatten(0, 1), target.clamp(min=0).flatten(), reduction="none")
+    return (ce * valid.flatten()).sum() / valid.sum().clamp(min=1)
+
+
+class MiniMaxM3(nn.Module):
+    """Vision tower + projector + patch merger + text model + lm_head + MTP.
+
+    forward(input_ids [B, S], pixel_values [N, C*T*P*P], image_grid_thw [n, 3], the same for
+    videos, position_ids [B, S] (default arange), labels [B, S]) -> M3Output. Position ids drive
+    RoPE only; causality and sparse blocks follow each token's index in its row.
+    """
+
+    def __init__(self, cfg: M3Config):
+        super().__init__()
+        self.config = cfg
+        self.language_model = LanguageModel(cfg)
+        if cfg.vision is not None:
+            v = cfg.vision
+            self.vision_tower = VisionTower(v)
+            self.multi_modal_projector = Projector(v.hidden_size, cfg.projector_hidden_size, cfg.hidden_size)
+            self.patch_merge_mlp = Projector(cfg.hidden_size * v.spatial_merge_size ** 2,
+                                             cfg.projector_hidden_size, cfg.hidden_size)
+
+    def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Tower -> projector (per patch) -> 4 consecutive rows concatenated -> patch merger.
+        [N, C*T*P*P] -> [N / merge^2, D]."""
+        x = self.multi_modal_projector(self.vision_tower(pixel_values, grid_thw.tolist()))
+        return self.patch_merge_mlp(x.reshape(-1, x.shape[-1] * self.config.vision.spatial_merge_size ** 2))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
+              pixel_values_videos=None, video_grid_thw=None) -> torch.Tensor:
+        """Token embeddings with image features, then video features, spliced in. -> [B, S, D]."""
+        h = self.language_model.model.embed_tokens(input_ids)
+        cfg = self.config
+        media = [("image", pixel_values, image_grid_thw, "pixel_values", "image_grid_thw", cfg.image_token_index),
+                 ("video", pixel_values_videos, video_grid_thw, "pixel_values_videos", "video_grid_thw",
+                  cfg.video_token_index)]
+        for what, pixels, grid, pix_name, grid_name, token_id in media:
+            if pixels is None and grid is None:
+                if cfg.vision is not None and bool((input_ids == token_id).any()):
+                    splice(h, input_ids, h.new_zeros(0, h.shape[-1]), token_id, what)   # raises: counts differ
+                continue
+            _check_media(cfg, pixels, grid, pix_name, grid_name)
+            h = splice(h, input_ids, self.vision_features(pixels, grid), token_id, what)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
+                pixel_values_videos=None, video_grid_thw=None, position_ids=None, labels=None) -> M3Output:
+        cfg = self.config
+        _check_ids(input_ids, labels, position_ids, cfg.vocab_size)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        text = self.language_model.model
+        cos, sin = text.rope(position_ids)
+        h = text(self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw), cos, sin)
+        lm_head = self.language_model.lm_head
+        out = M3Output(logits=lm_head(h), mtp_logits=[lm_head(hk) for hk in text.mtp_hidden(h, input_ids, cos, sin)])
+        if labels is not None:
+            out.lm_loss = shifted_cross_entropy(out.logits, labels, 1)
+            out.loss = out.lm_loss
+            if out.mtp_logits:
+                D = len(out.mtp_logits)
+                out.mtp_loss = 0.1 / D * sum(shifted_cross_entropy(lg, labels, 1 + k)
+                                             for k, lg in enumerate(out.mtp_logits, start=1))
+                out.loss = out.lm_loss + out.mtp_loss
+        return out
+
+
+def _check_ids(input_ids, labels, position_ids, vocab_size: int):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be an int64 tensor [B, S], got "
+                        f"{input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty [B, S] tensor, got shape {tuple(input_ids.shape)}")
+    bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+    if bad.numel():
+        raise ValueError(f"input_ids hold token id {int(bad[0])} outside [0, {vocab_size}) (vocab_size)")
+    for name, t in (("labels", labels), ("position_ids", position_ids)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an integer tensor shaped like input_ids {tuple(input_ids.shape)}")
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+    if labels is not None:
+        bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab_size))]
+        if bad.numel():
+            raise ValueError(f"labels hold {int(bad[0])}: allowed are -100 (ignore) or ids in [0, {vocab_size})")
+    if position_ids is not None and bool((position_ids < 0).any()):
+        raise ValueError("position_ids must be >= 0")
+
+
+def _check_media(cfg: M3Config, pixels, grid, pix_name: str, grid_name: str):
+    if cfg.vision is None:
+        raise ValueError(f"{pix_name} given, but this is a text-only model (its config has no vision part)")
+    if pixels is None or grid is None:
+        missing, given = (pix_name, grid_name) if pixels is None else (grid_name, pix_name)
+        raise ValueError(f"{given} given without {missing}: both are needed")
+    v = cfg.vision
+    if not isinstance(grid, torch.Tensor) or grid.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{grid_name} must be an integer tensor [n, 3] of (t, h, w)")
+    if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
+        raise TypeError(f"{pix_name} must be a floating-point tensor [N, {v.patch_dim}]")
+    if grid.dim() != 2 or grid.shape[1] != 3 or grid.shape[0] == 0 or bool((grid < 1).any()):
+        raise ValueError(f"{grid_name} must be [n, 3] positive (t, h, w) rows, got {grid.tolist()}")
+    m = v.spatial_merge_size
+    odd = [g for g in grid.tolist() if g[1] % m or g[2] % m]
+    if odd:
+        raise ValueError(f"{grid_name} rows {odd}: h and w must be multiples of spatial_merge_size {m}")
+    rows = int(grid.prod(-1).sum())
+    if pixels.dim() != 2 or pixels.shape != (rows, v.patch_dim):
+        raise ValueError(f"{pix_name} has shape {tuple(pixels.shape)} but {grid_name} {grid.tolist()} needs "
+                         f"sum(t*h*w) = {rows} rows of C*T*P*P = {v.patch_dim} values")
+
+
+def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Deterministic random weights for tests, demos and goldens (not a training init).
+
+    Each tensor draws from its own generator seeded by (seed, its name), so models that share
+    parameter names share their values. Matrices ~ N(0, 1/fan_in); embeddings ~ N(0, 1); norm
+    offsets, biases and the router correction bias ~ N(0, 0.1).
+    """
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            std = 1.0 if "embed_tokens" in name else (t[0].numel() ** -0.5 if t.dim() >= 2 else 0.1)
+            t.copy_(torch.randn(t.shape, generator=g) * std)
+    return model
+
+
+# ============================================================================================
+# Checkpoint I/O
+# ============================================================================================
+
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+IGNORED_KEYS = re.compile(r"^vision_tower\.vision_model\.post_layernorm\.")   # shipped by some, never applied
+
+
+def checkpoint_key(model_key: str, text_only: bool) -> str:
+    """Module key -> checkpoint key: text-only checkpoints drop the `language_model.` prefix."""
+    return model_key.removeprefix("language_model.") if text_only else model_key
+
+
+def _checkpoint_index(path: Path) -> dict[str, Path]:
+    """checkpoint key -> the safetensors file holding it (single file or sharded index)."""
+    from safetensors import safe_open
+    if (path / INDEX_FILE).exists():
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read {path / INDEX_FILE}: {e}") from e
+        return {k: path / f for k, f in weight_map.items()}
+    if (path / SINGLE_FILE).exists():
+        with safe_open(path / SINGLE_FILE, framework="pt") as f:
+            return {k: path / SINGLE_FILE for k in f.keys()}
+    raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(path)!r}")
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> MiniMaxM3:
+    """Build the model from config.json + safetensors, reading one tensor at a time.
+
+    The module is built on the meta device, every checkpoint tensor's name, shape and dtype is
+    checked first (one ValueError lists every missing, unexpected, mis-shaped or fp8 tensor),
+    then storage is allocated on `device` and filled tensor by tensor, cast to `dtype`.
+    """
+    from safetensors import safe_open
+    path = Path(path)
+    cfg = M3Config.from_json(path / "config.json")
+    with torch.device("meta"):
+        model = MiniMaxM3(cfg).to(dtype)
+    text_only = cfg.vision is None
+    expected = {checkpoint_key(k, text_only): t for k, t in model.state_dict(keep_vars=True).items()}
+    located = _checkpoint_index(path)
+    problems = [f"missing: {k}" for k in expected if k not in located]
+    by_file: dict[Path, list[str]] = {}
+    for key, file in located.items():
+        if key not in expected and not IGNORED_KEYS.match(key):
+            problems.append(f"unexpected: {key}")
+        by_file.setdefault(file, []).append(key)
+    for file, keys in by_file.items():
+        if not file.exists():
+            problems.append(f"missing file: {file.name} (listed in {INDEX_FILE})")
+            continue
+        with safe_open(file, framework="pt") as f:
+            stored = set(f.keys())
+            for key in keys:
+                if key not in stored:
+                    problems.append(f"missing: {key} (indexed in {file.name} but absent there)")
+                    continue
+                sl = f.get_slice(key)
+                if sl.get_dtype().startswith("F8") or key.endswith("_scale_inv"):
+                    problems.append(f"fp8: {key} ({sl.get_dtype()}): MXFP8 dequantisation is not supported yet")
+                elif key in expected and list(sl.get_shape()) != list(expected[key].shape):
+                    problems.append(f"mis-shaped: {key} is {list(sl.get_shape())}, "
+                                    f"the config needs {list(expected[key].shape)}")
+    if problems:
+        raise ValueError(f"checkpoint {str(path)!r} does not match its config.json "
+                         f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+    model = model.to_empty(device=device)
+    params = {checkpoint_key(k, text_only): t for k, t in model.state_dict(keep_vars=True).items()}
+    with torch.no_grad():
+        for file, keys in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for key in keys:
+                    if key in params:
+                        params[key].copy_(f.get_tensor(key))
+    return model.eval()
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size must be a positive int of bytes or like '500MB' / '2GB', got {size!r}")
+    return int(float(m.group(1)) * {"B": 1, "KB": 2 ** 10, "MB": 2 ** 20, "GB": 2 ** 30}[m.group(2)])
+
+
+def _write_atomic(target: Path, write) -> None:
+    """write(tmp_path) into a temp file beside target, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model: MiniMaxM3, path: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
+    """Write config.json (upstream form) and the weights in the upstream key layout.
+
+    One model.safetensors, or shards model-0000i-of-0000n.safetensors of at most max_shard_size
+    bytes each (a tensor larger than that gets a shard of its own) plus model.safetensors.index.json.
+    Every file is written to a temp file and renamed; files of an earlier save that the new one
+    does not use are removed.
+    """
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    text_only = model.config.vision is None
+    state = {checkpoint_key(k, text_only): t.detach().contiguous().cpu() for k, t in model.state_dict().items()}
+    limit = _parse_size(max_shard_size) if max_shard_size is not None else None
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if limit is not None and shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    names = [SINGLE_FILE] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    _write_atomic(path / "config.json", lambda p: Path(p).write_text(json.dumps(model.config.to_dict(), indent=2)))
+    for name, shard in zip(names, shards):
+        _write_atomic(path / name, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        _write_atomic(path / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+    stale = [p for p in path.glob("model*.safetensors*") if p.name not in names and
+             (p.name != INDEX_FILE or len(shards) == 1)]
+    for p in stale:
+        p.unlink()
+
+
+# ============================================================================================
+# CLI: demo and benchmark
+# ============================================================================================
+
+def demo_inputs(cfg: M3Config, seed: int = 0) -> dict:
+    """Text, two images of different grids and a video longer than one segment, batch of 1."""
+    g = torch.Generator().manual_seed(seed)
+    v = cfg.vision
+    image_grid = torch.tensor([[1, 4, 4], [1, 6, 8]])
+    video_grid = torch.tensor([[v.vision_segment_max_frames + 1, 4, 4]])
+    merge = v.spatial_merge_size ** 2
+
+    def text(n):
+        return torch.randint(0, min(cfg.image_token_index, cfg.video_token_index), (n,), generator=g)
+    pieces = [text(8)]
+    for t, h, w in image_grid.tolist():
+        pieces += [torch.full((t * h * w // merge,), cfg.image_token_index), text(5)]
+    t, h, w = video_grid[0].tolist()
+    pieces += [torch.full((t * h * w // merge,), cfg.video_token_index), text(12)]
+    ids = torch.cat(pieces)[None]
+    return dict(input_ids=ids,
+                pixel_values=torch.randn(int(image_grid.prod(-1).sum()), v.patch_dim, generator=g),
+                image_grid_thw=image_grid,
+                pixel_values_videos=torch.randn(int(video_grid.prod(-1).sum()), v.patch_dim, generator=g),
+                video_grid_thw=video_grid, labels=ids.clone())
+
+
+def demo() -> None:
+    cfg = M3Config.tiny()
+    t0 = time.perf_counter()
+    model = init_random_(MiniMaxM3(cfg), seed=0).eval()
+    t1 = time.perf_counter()
+    inputs = demo_inputs(cfg)
+    with torch.no_grad():
+        out = model(**inputs)
+    t2 = time.perf_counter()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"MiniMax M3 reference demo: tiny preset, random weights, {n_params:,} parameters, torch {torch.__version__}")
+    for name, t in inputs.items():
+        print(f"  {name:<20} {str(list(t.shape)):<14} {str(t.dtype).removeprefix('torch.')}")
+    print(f"  video grid {inputs['video_grid_thw'][0].tolist()} is cut into segments "
+          f"{video_segments(inputs['video_grid_thw'].tolist(), cfg.vision.vision_segment_max_frames)}")
+    print(f"  logits {list(out.logits.shape)}  mtp_logits {[list(x.shape) for x in out.mtp_logits]}")
+    probs = out.logits[0, -1].float().softmax(-1)
+    top = probs.topk(5)
+    print("  top next tokens: " + ", ".join(f"{i} ({p:.3f})" for p, i in zip(top.values.tolist(), top.indices.tolist())))
+    for k, lg in enumerate(out.mtp_logits, start=1):
+        print(f"  MTP depth {k}: logits mean {lg.mean():+.4f} std {lg.std():.4f}, "
+              f"token at +{k + 1} from the last position: {int(lg[0, -1].argmax())}")
+    print(f"  loss {out.loss:.4f} = lm {out.lm_loss:.4f} + mtp {out.mtp_loss:.4f}")
+    print(f"  timings: build {1e3 * (t1 - t0):.0f} ms, forward {1e3 * (t2 - t1):.0f} ms")
+
+
+def bench_config(sparse: bool) -> M3Config:
+    """The tiny text width as a 2-layer stack of MoE layers, all sparse or all dense attention."""
+    return replace(M3Config.tiny(), num_hidden_layers=2, moe_layer_freq=[1, 1],
+                   sparse_attention_freq=[int(sparse)] * 2, num_mtp_modules=0)
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _bench_one(impl: str, S: int, ckpt: str) -> dict:
+    """One measurement in this (fresh) process: forward of the layer stack on S random embeddings."""
+    torch.manual_seed(0)
+    if impl == "transformers":
+        from transformers import MiniMaxM3SparseForConditionalGeneration
+        hf = MiniMaxM3SparseForConditionalGeneration.from_pretrained(ckpt, attn_implementation="eager").eval()
+        stack = hf.model.language_model
+        run = lambda x, pos: stack(inputs_embeds=x, position_ids=pos).last_hidden_state
+        width = hf.config.text_config.hidden_size
+    else:
+        model = from_pretrained(ckpt)
+        if impl == "dense":
+            dense = init_random_(MiniMaxM3(bench_config(sparse=False)))
+            dense.load_state_dict(model.state_dict(), strict=False)    # same weights, no indexer
+            model = dense
+        text = model.language_model.model
+        run = lambda x, pos: text(x, *text.rope(pos))
+        width = model.config.hidden_size
+    x = torch.randn(1, S, width)
+    pos = torch.arange(S)[None]
+    before = _peak_rss_bytes()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        y = run(x, pos)
+        seconds = time.perf_counter() - t0
+    return dict(impl=impl, S=S, seconds=seconds, peak_mb=(_peak_rss_bytes() - before) / 2 ** 20,
+                checksum=float(y.double().abs().mean()))
+
+
+def bench(lengths=(4096, 16384, 65536), dense_max=16384) -> None:
+    """Prints forward time and peak memory (RSS growth during the forward, each run in its own
+    process) of the tiny sparse layer stack, dense causal attention on the same weights where it
+    fits, and transformers' eager forward at S = 4096 when transformers is importable."""
+    import subprocess
+    with tempfile.TemporaryDirectory() as tmp:
+        model = MiniMaxM3(replace(bench_config(sparse=True), vision=M3Config.tiny().vision))
+        save_pretrained(init_random_(model), tmp)
+        runs = [("sparse", S) for S in lengths] + [("dense", S) for S in lengths if S <= dense_max]
+        try:
+            import transformers  # noqa: F401
+            runs.append(("transformers", lengths[0]))
+        except ImportError:
+            print("transformers is not importable: skipping the transformers eager comparison")
+        results = []
+        for impl, S in runs:
+            cmd = [sys.executable, os.path.abspath(__file__), "bench", "--one", impl, str(S), tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"bench run {impl} S={S} failed:\n{proc.stderr}")
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    cfg = bench_config(sparse=True)
+    print(f"tiny width (D={cfg.hidden_size}, H={cfg.num_attention_heads}, Hkv={cfg.num_key_value_heads}, "
+          f"block {cfg.sparse_block_size}, top-{cfg.sparse_topk_blocks}), 2 MoE layers, batch 1, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'attention':<14}{'S':>8}{'forward s':>12}{'peak MB':>10}")
+    for r in results:
+        print(f"{r['impl']:<14}{r['S']:>8}{r['seconds']:>12.2f}{r['peak_mb']:>10.0f}")
+    ours = {r["S"]: r for r in results if r["impl"] == "sparse"}
+    for r in results:
+        if r["impl"] == "transformers":
+            mine = ours[r["S"]]
+            print(f"S={r['S']}: transformers eager / ours = {r['seconds'] / mine['seconds']:.1f}x time, "
+                  f"{r['peak_mb'] / max(mine['peak_mb'], 1):.1f}x peak memory "
+                  f"(output mean |y|: ours {mine['checksum']:.6f}, transformers {r['checksum']:.6f})")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="MiniMax M3 reference")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("demo", help="forward of the tiny preset on text, two images and a video (default)")
+    b = sub.add_parser("bench", help="long-sequence sparse attention benchmark")
+    b.add_argument("--one", nargs=3, metavar=("IMPL", "S", "CKPT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.command == "bench" and args.one:
+        impl, S, ckpt = args.one
+        print(json.dumps(_bench_one(impl, int(S), ckpt)))
+    elif args.command == "bench":
+        bench()
+    else:
+        demo()
+
+
+if __name__ == "__main__":
+    main()
