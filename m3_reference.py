@@ -117,11 +117,11 @@ class M3Config:
     swiglu_limit: float = 7.0
     # multi-token prediction
     num_mtp_modules: int = 1
-    # multimodal (vision=None: a text-only model)
+    # multimodal (vision=None: a text-only model, which has no placeholders or projector: all None)
     vision: VisionConfig | None = field(default_factory=VisionConfig)
-    image_token_index: int = 200025
-    video_token_index: int = 200026
-    projector_hidden_size: int = 6144
+    image_token_index: int | None = 200025
+    video_token_index: int | None = 200026
+    projector_hidden_size: int | None = 6144
 
     def __post_init__(self):
         n = self.num_hidden_layers
@@ -131,6 +131,8 @@ class M3Config:
             self.sparse_attention_freq = [0] * n
         self.moe_layer_freq = [int(f) for f in self.moe_layer_freq]
         self.sparse_attention_freq = [int(f) for f in self.sparse_attention_freq]
+        if self.vision is None:
+            self.image_token_index = self.video_token_index = self.projector_hidden_size = None
         _validate(self)
 
     def is_moe(self, i: int) -> bool:
@@ -202,7 +204,8 @@ class M3Config:
             "max_position_embeddings": self.max_position_embeddings,
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
-            "rotary_dim": self.rotary_dim, "rope_theta": self.rope_theta,
+            "rotary_dim": self.rotary_dim, "partial_rotary_factor": self.rotary_dim / self.head_dim,
+            "rope_theta": self.rope_theta,
             "use_gemma_norm": True, "use_qk_norm": True, "qk_norm_type": "per_head",
             "attention_output_gate": False, "tie_word_embeddings": False,
             "moe_layer_freq": list(self.moe_layer_freq),
@@ -419,7 +422,7 @@ def _validate(c: M3Config):
                  "num_key_value_heads", "head_dim", "dense_intermediate_size", "intermediate_size",
                  "shared_intermediate_size", "n_shared_experts", "num_local_experts",
                  "num_experts_per_tok", "sparse_index_dim", "sparse_num_index_heads",
-                 "sparse_topk_blocks", "sparse_block_size", "projector_hidden_size"):
+                 "sparse_topk_blocks", "sparse_block_size"):
         need(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}")
     for name in ("sparse_init_block", "sparse_local_block", "num_mtp_modules"):
         need(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
@@ -441,6 +444,7 @@ def _validate(c: M3Config):
              f"must be >= rotary_dim ({c.rotary_dim}): the index q/k share the attention RoPE")
     if c.vision is not None:
         v = c.vision
+        need(c.projector_hidden_size >= 1, "projector_hidden_size", f"must be >= 1, got {c.projector_hidden_size}")
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
                      "vision_segment_max_frames"):
@@ -656,12 +660,14 @@ def index_block_scores(iq: torch.Tensor, ik: torch.Tensor, q_start: int, block_s
     """
     C = iq.shape[1]
     kv_len = min(ik.shape[1], q_start + C)
-    s = torch.einsum("bchd,bkd->bhck", iq.float(), ik[:, :kv_len].float())      # [B, Hi, C, kv]
-    q_slot = torch.arange(q_start, q_start + C, device=iq.device)
-    future = torch.arange(kv_len, device=iq.device)[None, :] > q_slot[:, None]   # [C, kv]
-    s = s.masked_fill(future, float("-inf"))
     nb = -(-kv_len // block_size)
-    s = F.pad(s, (0, nb * block_size - kv_len), value=float("-inf"))
+    # zero keys pad the last block; they sit after every query of the chunk, so the mask drops them
+    ik = F.pad(ik[:, :kv_len].float(), (0, 0, 0, nb * block_size - kv_len))
+    s = iq.float().transpose(1, 2) @ ik[:, None].transpose(-1, -2)                # [B, Hi, C, nb*bs]
+    # keys before q_start are in every query's past: only the chunk's own span needs the mask
+    q_slot = torch.arange(q_start, q_start + C, device=iq.device)[:, None]
+    future = torch.arange(q_start, nb * block_size, device=iq.device)[None, :] > q_slot
+    s[..., q_start:].masked_fill_(future, float("-inf"))
     return s.unflatten(-1, (nb, block_size)).amax(-1)                            # [B, Hi, C, nb]
 
 
@@ -682,15 +688,20 @@ def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, top
     causal = n <= c
     init, local = causal & (n < init_blocks), causal & (n > c - local_blocks)
     # forced blocks rank above every finite score: init at +inf, local just below it
-    key = block_scores.masked_fill(local, torch.finfo(torch.float32).max)
-    key = key.masked_fill(init, float("inf")).masked_fill(~causal, float("-inf"))
+    fill = torch.full((C, nb), float("-inf"), device=dev)
+    fill[local] = torch.finfo(torch.float32).max
+    fill[init] = float("inf")
+    key = torch.where(init | local | ~causal, fill, block_scores)                 # [B, Hi, C, nb]
     k = min(topk, nb)
     threshold = key.topk(k, dim=-1).values[..., -1:]                              # k-th largest
-    above = key > threshold
-    tied = key == threshold
-    # exact ties at the threshold are filled in block-id order, so lower ids win
-    room = k - above.sum(-1, keepdim=True)
-    chosen = above | (tied & (tied.cumsum(-1) <= room))                           # k True per row
+    chosen = key >= threshold
+    over = chosen.sum(-1) > k
+    if bool(over.any()):
+        # rows whose ties straddle the k-th place: fill the tied places in block-id order
+        key_o, thr_o = key[over], threshold[over]
+        tied = key_o == thr_o
+        room = k - (key_o > thr_o).sum(-1, keepdim=True)
+        chosen[over] = (key_o > thr_o) | (tied & (tied.cumsum(-1) <= room))
     ids = chosen.nonzero()[:, -1].view(B, Hi, C, k)                               # ascending ids
     ids = ids.masked_fill(ids > c, -1)          # non-causal picks only fill rows with c + 1 < k
     return F.pad(ids, (0, topk - k), value=-1).to(torch.int32)
@@ -702,10 +713,10 @@ def lightning_indexer(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk:
     """Block selection for every query: `index_block_scores` + `select_blocks` per query chunk.
 
     iq [B, S, Hi, Di], ik [B, Sk, Di] -> int32 [B, Hi, S, topk]. Chunking keeps the score
-    buffer at [B, Hi, C, Sk] instead of [B, Hi, S, Sk]; the chunk size never changes the result.
+    buffer at [B, Hi, C, Sk] (cache-sized) instead of [B, Hi, S, Sk]; the chunk size never changes the result.
     """
     B, S, Hi, _ = iq.shape
-    C = query_chunk or max(1, (1 << 24) // (Hi * max(ik.shape[1], 1)))
+    C = query_chunk or max(1, (1 << 21) // (Hi * max(ik.shape[1], 1)))   # ~8 MB of scores
     out = []
     for s0 in range(0, S, C):
         scores = index_block_scores(iq[:, s0:s0 + C], ik, q_start + s0, block_size)
@@ -1393,9 +1404,10 @@ def demo() -> None:
 
 
 def bench_config(sparse: bool) -> M3Config:
-    """The tiny text width as a 2-layer stack of MoE layers, all sparse or all dense attention."""
+    """The tiny text width as a 2-layer stack of MoE layers, all sparse or all dense attention;
+    no init block, since transformers has none and runs the same weights for the comparison."""
     return replace(M3Config.tiny(), num_hidden_layers=2, moe_layer_freq=[1, 1],
-                   sparse_attention_freq=[int(sparse)] * 2, num_mtp_modules=0)
+                   sparse_attention_freq=[int(sparse)] * 2, sparse_init_block=0, num_mtp_modules=0)
 
 
 def _peak_rss_bytes() -> int:
