@@ -303,21 +303,13 @@ def _text_fields(d: dict, where: str) -> dict:
                          ("tie_word_embeddings", [False]), ("scoring_func", ["sigmoid"]),
                          ("use_routing_bias", [True])]:
         r.require(key, allowed)
-    out = dict(
-        vocab_size=r.int("vocab_size", 200064), hidden_size=r.int("hidden_size", 6144),
-        num_hidden_layers=r.int("num_hidden_layers", 60), rms_norm_eps=r.float("rms_norm_eps", 1e-6),
-        max_position_embeddings=r.int("max_position_embeddings", 524288),
-        num_attention_heads=r.int("num_attention_heads", 64),
-        num_key_value_heads=r.int("num_key_value_heads", 4),
-        dense_intermediate_size=r.int("dense_intermediate_size", 12288),
-        intermediate_size=r.int("intermediate_size", 3072),
-        shared_intermediate_size=r.int("shared_intermediate_size", 3072),
-        n_shared_experts=r.int("n_shared_experts", 1),
-        num_local_experts=r.int("num_local_experts", 128),
-        num_experts_per_tok=r.int("num_experts_per_tok", 4),
-        routed_scaling_factor=r.float("routed_scaling_factor", 2.0),
-        swiglu_alpha=r.float("swiglu_alpha", 1.702), swiglu_limit=r.float("swiglu_limit", 7.0),
-        num_mtp_modules=r.int("num_mtp_modules", 0 if "layer_types" in d else 1))
+    out = _scalars(r, M3Config, [
+        "vocab_size", "hidden_size", "num_hidden_layers", "rms_norm_eps", "max_position_embeddings",
+        "num_attention_heads", "num_key_value_heads", "dense_intermediate_size", "intermediate_size",
+        "shared_intermediate_size", "n_shared_experts", "num_local_experts", "num_experts_per_tok",
+        "routed_scaling_factor", "swiglu_alpha", "swiglu_limit"])
+    # transformers ignores MTP and its form says nothing of it: no depths unless stated
+    out["num_mtp_modules"] = r.int("num_mtp_modules", 0 if "layer_types" in d else 1)
     out["head_dim"] = r.int("head_dim", out["hidden_size"] // max(out["num_attention_heads"], 1))
     out.update(_rope_fields(d, where, out["head_dim"]))
     out.update(_sparse_fields(d, where))
@@ -346,44 +338,42 @@ def _rope_fields(d: dict, where: str, head_dim: int) -> dict:
     return dict(rope_theta=theta, rotary_dim=rotary_dim)
 
 
+# field, key in the upstream `sparse_attention_config`, flat transformers key, released value
+_SPARSE_KEYS = [("sparse_index_dim", "sparse_index_dim", "index_head_dim", 128),
+                ("sparse_num_index_heads", "sparse_num_index_heads", "index_n_heads", 4),
+                ("sparse_topk_blocks", "sparse_topk_blocks", "index_topk_blocks", 16),
+                ("sparse_block_size", "sparse_block_size", "index_block_size", 128),
+                ("sparse_init_block", "sparse_init_block", None, 0),     # transformers has no init blocks
+                ("sparse_local_block", "sparse_local_block", "index_local_blocks", 1)]
+
+
 def _sparse_fields(d: dict, where: str) -> dict:
     """Sparse keys from `sparse_attention_config` (upstream) or flat `index_*` (transformers)."""
-    r = _Reader(d, where)
-    if "sparse_attention_config" in d and d["sparse_attention_config"] is not None:
-        sw = f"{where}.sparse_attention_config"
-        s = _Reader(_sub(d, "sparse_attention_config", where), sw)
-        s.require("sparse_score_type", ["max"])
-        freq = s.list("sparse_attention_freq")
-        if not s.bool("use_sparse_attention", True):
-            freq = [0] * len(freq) if freq is not None else None
-        disable_value = s.list("sparse_disable_index_value")
-        if freq is not None and disable_value is not None:
-            if len(disable_value) != len(freq):
-                raise ValueError(f"config key '{sw}.sparse_disable_index_value' has {len(disable_value)} "
-                                 f"entries but sparse_attention_freq has {len(freq)}")
-            bad = [i for i, (f, dv) in enumerate(zip(freq, disable_value)) if f and not dv]
-            if bad:
-                raise ValueError(f"config key '{sw}.sparse_disable_index_value' is 0 on sparse layers "
-                                 f"{bad}: the index value branch is not part of M3; allowed: 1")
-        return dict(sparse_attention_freq=freq,
-                    sparse_index_dim=s.int("sparse_index_dim", 128),
-                    sparse_num_index_heads=s.int("sparse_num_index_heads", 4),
-                    sparse_topk_blocks=s.int("sparse_topk_blocks", 16),
-                    sparse_block_size=s.int("sparse_block_size", 128),
-                    sparse_init_block=s.int("sparse_init_block", 0),
-                    sparse_local_block=s.int("sparse_local_block", 1))
-    layer_types = r.list("layer_types")
-    freq = None
-    if layer_types is not None:
-        _check_members(layer_types, ("minimax_m3_sparse", "full_attention"), f"{where}.layer_types")
-        freq = [int(t == "minimax_m3_sparse") for t in layer_types]
-    return dict(sparse_attention_freq=freq,
-                sparse_index_dim=r.int("index_head_dim", 128),
-                sparse_num_index_heads=r.int("index_n_heads", 4),
-                sparse_topk_blocks=r.int("index_topk_blocks", 16),
-                sparse_block_size=r.int("index_block_size", 128),
-                sparse_init_block=r.int("index_init_blocks", 0),
-                sparse_local_block=r.int("index_local_blocks", 1))
+    if d.get("sparse_attention_config") is None:
+        r = _Reader(d, where)
+        layer_types = r.list("layer_types")
+        freq = None
+        if layer_types is not None:
+            _check_members(layer_types, ("minimax_m3_sparse", "full_attention"), f"{where}.layer_types")
+            freq = [int(t == "minimax_m3_sparse") for t in layer_types]
+        return dict(sparse_attention_freq=freq, **{f: r.int(hf, default) if hf else default
+                                                   for f, _, hf, default in _SPARSE_KEYS})
+    sw = f"{where}.sparse_attention_config"
+    s = _Reader(_sub(d, "sparse_attention_config", where), sw)
+    s.require("sparse_score_type", ["max"])
+    freq = s.list("sparse_attention_freq")
+    if not s.bool("use_sparse_attention", True):
+        freq = [0] * len(freq) if freq is not None else None
+    disable_value = s.list("sparse_disable_index_value")
+    if freq is not None and disable_value is not None:
+        if len(disable_value) != len(freq):
+            raise ValueError(f"config key '{sw}.sparse_disable_index_value' has {len(disable_value)} "
+                             f"entries but sparse_attention_freq has {len(freq)}")
+        bad = [i for i, (f, dv) in enumerate(zip(freq, disable_value)) if f and not dv]
+        if bad:
+            raise ValueError(f"config key '{sw}.sparse_disable_index_value' is 0 on sparse layers "
+                             f"{bad}: the index value branch is not part of M3; allowed: 1")
+    return dict(sparse_attention_freq=freq, **{f: s.int(up, default) for f, up, _, default in _SPARSE_KEYS})
 
 
 def _vision_fields(v: dict, top: dict) -> VisionConfig:
@@ -396,15 +386,17 @@ def _vision_fields(v: dict, top: dict) -> VisionConfig:
     c = _Reader(compression, "config.vision_config.img_token_compression_config")
     params = _Reader(v.get("rope_parameters") or {}, "config.vision_config.rope_parameters")
     return VisionConfig(
-        hidden_size=r.int("hidden_size", 1280), intermediate_size=r.int("intermediate_size", 5120),
-        num_hidden_layers=r.int("num_hidden_layers", 32),
-        num_attention_heads=r.int("num_attention_heads", 16),
-        num_channels=r.int("num_channels", 3), patch_size=r.int("patch_size", 14),
+        **_scalars(r, VisionConfig, ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                     "num_channels", "patch_size", "vision_segment_max_frames", "layer_norm_eps"]),
         temporal_patch_size=c.int("temporal_patch_size", r.int("temporal_patch_size", 2)),
         spatial_merge_size=c.int("spatial_merge_size", r.int("spatial_merge_size", 2)),
-        vision_segment_max_frames=r.int("vision_segment_max_frames", 4),
-        rope_theta=r.float("rope_theta", params.float("rope_theta", 10000.0)),
-        layer_norm_eps=r.float("layer_norm_eps", 1e-5))
+        rope_theta=r.float("rope_theta", params.float("rope_theta", 10000.0)))
+
+
+def _scalars(r: _Reader, cls, names: list[str]) -> dict:
+    """Scalar keys spelled as the dataclass fields; absent keys take the field defaults."""
+    spec = {f.name: f for f in fields(cls)}
+    return {n: (r.float if spec[n].type == "float" else r.int)(n, spec[n].default) for n in names}
 
 
 def _check_members(values: list, allowed: tuple, key: str):
@@ -577,9 +569,13 @@ class MoE(nn.Module):
                                   cfg.swiglu_alpha, cfg.swiglu_limit)
 
     def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / to_empty(): the router follows fn's device but never its dtype, and is
+        # moved from the fp32 originals so that a cast to bf16 and back loses nothing
+        weight, bias = self.gate.weight.data, self.e_score_correction_bias
         super()._apply(fn, recurse)
-        self.gate.weight.data = self.gate.weight.data.float()
-        self.e_score_correction_bias = self.e_score_correction_bias.float()
+        device = fn(torch.empty(0, device=weight.device)).device
+        move = lambda t: torch.empty_like(t, device=device) if t.is_meta and device.type != "meta" else t.to(device)
+        self.gate.weight.data, self.e_score_correction_bias = move(weight).float(), move(bias).float()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1120,8 +1116,10 @@ class MiniMaxM3(nn.Module):
                   cfg.video_token_index)]
         for what, pixels, grid, pix_name, grid_name, token_id in media:
             if pixels is None and grid is None:
-                if cfg.vision is not None and bool((input_ids == token_id).any()):
-                    splice(h, input_ids, h.new_zeros(0, h.shape[-1]), token_id, what)   # raises: counts differ
+                n = int((input_ids == token_id).sum()) if cfg.vision is not None else 0
+                if n:
+                    raise ValueError(f"input_ids hold {n} {what} placeholder tokens (id {token_id}) but no "
+                                     f"{pix_name} were given, so the vision tower produced 0 {what} feature rows")
                 continue
             _check_media(cfg, pixels, grid, pix_name, grid_name)
             h = splice(h, input_ids, self.vision_features(pixels, grid), token_id, what)

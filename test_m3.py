@@ -190,9 +190,12 @@ def test_routed_experts_equal_a_loop_over_tokens():
 
 
 def test_router_weight_stays_fp32_when_the_model_is_cast():
-    model = model_of(tiny()).to(torch.bfloat16)
+    model = model_of(tiny())
+    gate = model.language_model.model.layers[1].block_sparse_moe.gate.weight.clone()
+    model = model.to(torch.bfloat16)
     moe = model.language_model.model.layers[1].block_sparse_moe
     assert moe.gate.weight.dtype == torch.float32 and moe.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(moe.gate.weight, gate)                       # not rounded through bf16
     assert moe.experts[0].w1.weight.dtype == torch.bfloat16
 
 
