@@ -912,25 +912,30 @@ def video_segments(grid_thw: Sequence[Sequence[int]], max_frames: int) -> list[t
     return [(min(max_frames, t - s), h, w) for t, h, w in grid_thw for s in range(0, t, max_frames)]
 
 
-def vision_rope_angles(segments: Sequence[tuple[int, int, int]], head_dim: int, merge: int,
-                       theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """3D RoPE angles [t | row | col] per patch, in 2x2 merge-window order, t restarting per segment.
-
-    d_axis = 2 * floor(floor(head_dim / 3) / 2) channels per axis, inv_freq[j] = theta^(-2j/d_axis);
-    returns cos, sin [N, 3 * d_axis / 2] fp32 (pairs (i, i + 3*d_axis/2) rotate; the rest pass).
-    """
-    d_axis = 2 * ((head_dim // 3) // 2)
-    inv_freq = 1.0 / theta ** (torch.arange(0, d_axis, 2, dtype=torch.float32) / d_axis)
+def vision_positions(segments: Sequence[tuple[int, int, int]], merge: int) -> torch.Tensor:
+    """(t, row, col) of every patch, int64 [N, 3], in the order pixel_values lists them: t outermost,
+    then 2x2 merge windows in raster order, then the 4 patches of a window; t restarts per segment."""
     pos = []
     for t, h, w in segments:
         rows = torch.arange(h)[:, None].expand(h, w)
         cols = torch.arange(w)[None, :].expand(h, w)
-        # [h, w] -> [h/m, m, w/m, m] -> [h/m, w/m, m, m]: consecutive 4 patches = one 2x2 window
+        # [h, w] -> [h/m, m, w/m, m] -> [h/m, w/m, m, m]: consecutive m*m patches = one window
         window = lambda g: g.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
         hw = torch.stack([window(rows), window(cols)], dim=-1).repeat(t, 1)        # [t*h*w, 2]
-        tt = torch.arange(t).repeat_interleave(h * w)[:, None]
-        pos.append(torch.cat([tt, hw], dim=-1))
-    angles = (torch.cat(pos).float()[:, :, None] * inv_freq).flatten(1)           # [N, 3 * d_axis/2]
+        pos.append(torch.cat([torch.arange(t).repeat_interleave(h * w)[:, None], hw], dim=-1))
+    return torch.cat(pos)
+
+
+def vision_rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D RoPE: angles [t | row | col] per patch, each axis with its own copy of the frequencies.
+
+    d_axis = 2 * floor(floor(head_dim / 3) / 2) channels per axis, inv_freq[j] = theta^(-2j/d_axis);
+    positions [N, 3] -> cos, sin [N, 3 * d_axis / 2] fp32 (pairs (i, i + 3*d_axis/2) rotate, the
+    channels past 3 * d_axis pass through).
+    """
+    d_axis = 2 * ((head_dim // 3) // 2)
+    inv_freq = 1.0 / theta ** (torch.arange(0, d_axis, 2, dtype=torch.float32, device=positions.device) / d_axis)
+    angles = (positions.float()[:, :, None] * inv_freq).flatten(1)                # [N, 3 * d_axis/2]
     return angles.cos(), angles.sin()
 
 
@@ -1017,8 +1022,8 @@ class VisionTower(nn.Module):
         x = F.linear(pixel_values.to(weight.dtype), weight.flatten(1))              # [N, Dv]
         x = layer_norm(x, vm["pre_layrnorm"])
         segments = video_segments(grid_thw, v.vision_segment_max_frames)
-        cos, sin = vision_rope_angles(segments, v.head_dim, v.spatial_merge_size, v.rope_theta)
-        cos, sin = cos.to(x.device), sin.to(x.device)
+        positions = vision_positions(segments, v.spatial_merge_size).to(x.device)
+        cos, sin = vision_rope_angles(positions, v.head_dim, v.rope_theta)
         lengths = [t * h * w for t, h, w in segments]
         for layer in vm["encoder"]["layers"]:
             x = layer(x, cos, sin, lengths)
