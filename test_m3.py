@@ -1,5 +1,9 @@
 """Tests for m3_reference.py, in the file's order: config, components, model, checkpoint I/O,
-then parity with transformers (an independent implementation; skipped where it is absent).
+then hypothesis properties of every component (same order), then parity with transformers (an
+independent implementation; skipped where it is absent).
+
+Hypothesis profiles: "ci" (default; derandomized, few examples, the suite stays well under five
+minutes on 2 cores) and "deep" (HYPOTHESIS_PROFILE=deep: 20x the examples, randomized).
 
 Tolerances come from the dtype: fp32 end-to-end through a few tiny layers accumulates rounding of
 order 1e-6 (eps_fp32 = 1.2e-7 times O(10) operations deep), so 1e-4 on logits leaves two orders of
@@ -7,17 +11,31 @@ margin while any real math difference (a wrong sign, clamp or mask) is O(0.1) or
 """
 import json
 import math
+import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import m3_reference as m3
 
 FP32_LOGITS_TOL = 1e-4        # see module docstring
-FP32_OP_TOL = 1e-5            # a single fp32 op chain (attention, one layer)
+FP32_OP_TOL = 1e-5            # a single fp32 op chain (attention, one layer): ~100 eps_fp32
+
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+_quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", derandomize=True, max_examples=20, deadline=None, suppress_health_check=_quiet)
+settings.register_profile("deep", max_examples=400, deadline=None, suppress_health_check=_quiet)
+settings.load_profile(PROFILE)
+
+
+def few(n: int) -> settings:
+    """Example count for properties that build whole models: n in CI, 20n in the deep profile."""
+    return settings(max_examples=n if PROFILE == "ci" else 20 * n)
 
 
 def tiny(**overrides) -> m3.M3Config:
@@ -447,6 +465,373 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         m3.save_pretrained(model_of(tiny(), seed=1), tmp_path)
     assert (tmp_path / m3.SINGLE_FILE).read_bytes() == before
     assert not list(tmp_path.glob(".*tmp"))
+
+
+# ============================================================================================
+# Properties (hypothesis), in forward order. Hypothesis draws shapes, sizes, configs and a seed;
+# tensors come from a generator seeded by it. Each property's comment names a wrong
+# implementation it catches.
+# ============================================================================================
+
+seeds = st.integers(0, 2 ** 31 - 1)
+
+
+def randn(seed, *shape, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@st.composite
+def tiny_configs(draw, vision=None, max_layers=3):
+    """Small M3 configs: any mix of dense/MoE and full/sparse layers, GQA, partial rotary, blocks
+    that do not divide the lengths drawn below, top-k above and below the block count."""
+    n = draw(st.integers(1, max_layers))
+    kv = draw(st.sampled_from([1, 2]))
+    head_dim = draw(st.sampled_from([8, 12, 16]))
+    index_dim = draw(st.sampled_from([8, 16]))
+    rotary = draw(st.sampled_from([r for r in (2, 4, 6, 8) if r <= min(head_dim, index_dim)]))
+    experts = draw(st.integers(2, 6))
+    with_vision = draw(st.booleans()) if vision is None else vision
+    vis = m3.VisionConfig(hidden_size=draw(st.sampled_from([16, 24])), intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, vision_segment_max_frames=draw(st.integers(1, 3)))
+    return m3.M3Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=n, num_attention_heads=kv * draw(st.integers(1, 3)),
+        num_key_value_heads=kv, head_dim=head_dim, rotary_dim=rotary, rope_theta=10000.0,
+        sparse_attention_freq=draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)),
+        sparse_index_dim=index_dim, sparse_num_index_heads=kv,
+        sparse_topk_blocks=draw(st.integers(1, 5)), sparse_block_size=draw(st.integers(2, 5)),
+        sparse_init_block=draw(st.integers(0, 2)), sparse_local_block=draw(st.integers(0, 2)),
+        moe_layer_freq=draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)),
+        dense_intermediate_size=24, intermediate_size=16, shared_intermediate_size=16,
+        num_local_experts=experts, num_experts_per_tok=draw(st.integers(1, min(3, experts))),
+        num_mtp_modules=draw(st.integers(0, 2)),
+        vision=vis if with_vision else None, image_token_index=60, video_token_index=61, projector_hidden_size=24)
+
+
+# ---- Gemma RMSNorm --------------------------------------------------------------------------
+
+@given(seed=seeds, rows=st.integers(1, 5), dim=st.integers(1, 40), c=st.floats(0.25, 16.0))
+def test_prop_rms_norm(seed, rows, dim, c):
+    x, w = randn(seed, rows, dim), randn(seed + 1, dim, scale=0.3)
+    y = m3.rms_norm(x, w, 1e-6)
+    # the fp32 formula (catches: weight used as w instead of 1 + w, eps outside the sqrt, no mean)
+    torch.testing.assert_close(y, gemma_norm(x, w).float(), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    # scale invariance up to eps: |rel change| <= eps / (2 * min(1, c^2) * mean(x^2)) + fp32 rounding
+    ms = x.pow(2).mean(-1, keepdim=True)
+    bound = 1e-6 / (2 * min(1.0, c * c) * ms) + FP32_OP_TOL
+    assert ((m3.rms_norm(c * x, w, 1e-6) - y).abs() <= bound * y.abs() + FP32_OP_TOL).all()
+    # bf16 in: the fp32 result rounded once (catches: squaring or weighting in bf16)
+    xb = x.bfloat16()
+    assert torch.equal(m3.rms_norm(xb, w, 1e-6), gemma_norm(xb.float(), w).float().bfloat16())
+
+
+# ---- SwiGLU-OAI ------------------------------------------------------------------------------
+
+@given(seed=seeds, n=st.integers(1, 64), scale=st.sampled_from([1.0, 10.0, 1e4, 1e30]),
+       alpha=st.sampled_from([1.702, 1.0]), limit=st.sampled_from([7.0, 3.5]))
+def test_prop_swiglu_oai(seed, n, scale, alpha, limit):
+    g, u = randn(seed, n, scale=scale), randn(seed + 1, n, scale=scale)
+    out = m3.swiglu_oai(g, u, alpha, limit)
+    assert torch.isfinite(out).all()
+    # elementwise against the scalar formula (catches: clamp on the wrong side, missing +1, silu gain)
+    for gi, ui, oi in zip(g.tolist(), u.tolist(), out.tolist()):
+        gc, uc = min(gi, limit), max(-limit, min(ui, limit))
+        z = alpha * gc
+        sigmoid = 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
+        expected = gc * sigmoid * (uc + 1)
+        assert abs(oi - expected) <= FP32_OP_TOL * (1 + abs(expected))
+    # a gate above the limit behaves as the limit; up is clamped on both sides
+    big = torch.full((n,), limit) + randn(seed + 2, n).abs() + 1
+    assert torch.equal(m3.swiglu_oai(big, u, alpha, limit), m3.swiglu_oai(torch.full((n,), limit), u, alpha, limit))
+    assert torch.equal(m3.swiglu_oai(g, big, alpha, limit), m3.swiglu_oai(g, torch.full((n,), limit), alpha, limit))
+    assert torch.equal(m3.swiglu_oai(g, -big, alpha, limit), m3.swiglu_oai(g, torch.full((n,), -limit), alpha, limit))
+
+
+# ---- Router ----------------------------------------------------------------------------------
+
+@given(seed=seeds, T=st.integers(1, 20), E=st.integers(2, 12), data=st.data(),
+       shift=st.sampled_from([-3.0, 0.5, 64.0]))
+def test_prop_router(seed, T, E, data, shift):
+    K = data.draw(st.integers(1, E))
+    x, W, bias = randn(seed, T, 16), randn(seed + 1, E, 16, scale=0.25), randn(seed + 2, E, scale=0.1)
+    w, ids = m3.route(x, W, bias, K, 2.0)
+    # distinct, in range; weights sum to the scaling factor
+    assert ids.shape == (T, K) and ((ids >= 0) & (ids < E)).all()
+    assert all(len(set(r)) == K for r in ids.tolist())
+    torch.testing.assert_close(w.sum(-1), torch.full((T,), 2.0))
+    # the weights are the chosen experts' unbiased scores, renormalised (catches: biased weights)
+    p = torch.sigmoid(x @ W.T)
+    chosen = p.gather(-1, ids)
+    torch.testing.assert_close(w, chosen / chosen.sum(-1, keepdim=True) * 2.0)
+    # a constant added to every bias changes nothing (catches: bias scaled into the score)
+    w2, ids2 = m3.route(x, W, bias + shift, K, 2.0)
+    assert torch.equal(ids2.sort(-1).values, ids.sort(-1).values)
+    torch.testing.assert_close(w2.gather(-1, ids2.argsort(-1)), w.gather(-1, ids.argsort(-1)))
+    # a bias that forces other experts changes the choice, never the chosen experts' weight rule
+    forced = torch.zeros(E)
+    forced[:K] = 100.0
+    w3, ids3 = m3.route(x, W, forced, K, 2.0)
+    assert (ids3.sort(-1).values == torch.arange(K)).all()
+    torch.testing.assert_close(w3, p.gather(-1, ids3) / p.gather(-1, ids3).sum(-1, keepdim=True) * 2.0)
+    # permuting the experts permutes the choice (catches: ids taken from a sorted copy)
+    perm = torch.randperm(E, generator=torch.Generator().manual_seed(seed))
+    wp, idsp = m3.route(x, W[perm], bias[perm], K, 2.0)
+    assert torch.equal(perm[idsp].sort(-1).values, ids.sort(-1).values)
+
+
+# ---- MoE -------------------------------------------------------------------------------------
+
+@given(cfg=tiny_configs(vision=False), seed=seeds, T=st.integers(1, 13))
+def test_prop_moe(cfg, seed, T):
+    cfg = replace(cfg, moe_layer_freq=[1] * cfg.num_hidden_layers)
+    moe = m3.init_random_(m3.MoE(cfg), seed)
+    x = randn(seed, 1, T, cfg.hidden_size)
+    out = moe(x)[0]
+    # brute force over all experts with one-hot routing (catches: weight applied to the wrong slot)
+    w, ids = m3.route(x[0], moe.gate.weight, moe.e_score_correction_bias, cfg.num_experts_per_tok, 2.0)
+    onehot = torch.zeros(T, cfg.num_local_experts).scatter(1, ids, w)
+    ref = moe.shared_experts(x[0]).double()
+    for e, ex in enumerate(moe.experts):
+        y = ex.w2(m3.swiglu_oai(ex.w1(x[0]), ex.w3(x[0]), cfg.swiglu_alpha, cfg.swiglu_limit))
+        ref = ref + onehot[:, e:e + 1].double() * y.double()
+    torch.testing.assert_close(out.double(), ref, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    # tokens are independent: permuting tokens permutes outputs
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(moe(x[:, perm])[0], out[perm], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    # the shared expert is added unscaled (catches: shared output times routed_scaling_factor)
+    with torch.no_grad():
+        for ex in moe.experts:
+            ex.w2.weight.zero_()
+    torch.testing.assert_close(moe(x)[0], moe.shared_experts(x[0]), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+
+
+# ---- RoPE (text and vision 3D) ---------------------------------------------------------------
+
+def _dot_by_offset(q_rot, k_rot, offsets):
+    """q_i . k_j grouped by the position offset of (i, j): every group must hold one value."""
+    dots = q_rot @ k_rot.T
+    groups = {}
+    for i in range(len(offsets)):
+        for j in range(len(offsets)):
+            groups.setdefault(tuple((offsets[i] - offsets[j]).tolist()), []).append(dots[i, j])
+    return [torch.stack(v) for v in groups.values()]
+
+
+@given(seed=seeds, rotary=st.sampled_from([2, 4, 8]), extra=st.integers(0, 6), S=st.integers(2, 12))
+def test_prop_text_rope(seed, rotary, extra, S):
+    Dh = rotary + extra
+    pos = torch.arange(S)[None] * 37                                  # spread the angles
+    cos, sin = m3.rope_angles(pos, rotary, 10000.0)
+    x = randn(seed, 1, S, 3, Dh)
+    y = m3.rope(x, cos, sin)
+    assert torch.equal(y[..., rotary:], x[..., rotary:])               # pass-through untouched
+    torch.testing.assert_close(y[..., :rotary].norm(dim=-1), x[..., :rotary].norm(dim=-1))
+    # the same q and k at every position: q.k depends only on the offset (catches: interleaved pairs
+    # rotated with NeoX angles, or a per-position frequency)
+    q, k = randn(seed + 1, Dh).expand(1, S, 1, Dh), randn(seed + 2, Dh).expand(1, S, 1, Dh)
+    for group in _dot_by_offset(m3.rope(q, cos, sin)[0, :, 0], m3.rope(k, cos, sin)[0, :, 0], pos[0, :, None]):
+        torch.testing.assert_close(group, group[:1].expand_as(group), rtol=1e-4, atol=1e-4)
+
+
+@given(seed=seeds, head_dim=st.sampled_from([6, 8, 12, 16, 80]), t=st.integers(1, 3), hw=st.sampled_from([(2, 2), (2, 4), (4, 2)]))
+def test_prop_vision_rope(seed, head_dim, t, hw):
+    pos = m3.vision_positions([(t, *hw)], 2)
+    cos, sin = m3.vision_rope_angles(pos, head_dim, 10000.0)
+    R = 2 * cos.shape[-1]
+    assert R == 3 * 2 * ((head_dim // 3) // 2)
+    x = randn(seed, len(pos), 2, head_dim)
+    y = m3.rope(x, cos, sin)
+    assert torch.equal(y[..., R:], x[..., R:])
+    torch.testing.assert_close(y[..., :R].norm(dim=-1), x[..., :R].norm(dim=-1))
+    q, k = randn(seed + 1, head_dim).expand(len(pos), 1, head_dim), randn(seed + 2, head_dim).expand(len(pos), 1, head_dim)
+    for group in _dot_by_offset(m3.rope(q, cos, sin)[:, 0], m3.rope(k, cos, sin)[:, 0], pos):
+        torch.testing.assert_close(group, group[:1].expand_as(group), rtol=1e-4, atol=1e-4)
+
+
+# ---- Attention -------------------------------------------------------------------------------
+
+@given(seed=seeds, S=st.integers(1, 33), kv=st.sampled_from([1, 2]), group=st.integers(1, 3), data=st.data())
+def test_prop_causal_gqa_attention(seed, S, kv, group, data):
+    q, k, v = randn(seed, 2, S, kv * group, 8), randn(seed + 1, 2, S, kv, 8), randn(seed + 2, 2, S, kv, 8)
+    out = m3.causal_attention(q, k, v, 8 ** -0.5)
+    # GQA equals multi-head attention on K/V repeated per group (catches: head j -> KV j % Hkv)
+    rep = lambda t: t.repeat_interleave(group, dim=2)
+    torch.testing.assert_close(out, m3.causal_attention(q, rep(k), rep(v), 8 ** -0.5), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    # causal: changing a later token never changes an earlier output (catches: a missing mask)
+    p = data.draw(st.integers(0, S - 1))
+    k2, v2 = k.clone(), v.clone()
+    k2[:, p:] += 1.0
+    v2[:, p:] -= 1.0
+    assert torch.equal(m3.causal_attention(q, k2, v2, 8 ** -0.5)[:, :p], out[:, :p])
+
+
+# ---- Lightning indexer -----------------------------------------------------------------------
+
+@given(seed=seeds, S=st.integers(1, 41), bs=st.integers(1, 6), topk=st.integers(1, 9), init=st.integers(0, 3),
+       local=st.integers(0, 3), Hi=st.sampled_from([1, 2]), chunk=st.sampled_from([None, 1, 5]))
+@example(seed=0, S=40, bs=8, topk=2, init=1, local=1, Hi=1, chunk=None)       # exact multiple of the block
+def test_prop_indexer(seed, S, bs, topk, init, local, Hi, chunk):
+    iq, ik = randn(seed, 2, S, Hi, 8), randn(seed + 1, 2, S, 8)
+    ids = m3.lightning_indexer(iq, ik, bs, topk, init, local, query_chunk=chunk)
+    assert ids.dtype == torch.int32 and ids.shape == (2, Hi, S, topk)
+    scores = m3.index_block_scores(iq, ik, 0, bs)                   # [2, Hi, S, nb]
+    for b, h, i in [(b, h, i) for b in range(2) for h in range(Hi) for i in range(S)]:
+        row, c = ids[b, h, i].tolist(), i // bs
+        valid = [n for n in row if n >= 0]
+        k = min(topk, c + 1)
+        # left-packed, -1 only at the tail, distinct, ascending, causal, exactly min(topk, c + 1)
+        assert row == valid + [-1] * (topk - len(valid)) and valid == sorted(set(valid))
+        assert len(valid) == k and all(0 <= n <= c for n in valid)
+        init_set = list(range(min(init, c + 1)))
+        local_set = [n for n in range(c, max(c - local, -1), -1) if n >= min(init, c + 1)]
+        forced = (init_set + local_set)[:k]                          # init outranks local
+        assert set(forced) <= set(valid)                             # own block kept when it fits
+        if local >= 1 and init < k:
+            assert c in valid
+        # the unforced picks beat (or tie, then lower id) every candidate left out
+        rest = [n for n in valid if n not in forced]
+        left = [n for n in range(c + 1) if n not in valid]
+        s = scores[b, h, i]
+        for n in rest:
+            for m in left:
+                assert s[n] > s[m] or (s[n] == s[m] and n < m)
+
+
+# ---- Block-sparse attention ------------------------------------------------------------------
+
+@st.composite
+def selections(draw, B, Hkv, S, bs, topk):
+    """Any valid selection: per (b, h, i) a set of causal blocks of size <= topk, ascending, -1 padded."""
+    ids = torch.full((B, Hkv, S, topk), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hkv):
+            for i in range(S):
+                c = i // bs
+                chosen = sorted(draw(st.sets(st.integers(0, c), min_size=1, max_size=min(topk, c + 1))))
+                ids[b, h, i, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+    return ids
+
+
+@given(seed=seeds, S=st.integers(1, 19), bs=st.integers(1, 5), topk=st.integers(1, 4), Hkv=st.sampled_from([1, 2]),
+       group=st.integers(1, 2), data=st.data())
+def test_prop_block_sparse_attention(seed, S, bs, topk, Hkv, group, data):
+    H = Hkv * group
+    q, k, v = randn(seed, 1, S, H, 8), randn(seed + 1, 1, S, Hkv, 8), randn(seed + 2, 1, S, Hkv, 8)
+    ids = data.draw(selections(1, Hkv, S, bs, topk))
+    out = m3.sparse_attention(q, k, v, ids, bs, 0.35)
+    # equals dense attention masked to (causal & selected block) for any selection
+    allowed = torch.zeros(1, Hkv, S, S, dtype=torch.bool)
+    for h, i in [(h, i) for h in range(Hkv) for i in range(S)]:
+        for n in ids[0, h, i].tolist():
+            if n >= 0:
+                allowed[0, h, i, n * bs:min(n * bs + bs, i + 1)] = True
+    rep = lambda t: t.transpose(1, 2).repeat_interleave(group, dim=1)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), rep(k), rep(v),
+                                         attn_mask=allowed.repeat_interleave(group, dim=1), scale=0.35)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    # the query chunk never changes the result
+    chunk = data.draw(st.integers(1, S))
+    torch.testing.assert_close(m3.sparse_attention(q, k, v, ids, bs, 0.35, query_chunk=chunk), out,
+                               rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    # top-k covering every block: dense causal attention
+    every = m3.lightning_indexer(randn(seed, 1, S, Hkv, 4), randn(seed, 1, S, 4), bs, -(-S // bs), 0, 1)
+    torch.testing.assert_close(m3.sparse_attention(q, k, v, every, bs, 0.35),
+                               m3.causal_attention(q, k, v, 0.35), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+
+
+# ---- Model -----------------------------------------------------------------------------------
+
+@given(cfg=tiny_configs(vision=False), seed=seeds, S=st.integers(2, 21), data=st.data())
+@few(8)
+def test_prop_model(cfg, seed, S, data):
+    model = model_of(cfg, seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (2, S), generator=g)
+    labels = ids.masked_fill(torch.rand(2, S, generator=g) < 0.3, -100)
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+        # batch rows are independent
+        torch.testing.assert_close(model(ids[1:]).logits[0], out.logits[1], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+        # causal end to end, sparse layers included; MTP depth d at i sees tokens <= i + d. Not bit
+        # for bit: an expert's matmul sees a different number of token rows once a later token
+        # routes elsewhere, and BLAS rounds differently per shape
+        p = data.draw(st.integers(1, S - 1))
+        changed = ids.clone()
+        changed[:, p] = (changed[:, p] + 1) % cfg.vocab_size
+        out2 = model(changed)
+        close = lambda a, b: torch.testing.assert_close(a, b, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+        close(out2.logits[:, :p], out.logits[:, :p])
+        for d, (a, b) in enumerate(zip(out.mtp_logits, out2.mtp_logits), start=1):
+            close(a[:, :max(p - d, 0)], b[:, :max(p - d, 0)])
+
+    def ce(logits, shift):
+        terms = [-torch.log_softmax(logits[b, i].double(), -1)[labels[b, i + shift]]
+                 for b in range(2) for i in range(S) if i + shift < S and labels[b, i + shift] != -100]
+        return sum(terms) / len(terms) if terms else torch.tensor(0.0, dtype=torch.float64)
+    torch.testing.assert_close(out.lm_loss.double(), ce(out.logits, 1), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    if cfg.num_mtp_modules:
+        D = cfg.num_mtp_modules
+        expected = 0.1 / D * sum(ce(lg, 1 + k) for k, lg in enumerate(out.mtp_logits, start=1))
+        torch.testing.assert_close(out.mtp_loss.double(), expected, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    else:
+        assert out.mtp_loss is None and out.mtp_logits == []
+
+
+# ---- Vision ----------------------------------------------------------------------------------
+
+grids = st.tuples(st.integers(1, 4), st.sampled_from([2, 4]), st.sampled_from([2, 4, 6]))
+
+
+@given(t=st.integers(1, 3), h=st.sampled_from([2, 4, 6]), w=st.sampled_from([2, 4]))
+def test_prop_vision_positions_follow_the_merge_window_order(t, h, w):
+    pos = m3.vision_positions([(t, h, w)], 2)
+    assert pos.shape == (t * h * w, 3)
+    for n, (pt, r, c) in enumerate(pos.tolist()):
+        window, inner = divmod(n % (h * w), 4)
+        assert (pt, r, c) == (n // (h * w), 2 * (window // (w // 2)) + inner // 2, 2 * (window % (w // 2)) + inner % 2)
+
+
+@given(seed=seeds, a=grids, b=grids, max_frames=st.integers(1, 3))
+@few(6)
+def test_prop_vision_tower(seed, a, b, max_frames):
+    cfg = tiny(vision=replace(m3.M3Config.tiny().vision, vision_segment_max_frames=max_frames))
+    model = model_of(cfg, seed)
+    P = cfg.vision.patch_dim
+    rows_a, rows_b = a[0] * a[1] * a[2], b[0] * b[1] * b[2]
+    pa, pb = randn(seed, rows_a, P), randn(seed + 1, rows_b, P)
+    with torch.no_grad():
+        both = model.vision_features(torch.cat([pa, pb]), torch.tensor([a, b]))
+        alone = model.vision_features(pa, torch.tensor([a]))
+        # one output row per 2x2 window; an item's features ignore the other item
+        assert both.shape == ((rows_a + rows_b) // 4, cfg.hidden_size)
+        torch.testing.assert_close(both[:rows_a // 4], alone, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+        # a video equals its segments run separately (catches: t not restarting, cross-segment attention)
+        segments = m3.video_segments([a], max_frames)
+        parts = pa.split([t * h * w for t, h, w in segments])
+        torch.testing.assert_close(model.vision_tower(pa, [a]),
+                                   torch.cat([model.vision_tower(p, [s]) for p, s in zip(parts, segments)]),
+                                   rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+
+
+@given(seed=seeds, B=st.integers(1, 3), S=st.integers(1, 15), data=st.data())
+def test_prop_splice(seed, B, S, data):
+    mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=B * S, max_size=B * S))).view(B, S)
+    ids = torch.where(mask, 7, 3)
+    embeds, feats = randn(seed, B, S, 4), randn(seed + 1, int(mask.sum()), 4)
+    out = m3.splice(embeds, ids, feats, 7, "image")
+    assert torch.equal(out[~mask], embeds[~mask]) and torch.equal(out[mask], feats)   # row-major order
+
+
+# ---- Checkpoint ------------------------------------------------------------------------------
+
+@given(cfg=tiny_configs(), seed=seeds, shard=st.sampled_from([None, "8KB", 30000]))
+@few(6)
+def test_prop_checkpoint_round_trip(cfg, seed, shard):
+    model = model_of(cfg, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        m3.save_pretrained(model, tmp, max_shard_size=shard)
+        loaded = m3.from_pretrained(tmp)
+    assert loaded.config == cfg
+    _assert_same_weights(model, loaded)
 
 
 # ============================================================================================
