@@ -673,8 +673,9 @@ def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, top
 
     block_scores [B, Hi, C, nb] from `index_block_scores`. Query i (slot q_start + i) lives in
     block c; its candidates are blocks 0..c. Blocks < init_blocks and blocks in
-    (c - local_blocks, c] are forced; init outranks local when both do not fit; the rest go by
-    score, ties to the lower block id. k = min(topk, c + 1).
+    (c - local_blocks, c] are forced; when they do not all fit, init blocks outrank local ones and
+    nearer local blocks outrank farther ones. The rest go by score, ties to the lower block id.
+    k = min(topk, c + 1).
     Returns int32 [B, Hi, C, topk]: the chosen ids sorted ascending, then -1 padding.
     """
     B, Hi, C, nb = block_scores.shape
@@ -683,11 +684,11 @@ def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, top
     n = torch.arange(nb, device=dev)[None, :]                                     # [1, nb]
     causal = n <= c
     init, local = causal & (n < init_blocks), causal & (n > c - local_blocks)
-    # forced blocks rank above every finite score: init at +inf, local just below it
-    fill = torch.full((C, nb), float("-inf"), device=dev)
-    fill[local] = torch.finfo(torch.float32).max
-    fill[init] = float("inf")
-    key = torch.where(init | local | ~causal, fill, block_scores)                 # [B, Hi, C, nb]
+    # forced blocks get fp64 keys far above any fp32 score, ordered init (lowest id first), then
+    # local (nearest first, so the query's own block is the last forced block to be dropped)
+    priority = torch.where(init, init_blocks + local_blocks - n, local_blocks - (c - n))     # >= 1 if forced
+    fill = torch.where(init | local, 2.0 ** 200 * priority.double(), float("-inf"))          # [C, nb]
+    key = torch.where(init | local | ~causal, fill, block_scores.double())                   # [B, Hi, C, nb]
     k = min(topk, nb)
     threshold = key.topk(k, dim=-1).values[..., -1:]                              # k-th largest
     chosen = key >= threshold
