@@ -1355,15 +1355,483 @@ def save_pretrained(model: MiniMaxM3, path: str | os.PathLike, max_shard_size: i
 
 
 # ============================================================================================
-# CLI: demo and benchmark
+# Golden tensors: generator and verifier
+# ============================================================================================
+# A case is a directory: config.json + model.safetensors (the upstream layout, loadable by any
+# implementation's usual loader), inputs.safetensors and outputs.safetensors (end results and
+# named intermediates, in forward order). golden/manifest.json lists each case's description,
+# dtype, per-tensor tolerances, tensor names and shapes, and the sha256 of every file.
+
+GOLDEN_FORMAT = 1
+FP32_COMPONENT_TOL = 1e-5     # one fp32 op chain: ~100 eps_fp32 (1.2e-7)
+FP32_MODEL_TOL = 1e-4         # a few tiny layers deep: rounding grows ~10x more
+BF16_TOL = 2 ** -5            # eps_bf16 = 2^-8 per rounding, several roundings compound
+FP32_TIE_TOL = 1e-3           # fp32 stacks that scale by d_idx^-0.5 or sum in another order stay far below
+BF16_TIE_TOL = 0.05           # bf16 / 16-bit quantised rankers flip choices whose scores differ by ~2^-8 |s|
+GOLDEN_MEDIA = dict(image_grids=((1, 2, 2), (1, 2, 4)), video_hw=(2, 2))   # 24 patches: pixels dominate the size
+
+
+def golden_config(**overrides) -> M3Config:
+    """The models behind the golden cases: the tiny preset made smaller so golden/ stays ~2 MB."""
+    return replace(M3Config.tiny(), vocab_size=128, hidden_size=32, head_dim=8, rotary_dim=4,
+                   sparse_index_dim=8, sparse_topk_blocks=3, dense_intermediate_size=48,
+                   intermediate_size=16, shared_intermediate_size=16, num_local_experts=6,
+                   image_token_index=120, video_token_index=121, projector_hidden_size=32, **overrides)
+
+
+class Tracer:
+    """Records named intermediates of one forward through forward hooks, in forward order.
+
+    Router and indexer internals are recomputed from the hooked module inputs with the same pure
+    functions the forward calls, so the model code carries no tracing. Names, in order:
+    `vision.{image,video}.{patches,projected,features}`, `embeddings`, then per layer
+    `layers.{i}.indexer.{block_scores,block_ids}`, `layers.{i}.router.{scores,ids,weights}`,
+    `layers.{i}.hidden`; `hidden` (after the final norm); per MTP depth `mtp.{d}.layer.indexer.*`,
+    `mtp.{d}.layer.router.*`, `mtp.{d}.hidden`.
+    """
+
+    def __init__(self, model: MiniMaxM3, media: list[str]):
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = []
+        text = model.language_model.model
+        self._pre(text, lambda a: self._put("embeddings", a[0]))
+        for i, layer in enumerate(text.layers):
+            self._layer(layer, f"layers.{i}.")
+            self._post(layer, lambda y, i=i: self._put(f"layers.{i}.hidden", y))
+        self._post(text, lambda y: self._put("hidden", y))
+        for d, depth in enumerate(text.mtp["layers"] if model.config.num_mtp_modules else []):
+            self._layer(depth.transformer_layer, f"mtp.{d}.layer.")
+            self._post(depth, lambda y, d=d: self._put(f"mtp.{d}.hidden", y))
+        if model.config.vision is not None:
+            # each of the three runs once per media kind, images first
+            for module, part in [(model.vision_tower, "patches"), (model.multi_modal_projector, "projected"),
+                                 (model.patch_merge_mlp, "features")]:
+                calls = iter(media)
+                self._post(module, lambda y, part=part, calls=calls: self._put(f"vision.{next(calls)}.{part}", y))
+
+    def _pre(self, module: nn.Module, fn):
+        self.handles.append(module.register_forward_pre_hook(lambda m, args: fn(args)))
+
+    def _post(self, module: nn.Module, fn):
+        self.handles.append(module.register_forward_hook(lambda m, args, y: fn(y)))
+
+    def _put(self, name: str, t: torch.Tensor):
+        self.out[name] = t.detach().clone()
+
+    def _layer(self, layer: DecoderLayer, prefix: str):
+        attn = layer.self_attn
+        if attn.sparse:
+            self._pre(attn, lambda a: self.out.update(indexer_outputs(attn, *a, prefix + "indexer.")))
+        if hasattr(layer, "block_sparse_moe"):
+            moe = layer.block_sparse_moe
+            self._pre(moe, lambda a: self.out.update(router_outputs(moe, a[0], prefix + "router.")))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def router_outputs(moe: MoE, x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    """scores: biased fp32 router scores [T, E] (what the choice ranks); ids: chosen experts sorted
+    ascending [T, K]; weights: their routing weights in that order [T, K] fp32."""
+    x_TD = x.reshape(-1, x.shape[-1])
+    p = torch.sigmoid(F.linear(x_TD.float(), moe.gate.weight.float()))
+    w, ids = route(x_TD, moe.gate.weight, moe.e_score_correction_bias, moe.top_k, moe.scaling)
+    order = ids.argsort(-1)
+    return {prefix + "scores": p + moe.e_score_correction_bias.float(), prefix + "ids": ids.gather(-1, order),
+            prefix + "weights": w.gather(-1, order)}
+
+
+def indexer_outputs(attn: Attention, x, cos, sin, prefix: str) -> dict[str, torch.Tensor]:
+    """block_scores: unscaled fp32 block scores before forcing [B, Hi, S, nb] (-inf: no causal key);
+    block_ids: the selection [B, Hi, S, topk] int32, ascending, -1 padded."""
+    iq, ik = attn.index_qk(x, cos, sin)
+    scores = index_block_scores(iq, ik, 0, attn.block_size)
+    ids = select_blocks(scores, 0, attn.block_size, attn.topk, attn.init_blocks, attn.local_blocks)
+    return {prefix + "block_scores": scores, prefix + "block_ids": ids}
+
+
+# ---- cases ----------------------------------------------------------------------------------
+
+def _model_inputs(cfg: M3Config, seed: int, batch: int, length: int, media: bool) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if media:
+        inputs = demo_inputs(cfg, seed, **GOLDEN_MEDIA)
+        inputs["labels"][0, ::7] = -100
+        return inputs
+    ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=g)
+    return dict(input_ids=ids, labels=ids.masked_fill(torch.rand(batch, length, generator=g) < 0.15, -100))
+
+
+def run_model_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
+    """Load the case's checkpoint and run the forward with a Tracer: every named output, in order."""
+    model = from_pretrained(path, dtype=dtype)
+    media = [m for m, key in (("image", "pixel_values"), ("video", "pixel_values_videos")) if key in inputs]
+    tracer = Tracer(model, media)
+    with torch.no_grad():
+        out = model(**{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()})
+    tracer.close()
+    result = {}
+    for name, t in tracer.out.items():          # the head runs on `hidden` before the MTP depths
+        result[name] = t
+        if name == "hidden":
+            result["logits"] = out.logits
+    result.update({f"mtp.{d}.logits": lg for d, lg in enumerate(out.mtp_logits)})
+    result.update({name: getattr(out, name) for name in ("lm_loss", "mtp_loss", "loss")
+                   if getattr(out, name) is not None})
+    return result
+
+
+def run_component_case(path: Path, name: str, inputs: dict) -> dict[str, torch.Tensor]:
+    """Component cases: the component's weights come from the case checkpoint (full upstream keys)."""
+    from safetensors.torch import load_file
+    cfg = M3Config.from_json(path / "config.json")
+    weights = load_file(path / SINGLE_FILE) if (path / SINGLE_FILE).exists() else {}
+
+    def module(m: nn.Module, prefix: str) -> nn.Module:
+        m.load_state_dict({k.removeprefix(prefix): t for k, t in weights.items() if k.startswith(prefix)})
+        return m.eval()
+    L1 = "language_model.model.layers.1."
+    with torch.no_grad():
+        if name == "rms_norm":
+            return {"y": rms_norm(inputs["x"], weights["language_model.model.layers.0.input_layernorm.weight"], cfg.rms_norm_eps)}
+        if name == "swiglu_oai":
+            return {"out": swiglu_oai(inputs["gate"], inputs["up"], cfg.swiglu_alpha, cfg.swiglu_limit)}
+        if name == "rope":
+            cos, sin = rope_angles(inputs["position_ids"], cfg.rotary_dim, cfg.rope_theta)
+            q = norm_rope(inputs["q"], weights["language_model.model.layers.0.self_attn.q_norm.weight"], cos, sin, cfg.rms_norm_eps)
+            return {"cos": cos, "sin": sin, "q": q}
+        if name == "vision_rope":
+            segments = video_segments(inputs["grid_thw"].tolist(), cfg.vision.vision_segment_max_frames)
+            positions = vision_positions(segments, cfg.vision.spatial_merge_size)
+            cos, sin = vision_rope_angles(positions, cfg.vision.head_dim, cfg.vision.rope_theta)
+            return {"positions": positions, "cos": cos, "sin": sin, "q": rope(inputs["q"], cos, sin)}
+        if name == "moe":
+            moe = module(MoE(cfg), L1 + "block_sparse_moe.")
+            return {**router_outputs(moe, inputs["x"], "router."), "out": moe(inputs["x"])}
+        if name in ("attention", "sparse_attention"):
+            layer = 0 if name == "attention" else 1
+            attn = module(Attention(cfg, sparse=cfg.is_sparse(layer)), f"language_model.model.layers.{layer}.self_attn.")
+            cos, sin = rope_angles(inputs["position_ids"], cfg.rotary_dim, cfg.rope_theta)
+            extra = indexer_outputs(attn, inputs["x"], cos, sin, "indexer.") if attn.sparse else {}
+            return {**extra, "out": attn(inputs["x"], cos, sin)}
+        if name == "vision":
+            model = MiniMaxM3(cfg)
+            model.load_state_dict({**model.state_dict(), **weights})
+            tracer = Tracer(model.eval(), ["image", "video"])
+            model.vision_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            model.vision_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+            tracer.close()
+            return tracer.out
+    raise ValueError(f"unknown component case {name!r}")
+
+
+def _component_inputs(name: str, cfg: M3Config, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale
+    S = 37                                                   # not a multiple of the block size (8)
+    positions = torch.arange(S).expand(2, S)
+    if name == "rms_norm":
+        return {"x": r(2, 13, cfg.hidden_size, scale=3.0)}
+    if name == "swiglu_oai":                                 # inside, beyond +-limit, and huge
+        return {"gate": torch.cat([r(64, scale=4.0), torch.tensor([-1e30, -8.0, 7.0, 8.0, 1e30])]),
+                "up": torch.cat([r(64, scale=4.0), torch.tensor([1e30, 8.0, -7.0, -8.0, -1e30])])}
+    if name == "rope":
+        return {"position_ids": positions * 11, "q": r(2, S, cfg.num_attention_heads, cfg.head_dim)}
+    if name == "vision_rope":
+        grid = torch.tensor([[1, 2, 4], [cfg.vision.vision_segment_max_frames + 1, 2, 2]])
+        return {"grid_thw": grid, "q": r(int(grid.prod(-1).sum()), cfg.vision.num_attention_heads, cfg.vision.head_dim)}
+    if name == "moe":
+        return {"x": r(1, 13, cfg.hidden_size)}
+    if name in ("attention", "sparse_attention"):
+        return {"x": r(2, S, cfg.hidden_size), "position_ids": positions}
+    if name == "vision":
+        inputs = demo_inputs(cfg, seed, **GOLDEN_MEDIA)
+        return {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
+    raise ValueError(name)
+
+
+COMPONENTS = {
+    "rms_norm": "Gemma RMSNorm of layer 0's input_layernorm on [2, 13, D] inputs of scale 3",
+    "swiglu_oai": "SwiGLU-OAI on values inside, at and beyond +-limit, and +-1e30 (gate and up clamps)",
+    "rope": "per-head q norm + partial NeoX RoPE (rotary_dim 4 of head_dim 8) at positions 0, 11, ..., 396",
+    "vision_rope": "3D RoPE positions in merge-window order for an image and a video of max_frames + 1 groups",
+    "moe": "router (biased scores, ids, weights) and MoE output of layer 1, 13 tokens",
+    "attention": "dense causal GQA attention of layer 0 (4 query / 2 KV heads), S = 37",
+    "sparse_attention": "indexer block scores/ids and block-sparse attention of layer 1, S = 37 (not a multiple "
+                        "of the block size 8; early queries have fewer blocks than top-3)",
+    "vision": "vision tower, projector and merger: images of grids (1, 2, 2) and (1, 2, 4) and a video of "
+              "3 temporal groups cut into segments of 2",
+}
+
+
+def golden_cases() -> list[dict]:
+    """Every case: name, description, dtype, the model config, how to make inputs and run it."""
+    base = golden_config()
+    text = replace(base, vision=None)
+    cases = [dict(name=f"component-{n}", description=d, kind="component", component=n, config=base,
+                  dtype="float32", seed=i) for i, (n, d) in enumerate(COMPONENTS.items())]
+    cases += [
+        dict(name="text", kind="model", config=text, dtype="float32", seed=100, batch=2, length=29, media=False,
+             description="text-only model, batch of 2, 29 tokens, MTP depth 1, labels with -100"),
+        dict(name="vision-language", kind="model", config=base, dtype="float32", seed=101, media=True,
+             description="two images of different grids and a video of 3 temporal groups (segments of 2)"),
+        dict(name="sparse-edge-b4", kind="model", seed=102, batch=1, length=203, media=False, dtype="float32",
+             config=replace(text, sparse_block_size=4, sparse_topk_blocks=5, sparse_init_block=2, sparse_local_block=2),
+             description="block 4, top-5 with 2 init + 2 local blocks, 203 tokens: most of 51 blocks dropped"),
+        dict(name="sparse-edge-b7", kind="model", seed=103, batch=1, length=150, media=False, dtype="float32",
+             config=replace(text, sparse_block_size=7, sparse_topk_blocks=4, sparse_init_block=2, sparse_local_block=2,
+                            num_mtp_modules=0),
+             description="block 7, top-4 with 2 init + 2 local blocks (more forced than fit late), 150 tokens"),
+        dict(name="mtp-depth-2", kind="model", config=replace(text, num_mtp_modules=2), dtype="float32", seed=104,
+             batch=2, length=23, media=False, description="two MTP depths, pinning the recursion h_1 -> h_2"),
+        dict(name="bf16", kind="model", config=base, dtype="bfloat16", seed=101, media=True,
+             description="the vision-language case with bf16 weights and activations"),
+    ]
+    return cases
+
+
+def _tolerance(case: dict, name: str, t: torch.Tensor) -> dict:
+    if name.endswith(".ids") or name.endswith("block_ids"):
+        return {"compare": "set"}
+    if not t.is_floating_point():
+        return {"compare": "exact"}
+    if case["dtype"] == "bfloat16":
+        tol = BF16_TOL
+    else:
+        tol = FP32_COMPONENT_TOL if case["kind"] == "component" else FP32_MODEL_TOL
+    return {"compare": "close", "atol": tol, "rtol": tol}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_case(case: dict, path: Path) -> dict:
+    """Write one case directory and return its manifest entry."""
+    from safetensors.torch import save_file
+    path.mkdir(parents=True)
+    dtype = getattr(torch, case["dtype"])
+    cfg = case["config"]
+    model = init_random_(MiniMaxM3(cfg), case["seed"]).to(dtype)
+    if case["kind"] == "component":
+        inputs = _component_inputs(case["component"], cfg, case["seed"])
+        m3_keys = _component_weight_keys(case["component"], model)
+        (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if m3_keys:
+            save_file({k: t.contiguous() for k, t in model.state_dict().items() if k in m3_keys}, path / SINGLE_FILE)
+        outputs = run_component_case(path, case["component"], inputs)
+    else:
+        inputs = _model_inputs(cfg, case["seed"], case.get("batch", 1), case.get("length", 0), case["media"])
+        save_pretrained(model, path)
+        outputs = run_model_case(path, dtype, inputs)
+    save_file({k: v.contiguous() for k, v in inputs.items()}, path / "inputs.safetensors")
+    save_file({k: v.contiguous().clone() for k, v in outputs.items()}, path / "outputs.safetensors")
+    tie_tol = BF16_TIE_TOL if case["dtype"] == "bfloat16" else FP32_TIE_TOL
+    return {"name": case["name"], "description": case["description"], "kind": case["kind"],
+            "dtype": case["dtype"], "seed": case["seed"], "tie_tol": tie_tol, "config": cfg.to_dict(),
+            "inputs": {k: list(v.shape) for k, v in inputs.items()},
+            "outputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
+                         **_tolerance(case, k, v)} for k, v in outputs.items()],
+            "files": {f.name: _sha256(f) for f in sorted(path.iterdir())}}
+
+
+def _component_weight_keys(name: str, model: MiniMaxM3) -> set[str]:
+    keys = model.state_dict().keys()
+    prefix = {"rms_norm": ("language_model.model.layers.0.input_layernorm.",),
+              "rope": ("language_model.model.layers.0.self_attn.q_norm.",),
+              "moe": ("language_model.model.layers.1.block_sparse_moe.",),
+              "attention": ("language_model.model.layers.0.self_attn.",),
+              "sparse_attention": ("language_model.model.layers.1.self_attn.",),
+              "vision": ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")}.get(name, ())
+    return {k for k in keys if k.startswith(prefix)} if prefix else set()
+
+
+def generate_golden(out: str | os.PathLike) -> None:
+    """Regenerate every case into a temporary sibling directory; swap it in only if all succeeded."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    try:
+        entries = []
+        for case in golden_cases():
+            entries.append(make_case(case, tmp / case["name"]))
+            print(f"  {case['name']:<28} {len(entries[-1]['outputs']):>3} tensors")
+        manifest = {"format": GOLDEN_FORMAT, "generator": "m3_reference.py golden",
+                    "torch": torch.__version__, "cases": entries}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    except BaseException:
+        import shutil
+        shutil.rmtree(tmp)
+        raise
+    import shutil
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# ---- verifier -------------------------------------------------------------------------------
+
+def load_manifest(root: Path) -> dict:
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+        if manifest.get("format") != GOLDEN_FORMAT or not isinstance(manifest.get("cases"), list):
+            raise ValueError(f"format must be {GOLDEN_FORMAT} with a list of cases")
+        return manifest
+    except (OSError, json.JSONDecodeError, ValueError, AttributeError) as e:
+        raise ValueError(f"cannot read {root / 'manifest.json'}: {e}") from e
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except Exception as e:                      # safetensors raises its own error types
+        raise ValueError(f"cannot read {path}: {e} (truncated or not a safetensors file?)") from e
+
+
+def check_case_files(root: Path, entry: dict) -> Path:
+    """The case directory, after checking every file against the manifest's sha256."""
+    path = root / entry["name"]
+    for name, digest in entry["files"].items():
+        file = path / name
+        if not file.exists():
+            raise ValueError(f"{file}: listed in the manifest but missing")
+        if _sha256(file) != digest:
+            raise ValueError(f"{file}: sha256 does not match golden/manifest.json; the file was changed or "
+                             f"corrupted (regenerate with `python m3_reference.py golden --out {root}`)")
+    return path
+
+
+def _selection_diff(name: str, ref: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor, entry: dict):
+    """Compare choices as sets per row. Returns (rows that differ, rows that diverge, largest score gap
+    of the near ties). A differing row is a near tie when the blocks/experts swapped in score, by
+    the reference scores, less than tie_tol below the ones swapped out and none swapped out was forced."""
+    cfg = entry["config"].get("text_config", entry["config"])
+    sparse = cfg["sparse_attention_config"]
+    is_blocks = name.endswith("block_ids")
+    S = ref.shape[-2] if is_blocks else None
+    ref_rows, their_rows, score_rows = ref.reshape(-1, ref.shape[-1]), theirs.reshape(-1, theirs.shape[-1]), \
+        scores.reshape(-1, scores.shape[-1])
+    differ = diverge = 0
+    worst_gap = 0.0
+    for r in range(ref_rows.shape[0]):
+        a = set(ref_rows[r].tolist()) - {-1}
+        b = set(their_rows[r].tolist()) - {-1}
+        if a == b:
+            continue
+        differ += 1
+        out_, in_ = a - b, b - a
+        s = score_rows[r]
+        valid = len(a) == len(b) and all(0 <= n < s.numel() and torch.isfinite(s[n]) for n in in_)
+        if valid and is_blocks:
+            c = (r % S) // sparse["sparse_block_size"]
+            forced = set(range(min(sparse["sparse_init_block"], c + 1))) | \
+                set(range(max(c - sparse["sparse_local_block"] + 1, 0), c + 1))
+            valid = not (out_ & forced) and all(n <= c for n in in_)
+        gap = float(min(s[n] for n in out_) - max(s[n] for n in in_)) if valid and out_ else float("inf")
+        if gap < entry["tie_tol"]:
+            worst_gap = max(worst_gap, gap)
+        else:
+            diverge += 1
+    return differ, diverge, worst_gap
+
+
+def compare_outputs(entry: dict, reference: dict, theirs: dict) -> list[dict]:
+    """One row per reference tensor in forward order: shape, max abs / rel error, tolerance, status
+    (pass, FAIL, near tie, missing), and whether an earlier tensor was a near tie."""
+    rows, after_tie = [], False
+    for spec in entry["outputs"]:
+        name = spec["name"]
+        ref = reference[name]
+        row = {"name": name, "shape": list(ref.shape), "abs": None, "rel": None, "tol": "", "after_tie": after_tie}
+        rows.append(row)
+        if name not in theirs:
+            row["status"] = "missing"
+            continue
+        got = theirs[name]
+        if list(got.shape) != list(ref.shape):
+            row.update(status="FAIL", tol=f"shape {list(got.shape)}")
+            continue
+        if spec["compare"] == "set":
+            scores = reference[name.removesuffix("ids") + "scores"]        # block_scores / router scores
+            differ, diverge, gap = _selection_diff(name, ref, got, scores, entry)
+            row.update(tol=f"sets, tie<{entry['tie_tol']:g}", abs=differ,
+                       status="FAIL" if diverge else ("near tie" if differ else "pass"))
+            after_tie = after_tie or (differ > 0 and not diverge)
+            continue
+        if spec["compare"] == "exact":
+            row.update(tol="exact", status="pass" if torch.equal(got.long(), ref.long()) else "FAIL")
+            continue
+        r64, g64 = ref.double(), got.double()
+        same = (r64 == g64) | (r64.isnan() & g64.isnan())          # equal infinities count as equal
+        diff = torch.where(same, torch.zeros_like(r64), (g64 - r64).abs())
+        diff = torch.nan_to_num(diff, nan=float("inf"))
+        ok = bool((diff <= spec["atol"] + spec["rtol"] * r64.abs().nan_to_num(posinf=0, neginf=0)).all())
+        rel = diff / r64.abs().clamp_min(1e-30)
+        row.update(abs=float(diff.max()) if diff.numel() else 0.0, rel=float(rel.max()) if rel.numel() else 0.0,
+                   tol=f"{spec['atol']:g}+{spec['rtol']:g}|x|", status="pass" if ok else "FAIL")
+    return rows
+
+
+def print_rows(case: str, rows: list[dict]) -> bool:
+    """The comparison table; returns True when every compared tensor passed (near ties pass)."""
+    failed = [r for r in rows if r["status"] == "FAIL"]
+    missing = [r for r in rows if r["status"] == "missing"]
+    print(f"\n{case}: {len(rows) - len(missing)} tensors compared, {len(missing)} missing, {len(failed)} failed")
+    print(f"  {'tensor':<34}{'shape':<18}{'max abs':>10}{'max rel':>10}  {'tolerance':<22}status")
+    for r in rows:
+        num = lambda v: "" if v is None else (f"{v}" if isinstance(v, int) else f"{v:.2e}")
+        note = "  (after a near tie)" if r["after_tie"] and r["status"] != "missing" else ""
+        print(f"  {r['name']:<34}{str(r['shape']):<18}{num(r['abs']):>10}{num(r['rel']):>10}  {r['tol']:<22}"
+              f"{r['status']}{note}")
+    if failed:
+        print(f"  first divergence: {failed[0]['name']}")
+    return not failed
+
+
+def verify_golden(root: str | os.PathLike, case: str | None = None, outputs: str | None = None) -> bool:
+    """Re-run the reference on every case (or one) and compare with the committed outputs, or compare
+    a foreign implementation's outputs file against one case. True when everything compared passed."""
+    root = Path(root)
+    manifest = load_manifest(root)
+    entries = [e for e in manifest["cases"] if case is None or e["name"] == case]
+    if not entries:
+        raise ValueError(f"no case {case!r} in {root / 'manifest.json'}; cases: "
+                         f"{[e['name'] for e in manifest['cases']]}")
+    if outputs is not None and case is None:
+        raise ValueError("--outputs compares one case: name it with --case")
+    ok = True
+    for entry in entries:
+        path = check_case_files(root, entry)
+        reference = _load_tensors(path / "outputs.safetensors")
+        if outputs is not None:
+            theirs = _load_tensors(Path(outputs))
+        else:
+            inputs = _load_tensors(path / "inputs.safetensors")
+            theirs = (run_component_case(path, entry["name"].removeprefix("component-"), inputs)
+                      if entry["kind"] == "component" else run_model_case(path, getattr(torch, entry["dtype"]), inputs))
+        ok = print_rows(entry["name"], compare_outputs(entry, reference, theirs)) and ok
+    return ok
+
+
+# ============================================================================================
+# CLI: demo, benchmark, golden generation and verification
 # ============================================================================================
 
-def demo_inputs(cfg: M3Config, seed: int = 0) -> dict:
-    """Text, two images of different grids and a video longer than one segment, batch of 1."""
+def demo_inputs(cfg: M3Config, seed: int = 0, image_grids=((1, 4, 4), (1, 6, 8)), video_hw=(4, 4)) -> dict:
+    """Text, two images of different grids and a video one temporal group longer than a segment,
+    batch of 1, labels = the input ids."""
     g = torch.Generator().manual_seed(seed)
     v = cfg.vision
-    image_grid = torch.tensor([[1, 4, 4], [1, 6, 8]])
-    video_grid = torch.tensor([[v.vision_segment_max_frames + 1, 4, 4]])
+    image_grid = torch.tensor(image_grids)
+    video_grid = torch.tensor([[v.vision_segment_max_frames + 1, *video_hw]])
     merge = v.spatial_merge_size ** 2
 
     def text(n):
@@ -1491,8 +1959,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_parser("demo", help="forward of the tiny preset on text, two images and a video (default)")
     b = sub.add_parser("bench", help="long-sequence sparse attention benchmark")
     b.add_argument("--one", nargs=3, metavar=("IMPL", "S", "CKPT"), help=argparse.SUPPRESS)
+    g = sub.add_parser("golden", help="regenerate every golden case from fixed seeds")
+    g.add_argument("--out", default="golden", help="golden directory (replaced only when all cases succeed)")
+    v = sub.add_parser("verify", help="compare the reference, or a foreign implementation, with the golden cases")
+    v.add_argument("root", help="golden directory")
+    v.add_argument("--case", help="verify only this case")
+    v.add_argument("--outputs", help="a foreign implementation's outputs (.safetensors) for --case, same names")
     args = parser.parse_args(argv)
-    if args.command == "bench" and args.one:
+    if args.command == "golden":
+        print(f"generating golden cases into {args.out}")
+        generate_golden(args.out)
+    elif args.command == "verify":
+        try:
+            ok = verify_golden(args.root, args.case, args.outputs)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        print("\nall compared tensors pass" if ok else "\nsome tensors diverge")
+        sys.exit(0 if ok else 1)
+    elif args.command == "bench" and args.one:
         impl, S, ckpt = args.one
         print(json.dumps(_bench_one(impl, int(S), ckpt)))
     elif args.command == "bench":

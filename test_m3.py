@@ -625,6 +625,15 @@ def test_prop_text_rope(seed, rotary, extra, S):
     y = m3.rope(x, cos, sin)
     assert torch.equal(y[..., rotary:], x[..., rotary:])               # pass-through untouched
     torch.testing.assert_close(y[..., :rotary].norm(dim=-1), x[..., :rotary].norm(dim=-1))
+    # NeoX pairing: unit vector e_i (i < R/2) turns by pos * theta^(-2i/R) into the plane (i, i + R/2)
+    # (catches: interleaved pairs (2i, 2i+1), a head_dim denominator)
+    half = rotary // 2
+    e = torch.eye(Dh)[:half].expand(1, S, half, Dh)
+    ye = m3.rope(e, cos, sin)
+    angle = pos[0, :, None].double() * 10000.0 ** (-2 * torch.arange(half, dtype=torch.float64) / rotary)
+    idx = torch.arange(half)
+    torch.testing.assert_close(ye[0, :, idx, idx].double(), angle.cos(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ye[0, :, idx, idx + half].double(), angle.sin(), rtol=1e-4, atol=1e-4)
     # the same q and k at every position: q.k depends only on the offset (catches: interleaved pairs
     # rotated with NeoX angles, or a per-position frequency)
     q, k = randn(seed + 1, Dh).expand(1, S, 1, Dh), randn(seed + 2, Dh).expand(1, S, 1, Dh)
@@ -642,6 +651,15 @@ def test_prop_vision_rope(seed, head_dim, t, hw):
     y = m3.rope(x, cos, sin)
     assert torch.equal(y[..., R:], x[..., R:])
     torch.testing.assert_close(y[..., :R].norm(dim=-1), x[..., :R].norm(dim=-1))
+    # pair (i, i + R/2) turns by pos[axis] * theta^(-2j/d_axis), axis = i // (d_axis/2), j = i % (d_axis/2)
+    d_axis, half = R // 3, R // 2
+    j = torch.arange(half) % (d_axis // 2)
+    axis = torch.arange(half) // (d_axis // 2)
+    angle = pos[:, axis].double() * 10000.0 ** (-2 * j.double() / d_axis)
+    ye = m3.rope(torch.eye(head_dim)[:half].expand(len(pos), half, head_dim), cos, sin)
+    idx = torch.arange(half)
+    torch.testing.assert_close(ye[:, idx, idx].double(), angle.cos(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ye[:, idx, idx + half].double(), angle.sin(), rtol=1e-4, atol=1e-4)
     q, k = randn(seed + 1, head_dim).expand(len(pos), 1, head_dim), randn(seed + 2, head_dim).expand(len(pos), 1, head_dim)
     for group in _dot_by_offset(m3.rope(q, cos, sin)[:, 0], m3.rope(k, cos, sin)[:, 0], pos):
         torch.testing.assert_close(group, group[:1].expand_as(group), rtol=1e-4, atol=1e-4)
@@ -667,13 +685,22 @@ def test_prop_causal_gqa_attention(seed, S, kv, group, data):
 # ---- Lightning indexer -----------------------------------------------------------------------
 
 @given(seed=seeds, S=st.integers(1, 41), bs=st.integers(1, 6), topk=st.integers(1, 9), init=st.integers(0, 3),
-       local=st.integers(0, 3), Hi=st.sampled_from([1, 2]), chunk=st.sampled_from([None, 1, 5]))
-@example(seed=0, S=40, bs=8, topk=2, init=1, local=1, Hi=1, chunk=None)       # exact multiple of the block
-def test_prop_indexer(seed, S, bs, topk, init, local, Hi, chunk):
-    iq, ik = randn(seed, 2, S, Hi, 8), randn(seed + 1, 2, S, 8)
+       local=st.integers(0, 3), Hi=st.sampled_from([1, 2]), chunk=st.sampled_from([None, 1, 5]), ties=st.booleans())
+@example(seed=0, S=40, bs=8, topk=2, init=1, local=1, Hi=1, chunk=None, ties=False)   # S a multiple of the block
+@example(seed=0, S=20, bs=2, topk=1, init=0, local=3, Hi=1, chunk=None, ties=False)   # local blocks overflow
+@example(seed=0, S=30, bs=3, topk=3, init=1, local=1, Hi=2, chunk=7, ties=True)       # every score ties
+def test_prop_indexer(seed, S, bs, topk, init, local, Hi, chunk, ties):
+    iq, ik = randn(seed, 2, S, Hi, 8) * (0.0 if ties else 1.0), randn(seed + 1, 2, S, 8)
     ids = m3.lightning_indexer(iq, ik, bs, topk, init, local, query_chunk=chunk)
     assert ids.dtype == torch.int32 and ids.shape == (2, Hi, S, topk)
     scores = m3.index_block_scores(iq, ik, 0, bs)                   # [2, Hi, S, nb]
+    # block scores = max over the block's causal keys, masked before the pool (brute force)
+    dots = torch.einsum("bihd,bjd->bhij", iq, ik)
+    for n in range(-(-S // bs)):
+        for i in range(S):
+            keys = range(n * bs, min(n * bs + bs, i + 1))
+            expected = dots[:, :, i, list(keys)].amax(-1) if len(keys) else torch.full((2, Hi), float("-inf"))
+            torch.testing.assert_close(scores[:, :, i, n], expected, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
     for b, h, i in [(b, h, i) for b in range(2) for h in range(Hi) for i in range(S)]:
         row, c = ids[b, h, i].tolist(), i // bs
         valid = [n for n in row if n >= 0]
@@ -762,6 +789,16 @@ def test_prop_model(cfg, seed, S, data):
         close(out2.logits[:, :p], out.logits[:, :p])
         for d, (a, b) in enumerate(zip(out.mtp_logits, out2.mtp_logits), start=1):
             close(a[:, :max(p - d, 0)], b[:, :max(p - d, 0)])
+            if p - d >= 0:                       # ... and does see token i + d (embedded at slot i)
+                assert (a[:, p - d] - b[:, p - d]).abs().max() > 1e-3
+        # the recursion: depth d takes depth d - 1's output and the ids shifted by d
+        text, head = model.language_model.model, model.language_model.lm_head
+        cos, sin = text.rope(torch.arange(S).expand(2, S))
+        h = text(text.embed_tokens(ids), cos, sin)
+        for d in range(cfg.num_mtp_modules):
+            shifted = torch.cat([ids[:, d + 1:], torch.zeros(2, min(d + 1, S), dtype=ids.dtype)], 1)
+            h = text.mtp["layers"][d](h, text.embed_tokens(shifted), cos, sin)
+            close(head(h), out.mtp_logits[d])
 
     def ce(logits, shift):
         terms = [-torch.log_softmax(logits[b, i].double(), -1)[labels[b, i + shift]]
@@ -805,8 +842,9 @@ def test_prop_vision_tower(seed, a, b, max_frames):
         assert both.shape == ((rows_a + rows_b) // 4, cfg.hidden_size)
         torch.testing.assert_close(both[:rows_a // 4], alone, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
         # a video equals its segments run separately (catches: t not restarting, cross-segment attention)
-        segments = m3.video_segments([a], max_frames)
-        parts = pa.split([t * h * w for t, h, w in segments])
+        t, h, w = a
+        segments = [(min(max_frames, t - s), h, w) for s in range(0, t, max_frames)]
+        parts = pa.split([n * h * w for n, _, _ in segments])
         torch.testing.assert_close(model.vision_tower(pa, [a]),
                                    torch.cat([model.vision_tower(p, [s]) for p, s in zip(parts, segments)]),
                                    rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
@@ -946,3 +984,150 @@ def test_mtp_parity_with_a_transformers_decoder_layer(tmp_path):
         expected = hf.lm_head(gemma_norm(x, mtp["final_layernorm.weight"]).float())
         got = ours(ids).mtp_logits[0]
     assert (got - expected).abs().max() <= FP32_LOGITS_TOL
+
+
+# ============================================================================================
+# Golden cases and the verifier
+# ============================================================================================
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def test_committed_golden_cases_verify(capsys):
+    assert m3.verify_golden(GOLDEN)
+    assert "0 failed" in capsys.readouterr().out
+
+
+def test_golden_generation_is_deterministic_and_matches_the_committed_cases(tmp_path):
+    m3.generate_golden(tmp_path / "a")
+    m3.generate_golden(tmp_path / "b")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    for f in files:                                            # same seeds, same machine: same bytes
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    # another CPU may round differently: the committed tensors are compared within tolerances
+    committed, fresh = m3.load_manifest(GOLDEN), m3.load_manifest(tmp_path / "a")
+    assert [e["name"] for e in committed["cases"]] == [e["name"] for e in fresh["cases"]]
+    for entry, new in zip(committed["cases"], fresh["cases"]):
+        assert [o["name"] for o in entry["outputs"]] == [o["name"] for o in new["outputs"]]
+        rows = m3.compare_outputs(entry, m3._load_tensors(GOLDEN / entry["name"] / "outputs.safetensors"),
+                                  m3._load_tensors(tmp_path / "a" / entry["name"] / "outputs.safetensors"))
+        assert all(r["status"] == "pass" for r in rows), entry["name"]
+
+
+def test_golden_is_small():
+    assert sum(p.stat().st_size for p in GOLDEN.rglob("*") if p.is_file()) <= 5 * 2 ** 20
+
+
+def _row(out: str, name: str) -> str:
+    """The verifier table line of one tensor."""
+    return next(line for line in out.splitlines() if line.split()[:1] == [name])
+
+
+def _foreign(tmp_path, case, edit):
+    from safetensors.torch import save_file
+    outputs = m3._load_tensors(GOLDEN / case / "outputs.safetensors")
+    edit(outputs)
+    save_file(outputs, tmp_path / "theirs.safetensors")
+    return str(tmp_path / "theirs.safetensors")
+
+
+def test_verifier_points_at_the_first_perturbed_tensor(tmp_path, capsys):
+    def perturb(o):
+        o["layers.1.hidden"] = o["layers.1.hidden"] + 1e-2
+        o["logits"] = o["logits"] + 1e-2
+        del o["mtp.0.logits"]
+    assert not m3.verify_golden(GOLDEN, "text", _foreign(tmp_path, "text", perturb))
+    out = capsys.readouterr().out
+    assert "first divergence: layers.1.hidden" in out and "1 missing, 2 failed" in out
+    assert _row(out, "mtp.0.logits").rstrip().endswith("missing")
+
+
+def _near_tie(case: str):
+    """(tie_tol, gap, (tensor, head, query, selected block, unselected block)): the swap of an unforced
+    selected block for an unselected candidate with the smallest reference score gap in the case."""
+    entry = next(e for e in m3.load_manifest(GOLDEN)["cases"] if e["name"] == case)
+    cfg = entry["config"].get("text_config", entry["config"])["sparse_attention_config"]
+    out = m3._load_tensors(GOLDEN / case / "outputs.safetensors")
+    bs, best = cfg["sparse_block_size"], (float("inf"), None)
+    for name in [n for n in out if n.endswith("block_ids")]:
+        ids, scores = out[name], out[name.removesuffix("ids") + "scores"]
+        for h in range(ids.shape[1]):
+            for i in range(ids.shape[2]):
+                c = i // bs
+                forced = set(range(min(cfg["sparse_init_block"], c + 1))) | \
+                    set(range(max(c - cfg["sparse_local_block"] + 1, 0), c + 1))
+                chosen = set(ids[0, h, i].tolist()) - {-1}
+                for a in chosen - forced:
+                    for b in set(range(c + 1)) - chosen:
+                        gap = float(scores[0, h, i, a] - scores[0, h, i, b])
+                        if gap < best[0]:
+                            best = (gap, (name, h, i, a, b))
+    return entry["tie_tol"], *best
+
+
+def _swap(o, name, h, i, a, b):
+    ids = o[name]
+    row = sorted([n for n in ids[0, h, i].tolist() if n >= 0 and n != a] + [b])
+    ids[0, h, i, :len(row)] = torch.tensor(row, dtype=torch.int32)
+
+
+def test_verifier_reports_a_swapped_near_tie_block_as_a_near_tie(tmp_path, capsys):
+    case = "bf16"                  # bf16 rankers flip choices within its tie_tol; the fp32 cases hold none
+    tie_tol, gap, (name, h, i, a, b) = _near_tie(case)
+    print(f"closest swap in {case}: {name} head {h} query {i} blocks {a}->{b}, score gap {gap:.2e}")
+    if gap >= tie_tol:
+        pytest.fail(f"{case} holds no near tie under tie_tol {tie_tol} (closest gap {gap:.2e})")
+    assert m3.verify_golden(GOLDEN, case, _foreign(tmp_path, case, lambda o: _swap(o, name, h, i, a, b)))
+    out = capsys.readouterr().out
+    assert "near tie" in _row(out, name)
+    assert "(after a near tie)" in _row(out, "logits") and "(after a near tie)" not in _row(out, "embeddings")
+
+
+def test_verifier_fails_a_swap_far_from_a_tie(tmp_path, capsys):
+    out = m3._load_tensors(GOLDEN / "sparse-edge-b4" / "outputs.safetensors")
+    ids, scores = out["layers.1.indexer.block_ids"], out["layers.1.indexer.block_scores"]
+    i = ids.shape[2] - 1
+    chosen = [n for n in ids[0, 0, i].tolist() if n >= 0]
+    best = max(chosen[2:-2], key=lambda n: float(scores[0, 0, i, n]))        # an unforced pick
+    worst = min(set(range(i // 4 + 1)) - set(chosen), key=lambda n: float(scores[0, 0, i, n]))
+    assert float(scores[0, 0, i, best] - scores[0, 0, i, worst]) > 0.05
+    assert not m3.verify_golden(GOLDEN, "sparse-edge-b4", _foreign(
+        tmp_path, "sparse-edge-b4", lambda o: _swap(o, "layers.1.indexer.block_ids", 0, i, best, worst)))
+    assert "first divergence: layers.1.indexer.block_ids" in capsys.readouterr().out
+
+
+def test_verifier_rejects_tampered_and_truncated_files(tmp_path):
+    import shutil
+    root = tmp_path / "golden"
+    shutil.copytree(GOLDEN, root)
+    f = root / "text" / "outputs.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256 does not match"):
+        m3.verify_golden(root, "text")
+    theirs = tmp_path / "theirs.safetensors"
+    theirs.write_bytes((GOLDEN / "text" / "outputs.safetensors").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cannot read"):
+        m3.verify_golden(GOLDEN, "text", str(theirs))
+    with pytest.raises(ValueError, match="no case 'nope'"):
+        m3.verify_golden(GOLDEN, "nope")
+
+
+def test_failed_generation_leaves_the_old_golden(tmp_path, monkeypatch):
+    import shutil
+    root = tmp_path / "golden"
+    shutil.copytree(GOLDEN, root)
+    before = (root / "manifest.json").read_bytes()
+    real = m3.make_case
+
+    def fail_late(case, path):
+        if case["name"] == "bf16":
+            raise RuntimeError("boom")
+        return real(case, path)
+    monkeypatch.setattr(m3, "make_case", fail_late)
+    with pytest.raises(RuntimeError):
+        m3.generate_golden(root)
+    assert (root / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["golden"]
