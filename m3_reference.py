@@ -1558,8 +1558,8 @@ COMPONENTS = {
     "vision_rope": "3D RoPE positions in merge-window order for an image and a video of max_frames + 1 groups",
     "moe": "router (biased scores, ids, weights) and MoE output of layer 1, 13 tokens",
     "attention": "dense causal GQA attention of layer 0 (4 query / 2 KV heads), S = 37",
-    "sparse_attention": "indexer block scores/ids and block-sparse attention of layer 1, S = 37 (not a multiple "
-                        "of the block size 8; early queries have fewer blocks than top-3)",
+    "sparse_attention": "indexer block scores/ids and block-sparse attention of layer 1, S = 37: not a multiple "
+                        "of the block size 8, top-6 above its 5 blocks so every causal block is kept",
     "vision": "vision tower, projector and merger: images of grids (1, 2, 2) and (1, 2, 4) and a video of "
               "3 temporal groups cut into segments of 2",
 }
@@ -1569,8 +1569,10 @@ def golden_cases() -> list[dict]:
     """Every case: name, description, dtype, the model config, how to make inputs and run it."""
     base = golden_config()
     text = replace(base, vision=None)
-    cases = [dict(name=f"component-{n}", description=d, kind="component", component=n, config=base,
-                  dtype="float32", seed=i) for i, (n, d) in enumerate(COMPONENTS.items())]
+    # the sparse component runs top-6 over 5 blocks; the model cases keep top-k below the block count
+    cases = [dict(name=f"component-{n}", description=d, kind="component", component=n, dtype="float32", seed=i,
+                  config=replace(base, sparse_topk_blocks=6) if n == "sparse_attention" else base)
+             for i, (n, d) in enumerate(COMPONENTS.items())]
     cases += [
         dict(name="text", kind="model", config=text, dtype="float32", seed=100, batch=2, length=29, media=False,
              description="text-only model, batch of 2, 29 tokens, MTP depth 1, labels with -100"),
