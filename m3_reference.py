@@ -1692,6 +1692,8 @@ def load_manifest(root: Path) -> dict:
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+    if not path.is_file():
+        raise ValueError(f"cannot read {path}: no such file")
     try:
         return load_file(path)
     except Exception as e:                      # safetensors raises its own error types
