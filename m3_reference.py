@@ -21,8 +21,9 @@ Decisions where they disagree are fixed in SPEC.md and noted where they apply.
 
     pip install -r requirements.txt
     pytest -q
-    python m3_reference.py            # demo forward of the tiny preset
-    python m3_reference.py bench      # long-sequence sparse attention benchmark
+    python m3_reference.py                      # demo forward of the tiny preset
+    python m3_reference.py bench                # long-sequence sparse attention benchmark
+    python m3_reference.py verify golden/       # check the reference (or --outputs of another) on golden/
 
 Shape letters: B batch, S sequence, D model width, H query heads, Hkv KV heads, Dh head dim,
 Hi index heads, Di index dim, E experts, K experts per token, I FFN width, N vision patches,
@@ -32,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
 import tempfile
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -918,11 +918,10 @@ def vision_positions(segments: Sequence[tuple[int, int, int]], merge: int) -> to
     then 2x2 merge windows in raster order, then the 4 patches of a window; t restarts per segment."""
     pos = []
     for t, h, w in segments:
-        rows = torch.arange(h)[:, None].expand(h, w)
-        cols = torch.arange(w)[None, :].expand(h, w)
-        # [h, w] -> [h/m, m, w/m, m] -> [h/m, w/m, m, m]: consecutive m*m patches = one window
-        window = lambda g: g.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
-        hw = torch.stack([window(rows), window(cols)], dim=-1).repeat(t, 1)        # [t*h*w, 2]
+        # raster index of each patch: [h, w] -> [h/m, m, w/m, m] -> [h/m, w/m, m, m], so that
+        # consecutive m*m patches form one window
+        raster = torch.arange(h * w).reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
+        hw = torch.stack([raster // w, raster % w], dim=-1).repeat(t, 1)            # [t*h*w, 2]
         pos.append(torch.cat([torch.arange(t).repeat_interleave(h * w)[:, None], hw], dim=-1))
     return torch.cat(pos)
 
