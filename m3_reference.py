@@ -740,7 +740,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     bi = torch.arange(B, device=q.device)[:, None, None, None]
     hi = torch.arange(Hkv, device=q.device)[None, :, None, None]
     offs = torch.arange(block_size, device=q.device)
-    C = query_chunk or max(1, (1 << 22) // (H * topk * block_size))
+    # bound the gathered keys [Hkv, C, topk*bs, Dh] and the scores [H, C, topk*bs] to ~2^24 elements
+    C = query_chunk or max(1, (1 << 24) // (max(H, Hkv * Dh) * topk * block_size))
     out = torch.empty_like(q)
     for s0 in range(0, S, C):
         ids = block_ids[:, :, s0:s0 + C].long()                                   # [B, Hkv, C, topk]
