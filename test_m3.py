@@ -1137,3 +1137,15 @@ def test_failed_generation_leaves_the_old_golden(tmp_path, monkeypatch):
         m3.generate_golden(root)
     assert (root / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["golden"]
+
+
+def test_verify_cli_exit_status(tmp_path):
+    import subprocess
+    import sys
+    cli = [sys.executable, str(Path(m3.__file__)), "verify", str(GOLDEN), "--case", "component-moe"]
+    assert subprocess.run(cli, capture_output=True).returncode == 0
+    theirs = _foreign(tmp_path, "component-moe", lambda o: o.update(out=o["out"] * 1.01))
+    bad = subprocess.run(cli + ["--outputs", theirs], capture_output=True, text=True)
+    assert bad.returncode == 1 and "first divergence: out" in bad.stdout
+    broken = subprocess.run(cli + ["--outputs", str(tmp_path / "none.safetensors")], capture_output=True, text=True)
+    assert broken.returncode == 1 and "no such file" in broken.stderr
