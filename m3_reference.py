@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -1664,10 +1665,8 @@ def generate_golden(out: str | os.PathLike) -> None:
                     "torch": torch.__version__, "cases": entries}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     except BaseException:
-        import shutil
         shutil.rmtree(tmp)
         raise
-    import shutil
     old = out.parent / f".{out.name}.old"
     if old.exists():
         shutil.rmtree(old)
@@ -1713,6 +1712,12 @@ def check_case_files(root: Path, entry: dict) -> Path:
     return path
 
 
+def forced_blocks(c: int, init_blocks: int, local_blocks: int) -> set[int]:
+    """The blocks forced for a query in block c, before the top-k budget: init blocks and the last
+    local blocks ending at c."""
+    return set(range(min(init_blocks, c + 1))) | set(range(max(c - local_blocks + 1, 0), c + 1))
+
+
 def _selection_diff(name: str, ref: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor, entry: dict):
     """Compare choices as sets per row. Returns (rows that differ, rows that diverge, largest score gap
     of the near ties). A differing row is a near tie when the blocks/experts swapped in score, by
@@ -1736,8 +1741,7 @@ def _selection_diff(name: str, ref: torch.Tensor, theirs: torch.Tensor, scores: 
         valid = len(a) == len(b) and all(0 <= n < s.numel() and torch.isfinite(s[n]) for n in in_)
         if valid and is_blocks:
             c = (r % S) // sparse["sparse_block_size"]
-            forced = set(range(min(sparse["sparse_init_block"], c + 1))) | \
-                set(range(max(c - sparse["sparse_local_block"] + 1, 0), c + 1))
+            forced = forced_blocks(c, sparse["sparse_init_block"], sparse["sparse_local_block"])
             valid = not (out_ & forced) and all(n <= c for n in in_)
         gap = float(min(s[n] for n in out_) - max(s[n] for n in in_)) if valid and out_ else float("inf")
         if gap < entry["tie_tol"]:

@@ -12,6 +12,7 @@ margin while any real math difference (a wrong sign, clamp or mask) is O(0.1) or
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -1061,8 +1062,7 @@ def _near_tie(case: str):
         for h in range(ids.shape[1]):
             for i in range(ids.shape[2]):
                 c = i // bs
-                forced = set(range(min(cfg["sparse_init_block"], c + 1))) | \
-                    set(range(max(c - cfg["sparse_local_block"] + 1, 0), c + 1))
+                forced = m3.forced_blocks(c, cfg["sparse_init_block"], cfg["sparse_local_block"])
                 chosen = set(ids[0, h, i].tolist()) - {-1}
                 for a in chosen - forced:
                     for b in set(range(c + 1)) - chosen:
@@ -1104,7 +1104,6 @@ def test_verifier_fails_a_swap_far_from_a_tie(tmp_path, capsys):
 
 
 def test_verifier_rejects_tampered_and_truncated_files(tmp_path):
-    import shutil
     root = tmp_path / "golden"
     shutil.copytree(GOLDEN, root)
     f = root / "text" / "outputs.safetensors"
@@ -1122,7 +1121,6 @@ def test_verifier_rejects_tampered_and_truncated_files(tmp_path):
 
 
 def test_failed_generation_leaves_the_old_golden(tmp_path, monkeypatch):
-    import shutil
     root = tmp_path / "golden"
     shutil.copytree(GOLDEN, root)
     before = (root / "manifest.json").read_bytes()
