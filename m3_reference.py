@@ -1,15 +1,17 @@
 """MiniMax M3 reference: the whole vision-language MoE in one readable PyTorch file.
 
 MiniMax M3 (428B total, ~22B active) is a decoder-only MoE language model with a CLIP-style
-vision tower. This file defines every component in the order data flows through the model;
-the torch code here is the specification, and `kernels.py` (later) mirrors its hot functions.
+vision tower. This file defines the config, then every component in the order data flows
+through the model, then the full model and its losses, config.json and checkpoint I/O, the
+golden-tensor generator and the CLI. The torch code here is the specification.
 
 Notable features
   - Gemma RMSNorm everywhere in the text model: y = x * rsqrt(mean(x^2) + eps) * (1 + w), fp32.
   - SwiGLU-OAI in every FFN: gate clamped from above, up clamped both sides, g*sigmoid(1.702 g)*(u+1).
   - Sigmoid router with an aux-free correction bias that picks experts but never weights them,
     weights renormalised and scaled by 2.0; one unscaled, ungated shared expert.
-  - Per-head q/k Gemma norm, then partial NeoX RoPE on the first `rotary_dim` channels.
+  - Per-head q/k Gemma norm, then partial NeoX RoPE on the first `rotary_dim` channels; attention
+    scale head_dim^-0.5 (text and vision alike).
   - Lightning indexer + block-sparse attention: each KV group keeps its top-k key blocks.
   - Multi-token prediction (DeepSeek-V3 style): depth k fuses embed(ids shifted by k) with h_{k-1}.
   - Vision: Conv3d patches, 3D RoPE, per-item attention (videos cut into segments), a per-patch
@@ -17,17 +19,22 @@ Notable features
 
 Sources checked (facts only): transformers `models/minimax_m3_vl`, vLLM `models/minimax_m3`,
 NeMo Automodel `models/minimax_m3_vl`, SGLang `minimax_m3*.py`, MiniMax-AI/MSA test references.
-Decisions where they disagree are fixed in SPEC.md and noted where they apply.
+Where they disagree, README.md ("Decisions") lists what this file does; each decision is also
+noted where it applies.
 
     pip install -r requirements.txt
     pytest -q
     python m3_reference.py                      # demo forward of the tiny preset
     python m3_reference.py bench                # long-sequence sparse attention benchmark
-    python m3_reference.py verify golden/       # check the reference (or --outputs of another) on golden/
+    python m3_reference.py golden --out golden  # regenerate the golden cases (fixed seeds)
+    python m3_reference.py verify golden/       # re-run the reference on every golden case
+    python golden/verify.py --case text --outputs theirs.safetensors   # another stack, numpy only
 
-Shape letters: B batch, S sequence, D model width, H query heads, Hkv KV heads, Dh head dim,
-Hi index heads, Di index dim, E experts, K experts per token, I FFN width, N vision patches,
-nb key blocks, C query chunk.
+Shape letters (one meaning each): B batch; S query positions; Sk key positions; Sc a chunk of
+query positions; T tokens B*S, flattened; D model width; V vocabulary; H query heads; Hkv KV
+heads; Dh head dim; R rotary channels (rotary_dim); Hi index heads; Di index dim; nb key blocks;
+bs block size; g query heads per KV head, H / Hkv; E routed experts; K experts per token; I FFN width; N vision patches; Dv vision
+width; C image channels; Tp frames per temporal patch; P patch size.
 """
 from __future__ import annotations
 
@@ -56,24 +63,24 @@ import torch.nn.functional as F
 @dataclass
 class VisionConfig:
     """The CLIP-style vision tower (released values as defaults)."""
-    hidden_size: int = 1280
-    intermediate_size: int = 5120
+    hidden_size: int = 1280                # Dv
+    intermediate_size: int = 5120          # MLP width (fc1 output)
     num_hidden_layers: int = 32
-    num_attention_heads: int = 16
-    num_channels: int = 3
-    patch_size: int = 14
-    temporal_patch_size: int = 2           # frames fused by the Conv3d into one patch
+    num_attention_heads: int = 16          # head_dim = Dv / heads; 3D RoPE uses 3 * d_axis of it
+    num_channels: int = 3                  # C
+    patch_size: int = 14                   # P
+    temporal_patch_size: int = 2           # Tp: frames fused by the Conv3d into one patch
     spatial_merge_size: int = 2            # 2x2 patches merged into one text token
     vision_segment_max_frames: int = 4     # temporal groups per attention segment of a video
-    rope_theta: float = 10000.0
-    layer_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0            # base of the 3D RoPE frequencies
+    layer_norm_eps: float = 1e-5           # every LayerNorm of the tower
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def patch_dim(self) -> int:            # length of one pixel_values row, laid out (C, T, P, P)
+    def patch_dim(self) -> int:            # length of one pixel_values row, laid out (C, Tp, P, P)
         return self.num_channels * self.temporal_patch_size * self.patch_size ** 2
 
 
@@ -84,45 +91,48 @@ class M3Config:
     `moe_layer_freq[i] != 0` makes layer i an MoE layer (None: every layer);
     `sparse_attention_freq[i] != 0` gives layer i the indexer and block-sparse attention
     (None: no layer). Both are normalised to lists of length `num_hidden_layers`.
+    config.json is read and written by `config_from_dict` / `config_to_dict`, after the model.
     """
     # embeddings and head
-    vocab_size: int = 200064
-    hidden_size: int = 6144
+    vocab_size: int = 200064               # V
+    hidden_size: int = 6144                # D
     num_hidden_layers: int = 60
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6             # every Gemma RMSNorm of the text model
     max_position_embeddings: int = 524288  # informational: no rope scaling exists in M3
     # attention
-    num_attention_heads: int = 64
-    num_key_value_heads: int = 4
-    head_dim: int = 128
-    rotary_dim: int = 64                   # channels rotated per head; the rest pass through
-    rope_theta: float = 5e6
+    num_attention_heads: int = 64          # H
+    num_key_value_heads: int = 4           # Hkv; query head j reads KV head j // (H / Hkv)
+    head_dim: int = 128                    # Dh; the attention scale is Dh^-0.5
+    rotary_dim: int = 64                   # R: channels rotated per head; the rest pass through
+    rope_theta: float = 5e6                # base of the RoPE frequencies theta^(-2i/R)
     # sparse attention (lightning indexer)
     sparse_attention_freq: list[int] | None = None
-    sparse_index_dim: int = 128
-    sparse_num_index_heads: int = 4        # one selection per KV head, so must equal Hkv
-    sparse_topk_blocks: int = 16           # forced blocks count inside this budget
-    sparse_block_size: int = 128
-    sparse_init_block: int = 0
-    sparse_local_block: int = 1
+    sparse_index_dim: int = 128            # Di
+    sparse_num_index_heads: int = 4        # Hi: one selection per KV head, so must equal Hkv
+    sparse_topk_blocks: int = 16           # key blocks kept per query; forced blocks count inside
+    sparse_block_size: int = 128           # bs: keys per block, blocks anchored at position 0
+    sparse_init_block: int = 0             # the first blocks, always kept ("sinks")
+    sparse_local_block: int = 1            # the last blocks up to the query's own, always kept
     # feed-forward
     moe_layer_freq: list[int] | None = None
-    dense_intermediate_size: int = 12288
-    intermediate_size: int = 3072          # one routed expert
-    shared_intermediate_size: int = 3072
-    n_shared_experts: int = 1
-    num_local_experts: int = 128
-    num_experts_per_tok: int = 4
-    routed_scaling_factor: float = 2.0
-    swiglu_alpha: float = 1.702
-    swiglu_limit: float = 7.0
+    dense_intermediate_size: int = 12288   # I of the dense MLP layers
+    intermediate_size: int = 3072          # I of one routed expert
+    shared_intermediate_size: int = 3072   # I of one shared expert
+    n_shared_experts: int = 1              # shared experts, fused into one MLP of n * I
+    num_local_experts: int = 128           # E
+    num_experts_per_tok: int = 4           # K
+    routed_scaling_factor: float = 2.0     # multiplies the renormalised routing weights
+    swiglu_alpha: float = 1.702            # g * sigmoid(alpha * g)
+    swiglu_limit: float = 7.0              # gate clamped above, up clamped both sides
     # multi-token prediction
-    num_mtp_modules: int = 1
+    num_mtp_modules: int = 1               # MTP depths D (M3 ships one)
+    mtp_loss_weight: float = 0.1           # lambda of loss = lm_loss + lambda / D * sum_k CE_k; a
+                                           # training choice, never read from or written to config.json
     # multimodal (vision=None: a text-only model, which has no placeholders or projector: all None)
     vision: VisionConfig | None = field(default_factory=VisionConfig)
-    image_token_index: int | None = 200025
-    video_token_index: int | None = 200026
-    projector_hidden_size: int | None = 6144
+    image_token_index: int | None = 200025  # placeholder id replaced by image features
+    video_token_index: int | None = 200026  # placeholder id replaced by video features
+    projector_hidden_size: int | None = 6144  # hidden width of the projector and the patch merger
 
     def __post_init__(self):
         n = self.num_hidden_layers
@@ -134,7 +144,7 @@ class M3Config:
         self.sparse_attention_freq = [int(f) for f in self.sparse_attention_freq]
         if self.vision is None:
             self.image_token_index = self.video_token_index = self.projector_hidden_size = None
-        _validate(self)
+        validate_config(self)
 
     def is_moe(self, i: int) -> bool:
         return self.moe_layer_freq[i] != 0
@@ -152,8 +162,8 @@ class M3Config:
     @classmethod
     def tiny(cls) -> "M3Config":
         """Every feature on at CPU size: layer 0 dense + full attention, layers 1-2 MoE + sparse;
-        blocks of 8 with top-4 (one init, one local) so a 64-token prompt drops blocks; a 2-layer
-        vision tower whose videos are cut every 2 temporal groups; one MTP depth."""
+        blocks of 8 with top-4 (one init, one local) so the demo's 58-token prompt (8 blocks)
+        drops blocks; a 2-layer vision tower whose videos are cut every 2 temporal groups; one MTP depth."""
         return cls(
             vocab_size=512, hidden_size=64, num_hidden_layers=3, max_position_embeddings=65536,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rotary_dim=8, rope_theta=10000.0,
@@ -166,287 +176,17 @@ class M3Config:
                                 num_attention_heads=2, vision_segment_max_frames=2),
             image_token_index=500, video_token_index=501, projector_hidden_size=64)
 
-    # ---- reading and writing ------------------------------------------------------------
+    # ---- config.json (the translation lives in its own section, beside checkpoint I/O) ----
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "M3Config":
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read config {str(path)!r}: {e}") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"config {str(path)!r} must hold a JSON object, got {type(d).__name__}")
-        return cls.from_dict(d)
+        return config_from_json(path)
 
     @classmethod
     def from_dict(cls, d: dict) -> "M3Config":
-        """Accept the upstream checkpoint form (`text_config.sparse_attention_config`,
-        `moe_layer_freq`, `rope_theta`, `img_token_compression_config`, ...) and the transformers
-        form (`layer_types`, `mlp_layer_types`, `index_*`, `rope_parameters`). A dict without
-        `text_config` is a text-only config. Absent keys take the released model's values;
-        `model_type` strings are never read (the checkpoint's text part says "minimax_m2")."""
-        if not isinstance(d, dict):
-            raise TypeError(f"config must be a dict, got {type(d).__name__}")
-        if "text_config" not in d:
-            return cls(**_text_fields(d, "config"), vision=None)
-        text = _sub(d, "text_config", "config")
-        vision = _vision_fields(_sub(d, "vision_config", "config", {}), d)
-        top = _Reader(d, "config")
-        return cls(**_text_fields(text, "text_config"), vision=vision,
-                   image_token_index=top.int("image_token_index", top.int("image_token_id", 200025)),
-                   video_token_index=top.int("video_token_index", top.int("video_token_id", 200026)),
-                   projector_hidden_size=top.int("projector_hidden_size", 6144))
+        return config_from_dict(d)
 
     def to_dict(self) -> dict:
-        """The upstream checkpoint form (what `save_pretrained` writes to config.json)."""
-        text = {
-            "model_type": "minimax_m3", "hidden_act": "swigluoai",
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_hidden_layers, "rms_norm_eps": self.rms_norm_eps,
-            "max_position_embeddings": self.max_position_embeddings,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
-            "rotary_dim": self.rotary_dim, "partial_rotary_factor": self.rotary_dim / self.head_dim,
-            "rope_theta": self.rope_theta,
-            "use_gemma_norm": True, "use_qk_norm": True, "qk_norm_type": "per_head",
-            "attention_output_gate": False, "tie_word_embeddings": False,
-            "moe_layer_freq": list(self.moe_layer_freq),
-            "dense_intermediate_size": self.dense_intermediate_size,
-            "intermediate_size": self.intermediate_size,
-            "shared_intermediate_size": self.shared_intermediate_size,
-            "n_shared_experts": self.n_shared_experts, "num_local_experts": self.num_local_experts,
-            "num_experts_per_tok": self.num_experts_per_tok, "scoring_func": "sigmoid",
-            "use_routing_bias": True, "routed_scaling_factor": self.routed_scaling_factor,
-            "swiglu_alpha": self.swiglu_alpha, "swiglu_limit": self.swiglu_limit,
-            "num_mtp_modules": self.num_mtp_modules,
-            "sparse_attention_config": {
-                "use_sparse_attention": any(self.sparse_attention_freq),
-                "sparse_index_dim": self.sparse_index_dim,
-                "sparse_num_index_heads": self.sparse_num_index_heads,
-                "sparse_topk_blocks": self.sparse_topk_blocks,
-                "sparse_block_size": self.sparse_block_size,
-                "sparse_init_block": self.sparse_init_block,
-                "sparse_local_block": self.sparse_local_block,
-                "sparse_score_type": "max",
-                "sparse_attention_freq": list(self.sparse_attention_freq),
-                "sparse_disable_index_value": [int(f != 0) for f in self.sparse_attention_freq],
-            },
-        }
-        if self.vision is None:
-            return {"architectures": ["MiniMaxM3SparseForCausalLM"], **text}
-        v = self.vision
-        compression = {"image_token_compression_method": "patch_merge",
-                       "spatial_merge_size": v.spatial_merge_size,
-                       "temporal_patch_size": v.temporal_patch_size}
-        vision = {
-            "model_type": "clip_vision_model", "hidden_act": "gelu",
-            "position_embedding_type": "rope", "rope_mode": "3d",
-            **{f.name: getattr(v, f.name) for f in fields(v)
-               if f.name not in ("spatial_merge_size", "temporal_patch_size")},
-            "img_token_compression_config": compression,
-        }
-        return {"architectures": ["MiniMaxM3SparseForConditionalGeneration"],
-                "model_type": "minimax_m3_vl", "text_config": text, "vision_config": vision,
-                "image_token_index": self.image_token_index,
-                "video_token_index": self.video_token_index,
-                "projector_hidden_size": self.projector_hidden_size,
-                "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
-                "img_token_compression_config": compression}
-
-
-class _Reader:
-    """Typed look-ups in one level of a config dict; errors name the full key path."""
-
-    def __init__(self, d: dict, where: str):
-        self.d, self.where = d, where
-
-    def _get(self, key, default, kinds, kind_name):
-        if key not in self.d or self.d[key] is None:
-            return default
-        value = self.d[key]
-        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            raise ValueError(f"config key '{self.where}.{key}' must be {kind_name}, got {value!r}")
-        return value
-
-    def int(self, key, default=None):
-        return self._get(key, default, (int,), "an integer")
-
-    def float(self, key, default=None):
-        value = self._get(key, default, (int, float), "a number")
-        return None if value is None else float(value)
-
-    def bool(self, key, default=None):
-        return self._get(key, default, (bool, int), "a boolean")
-
-    def str(self, key, default=None):
-        return self._get(key, default, (str,), "a string")
-
-    def list(self, key, default=None):
-        return self._get(key, default, (list,), "a list")
-
-    def require(self, key, allowed):
-        """Keys M3 fixes to one value: accept it (or absence), reject anything else."""
-        if key in self.d and self.d[key] not in allowed:
-            raise ValueError(f"config key '{self.where}.{key}' = {self.d[key]!r} is not supported; "
-                             f"allowed: {allowed!r}")
-
-
-def _sub(d: dict, key: str, where: str, default=None) -> dict:
-    value = d.get(key, default)
-    if not isinstance(value, dict):
-        raise ValueError(f"config key '{where}.{key}' must be an object, got {value!r}")
-    return value
-
-
-def _text_fields(d: dict, where: str) -> dict:
-    r = _Reader(d, where)
-    for key, allowed in [("use_gemma_norm", [True]), ("use_qk_norm", [True]),
-                         ("qk_norm_type", ["per_head"]), ("attention_output_gate", [False]),
-                         ("tie_word_embeddings", [False]), ("scoring_func", ["sigmoid"]),
-                         ("use_routing_bias", [True])]:
-        r.require(key, allowed)
-    out = _scalars(r, M3Config, [
-        "vocab_size", "hidden_size", "num_hidden_layers", "rms_norm_eps", "max_position_embeddings",
-        "num_attention_heads", "num_key_value_heads", "dense_intermediate_size", "intermediate_size",
-        "shared_intermediate_size", "n_shared_experts", "num_local_experts", "num_experts_per_tok",
-        "routed_scaling_factor", "swiglu_alpha", "swiglu_limit"])
-    # transformers ignores MTP and its form says nothing of it: no depths unless stated
-    out["num_mtp_modules"] = r.int("num_mtp_modules", 0 if "layer_types" in d else 1)
-    out["head_dim"] = r.int("head_dim", out["hidden_size"] // max(out["num_attention_heads"], 1))
-    out.update(_rope_fields(d, where, out["head_dim"]))
-    out.update(_sparse_fields(d, where))
-    layer_kinds = r.list("mlp_layer_types")
-    if layer_kinds is not None:
-        _check_members(layer_kinds, ("sparse", "dense"), f"{where}.mlp_layer_types")
-        out["moe_layer_freq"] = [int(k == "sparse") for k in layer_kinds]
-    else:
-        out["moe_layer_freq"] = r.list("moe_layer_freq")
-    return out
-
-
-def _rope_fields(d: dict, where: str, head_dim: int) -> dict:
-    r = _Reader(d, where)
-    params = d.get("rope_parameters") or {}
-    p = _Reader(params, f"{where}.rope_parameters")
-    p.require("rope_type", ["default"])
-    theta = r.float("rope_theta", p.float("rope_theta", 5e6))
-    factor = p.float("partial_rotary_factor", r.float("partial_rotary_factor"))
-    rotary_dim = r.int("rotary_dim")
-    if rotary_dim is None:
-        rotary_dim = int(head_dim * (0.5 if factor is None else factor))
-    elif factor is not None and int(head_dim * factor) != rotary_dim:
-        raise ValueError(f"config keys '{where}.rotary_dim' ({rotary_dim}) and partial_rotary_factor "
-                         f"({factor}) disagree: head_dim {head_dim} x factor must equal rotary_dim")
-    return dict(rope_theta=theta, rotary_dim=rotary_dim)
-
-
-# field, key in the upstream `sparse_attention_config`, flat transformers key, released value
-_SPARSE_KEYS = [("sparse_index_dim", "sparse_index_dim", "index_head_dim", 128),
-                ("sparse_num_index_heads", "sparse_num_index_heads", "index_n_heads", 4),
-                ("sparse_topk_blocks", "sparse_topk_blocks", "index_topk_blocks", 16),
-                ("sparse_block_size", "sparse_block_size", "index_block_size", 128),
-                ("sparse_init_block", "sparse_init_block", None, 0),     # transformers has no init blocks
-                ("sparse_local_block", "sparse_local_block", "index_local_blocks", 1)]
-
-
-def _sparse_fields(d: dict, where: str) -> dict:
-    """Sparse keys from `sparse_attention_config` (upstream) or flat `index_*` (transformers)."""
-    if d.get("sparse_attention_config") is None:
-        r = _Reader(d, where)
-        layer_types = r.list("layer_types")
-        freq = None
-        if layer_types is not None:
-            _check_members(layer_types, ("minimax_m3_sparse", "full_attention"), f"{where}.layer_types")
-            freq = [int(t == "minimax_m3_sparse") for t in layer_types]
-        return dict(sparse_attention_freq=freq, **{f: r.int(hf, default) if hf else default
-                                                   for f, _, hf, default in _SPARSE_KEYS})
-    sw = f"{where}.sparse_attention_config"
-    s = _Reader(_sub(d, "sparse_attention_config", where), sw)
-    s.require("sparse_score_type", ["max"])
-    freq = s.list("sparse_attention_freq")
-    if not s.bool("use_sparse_attention", True):
-        freq = [0] * len(freq) if freq is not None else None
-    disable_value = s.list("sparse_disable_index_value")
-    if freq is not None and disable_value is not None:
-        if len(disable_value) != len(freq):
-            raise ValueError(f"config key '{sw}.sparse_disable_index_value' has {len(disable_value)} "
-                             f"entries but sparse_attention_freq has {len(freq)}")
-        bad = [i for i, (f, dv) in enumerate(zip(freq, disable_value)) if f and not dv]
-        if bad:
-            raise ValueError(f"config key '{sw}.sparse_disable_index_value' is 0 on sparse layers "
-                             f"{bad}: the index value branch is not part of M3; allowed: 1")
-    return dict(sparse_attention_freq=freq, **{f: s.int(up, default) for f, up, _, default in _SPARSE_KEYS})
-
-
-def _vision_fields(v: dict, top: dict) -> VisionConfig:
-    r = _Reader(v, "config.vision_config")
-    r.require("hidden_act", ["gelu"])
-    _Reader(top, "config").require("projector_hidden_act", ["gelu"])
-    _Reader(top, "config").require("multimodal_projector_bias", [True])
-    _Reader(top, "config").require("patch_merge_bias", [True])
-    compression = v.get("img_token_compression_config") or top.get("img_token_compression_config") or {}
-    c = _Reader(compression, "config.vision_config.img_token_compression_config")
-    params = _Reader(v.get("rope_parameters") or {}, "config.vision_config.rope_parameters")
-    return VisionConfig(
-        **_scalars(r, VisionConfig, ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                     "num_channels", "patch_size", "vision_segment_max_frames", "layer_norm_eps"]),
-        temporal_patch_size=c.int("temporal_patch_size", r.int("temporal_patch_size", 2)),
-        spatial_merge_size=c.int("spatial_merge_size", r.int("spatial_merge_size", 2)),
-        rope_theta=r.float("rope_theta", params.float("rope_theta", 10000.0)))
-
-
-def _scalars(r: _Reader, cls, names: list[str]) -> dict:
-    """Scalar keys spelled as the dataclass fields; absent keys take the field defaults."""
-    spec = {f.name: f for f in fields(cls)}
-    return {n: (r.float if spec[n].type == "float" else r.int)(n, spec[n].default) for n in names}
-
-
-def _check_members(values: list, allowed: tuple, key: str):
-    bad = [x for x in values if x not in allowed]
-    if bad:
-        raise ValueError(f"config key '{key}' holds {bad!r}; allowed values: {list(allowed)}")
-
-
-def _validate(c: M3Config):
-    """Reject configs the math below cannot run, naming the key and what is allowed."""
-    def need(ok, key, msg):
-        if not ok:
-            raise ValueError(f"config key '{key}': {msg}")
-    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "dense_intermediate_size", "intermediate_size",
-                 "shared_intermediate_size", "n_shared_experts", "num_local_experts",
-                 "num_experts_per_tok", "sparse_index_dim", "sparse_num_index_heads",
-                 "sparse_topk_blocks", "sparse_block_size"):
-        need(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}")
-    for name in ("sparse_init_block", "sparse_local_block", "num_mtp_modules"):
-        need(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
-    for name in ("moe_layer_freq", "sparse_attention_freq"):
-        n = len(getattr(c, name))
-        need(n == c.num_hidden_layers, name,
-             f"has {n} entries but num_hidden_layers is {c.num_hidden_layers}; allowed: one per layer")
-    need(c.num_attention_heads % c.num_key_value_heads == 0, "num_attention_heads",
-         f"{c.num_attention_heads} is not divisible by num_key_value_heads {c.num_key_value_heads}")
-    need(c.rotary_dim % 2 == 0 and 0 < c.rotary_dim <= c.head_dim, "rotary_dim",
-         f"must be even and in (0, head_dim={c.head_dim}], got {c.rotary_dim}")
-    need(c.num_experts_per_tok <= c.num_local_experts, "num_experts_per_tok",
-         f"{c.num_experts_per_tok} exceeds num_local_experts {c.num_local_experts}")
-    if any(c.sparse_attention_freq):
-        need(c.sparse_num_index_heads == c.num_key_value_heads, "sparse_num_index_heads",
-             f"must equal num_key_value_heads ({c.num_key_value_heads}): index head h selects the "
-             f"key blocks of KV head h; got {c.sparse_num_index_heads}")
-        need(c.rotary_dim <= c.sparse_index_dim, "sparse_index_dim",
-             f"must be >= rotary_dim ({c.rotary_dim}): the index q/k share the attention RoPE")
-    if c.vision is not None:
-        v = c.vision
-        need(c.projector_hidden_size >= 1, "projector_hidden_size", f"must be >= 1, got {c.projector_hidden_size}")
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
-                     "vision_segment_max_frames"):
-            need(getattr(v, name) >= 1, f"vision_config.{name}", f"must be >= 1, got {getattr(v, name)}")
-        need(v.hidden_size % v.num_attention_heads == 0, "vision_config.num_attention_heads",
-             f"hidden_size {v.hidden_size} is not divisible by {v.num_attention_heads} heads")
-        need(v.head_dim >= 6, "vision_config.num_attention_heads",
-             f"head_dim {v.head_dim} leaves no channels for the 3-axis RoPE (needs >= 6)")
-
+        return config_to_dict(self)
 
 # ============================================================================================
 # Gemma RMSNorm
@@ -634,6 +374,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale + causal) v with GQA: query head j reads KV head j // (H / Hkv).
+    M3 uses scale = Dh^-0.5.
 
     q [B, S, H, Dh], k/v [B, S, Hkv, Dh] -> [B, S, H, Dh]; fp32 softmax and accumulation.
     SDPA's fused CPU/GPU kernels keep memory linear in S.
@@ -649,47 +390,47 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 def index_block_scores(iq: torch.Tensor, ik: torch.Tensor, q_start: int, block_size: int) -> torch.Tensor:
     """Block scores of one query chunk: S[b,h,i,n] = max_{j in block n, j <= q_start+i} <iq[b,i,h], ik[b,j]>.
 
-    iq [B, C, Hi, Di] (normed + roped), ik [B, Sk, Di] (one key head shared by all index heads);
+    iq [B, Sc, Hi, Di] (normed + roped), ik [B, Sk, Di] (one key head shared by all index heads);
     query i sits at slot q_start + i, key j at slot j, block n covers slots [n*bs, (n+1)*bs).
     Plain fp32 dot products (no scale, no ReLU, no head weights), masked token-causally *before*
     the max-pool. Only keys up to the chunk's last query are read, so blocks past it are absent:
-    returns [B, Hi, C, ceil(min(Sk, q_start + C) / bs)] fp32, -inf where a block has no causal key.
+    returns [B, Hi, Sc, ceil(min(Sk, q_start + Sc) / bs)] fp32, -inf where a block has no causal key.
     """
-    C = iq.shape[1]
-    kv_len = min(ik.shape[1], q_start + C)
+    Sc = iq.shape[1]
+    kv_len = min(ik.shape[1], q_start + Sc)
     nb = -(-kv_len // block_size)
     # zero keys pad the last block; they sit after every query of the chunk, so the mask drops them
     ik = F.pad(ik[:, :kv_len].float(), (0, 0, 0, nb * block_size - kv_len))
-    s = iq.float().transpose(1, 2) @ ik[:, None].transpose(-1, -2)                # [B, Hi, C, nb*bs]
+    s = iq.float().transpose(1, 2) @ ik[:, None].transpose(-1, -2)                # [B, Hi, Sc, nb*bs]
     # keys before q_start are in every query's past: only the chunk's own span needs the mask
-    q_slot = torch.arange(q_start, q_start + C, device=iq.device)[:, None]
+    q_slot = torch.arange(q_start, q_start + Sc, device=iq.device)[:, None]
     future = torch.arange(q_start, nb * block_size, device=iq.device)[None, :] > q_slot
     s[..., q_start:].masked_fill_(future, float("-inf"))
-    return s.unflatten(-1, (nb, block_size)).amax(-1)                            # [B, Hi, C, nb]
+    return s.unflatten(-1, (nb, block_size)).amax(-1)                            # [B, Hi, Sc, nb]
 
 
 def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, topk: int,
                   init_blocks: int, local_blocks: int) -> torch.Tensor:
     """Top-k key blocks per (index head, query), forced blocks inside the budget.
 
-    block_scores [B, Hi, C, nb] from `index_block_scores`. Query i (slot q_start + i) lives in
+    block_scores [B, Hi, Sc, nb] from `index_block_scores`. Query i (slot q_start + i) lives in
     block c; its candidates are blocks 0..c. Blocks < init_blocks and blocks in
     (c - local_blocks, c] are forced; when they do not all fit, init blocks outrank local ones and
     nearer local blocks outrank farther ones. The rest go by score, ties to the lower block id.
     k = min(topk, c + 1).
-    Returns int32 [B, Hi, C, topk]: the chosen ids sorted ascending, then -1 padding.
+    Returns int32 [B, Hi, Sc, topk]: the chosen ids sorted ascending, then -1 padding.
     """
-    B, Hi, C, nb = block_scores.shape
+    B, Hi, Sc, nb = block_scores.shape
     dev = block_scores.device
-    c = torch.arange(q_start, q_start + C, device=dev)[:, None] // block_size     # [C, 1]
+    c = torch.arange(q_start, q_start + Sc, device=dev)[:, None] // block_size    # [Sc, 1]
     n = torch.arange(nb, device=dev)[None, :]                                     # [1, nb]
     causal = n <= c
     init, local = causal & (n < init_blocks), causal & (n > c - local_blocks)
     # forced blocks get fp64 keys far above any fp32 score, ordered init (lowest id first), then
     # local (nearest first, so the query's own block is the last forced block to be dropped)
     priority = torch.where(init, init_blocks + local_blocks - n, local_blocks - (c - n))     # >= 1 if forced
-    fill = torch.where(init | local, 2.0 ** 200 * priority.double(), float("-inf"))          # [C, nb]
-    key = torch.where(init | local | ~causal, fill, block_scores.double())                   # [B, Hi, C, nb]
+    fill = torch.where(init | local, 2.0 ** 200 * priority.double(), float("-inf"))          # [Sc, nb]
+    key = torch.where(init | local | ~causal, fill, block_scores.double())                   # [B, Hi, Sc, nb]
     k = min(topk, nb)
     threshold = key.topk(k, dim=-1).values[..., -1:]                              # k-th largest
     chosen = key >= threshold
@@ -700,7 +441,7 @@ def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, top
         tied = key_o == thr_o
         room = k - (key_o > thr_o).sum(-1, keepdim=True)
         chosen[over] = (key_o > thr_o) | (tied & (tied.cumsum(-1) <= room))
-    ids = chosen.nonzero()[:, -1].view(B, Hi, C, k)                               # ascending ids
+    ids = chosen.nonzero()[:, -1].view(B, Hi, Sc, k)                              # ascending ids
     ids = ids.masked_fill(ids > c, -1)          # non-causal picks only fill rows with c + 1 < k
     return F.pad(ids, (0, topk - k), value=-1).to(torch.int32)
 
@@ -711,13 +452,13 @@ def lightning_indexer(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk:
     """Block selection for every query: `index_block_scores` + `select_blocks` per query chunk.
 
     iq [B, S, Hi, Di], ik [B, Sk, Di] -> int32 [B, Hi, S, topk]. Chunking keeps the score
-    buffer at [B, Hi, C, Sk] (cache-sized) instead of [B, Hi, S, Sk]; the chunk size never changes the result.
+    buffer at [B, Hi, Sc, Sk] (cache-sized) instead of [B, Hi, S, Sk]; the chunk size never changes the result.
     """
     B, S, Hi, _ = iq.shape
-    C = query_chunk or max(1, (1 << 21) // (Hi * max(ik.shape[1], 1)))   # ~8 MB of scores
+    Sc = query_chunk or max(1, (1 << 21) // (Hi * max(ik.shape[1], 1)))  # ~8 MB of scores
     out = []
-    for s0 in range(0, S, C):
-        scores = index_block_scores(iq[:, s0:s0 + C], ik, q_start + s0, block_size)
+    for s0 in range(0, S, Sc):
+        scores = index_block_scores(iq[:, s0:s0 + Sc], ik, q_start + s0, block_size)
         out.append(select_blocks(scores, q_start + s0, block_size, topk, init_blocks, local_blocks))
     return torch.cat(out, dim=2)
 
@@ -729,7 +470,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     block_ids[b, kv_head, i].
 
     q [B, S, H, Dh]; k/v [B, Sk, Hkv, Dh]; block_ids int32 [B, Hkv, S, topk] (-1 = empty slot).
-    Each query chunk gathers only its selected blocks ([B, Hkv, C, topk*bs, Dh]), so memory grows
+    Each query chunk gathers only its selected blocks ([B, Hkv, Sc, topk*bs, Dh]), so memory grows
     linearly with S; no [S, S] mask or score matrix exists. fp32 softmax. -> [B, S, H, Dh].
     """
     B, S, H, Dh = q.shape
@@ -741,28 +482,29 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     bi = torch.arange(B, device=q.device)[:, None, None, None]
     hi = torch.arange(Hkv, device=q.device)[None, :, None, None]
     offs = torch.arange(block_size, device=q.device)
-    # bound the gathered keys [Hkv, C, topk*bs, Dh] and the scores [H, C, topk*bs] to ~2^24 elements
-    C = query_chunk or max(1, (1 << 24) // (max(H, Hkv * Dh) * topk * block_size))
+    # bound the gathered keys [Hkv, Sc, topk*bs, Dh] and the scores [H, Sc, topk*bs] to ~2^24 elements
+    Sc = query_chunk or max(1, (1 << 24) // (max(H, Hkv * Dh) * topk * block_size))
     out = torch.empty_like(q)
-    for s0 in range(0, S, C):
-        ids = block_ids[:, :, s0:s0 + C].long()                                   # [B, Hkv, C, topk]
+    for s0 in range(0, S, Sc):
+        ids = block_ids[:, :, s0:s0 + Sc].long()                                  # [B, Hkv, Sc, topk]
         n = ids.shape[2]
         safe = ids.clamp(min=0)
-        kg = kb[bi, hi, safe].flatten(3, 4).float()                               # [B, Hkv, C, topk*bs, Dh]
+        kg = kb[bi, hi, safe].flatten(3, 4).float()                               # [B, Hkv, Sc, topk*bs, Dh]
         vg = vb[bi, hi, safe].flatten(3, 4).float()
-        slot = (safe[..., None] * block_size + offs).flatten(3)                   # [B, Hkv, C, topk*bs]
+        slot = (safe[..., None] * block_size + offs).flatten(3)                   # [B, Hkv, Sc, topk*bs]
         q_slot = torch.arange(q_start + s0, q_start + s0 + n, device=q.device)[:, None]
         keep = (ids >= 0).repeat_interleave(block_size, dim=-1) & (slot <= q_slot)
-        qc = q[:, s0:s0 + n].float().view(B, n, Hkv, group, Dh).permute(0, 2, 3, 1, 4)  # [B, Hkv, g, C, Dh]
+        qc = q[:, s0:s0 + n].float().view(B, n, Hkv, group, Dh).permute(0, 2, 3, 1, 4)  # [B, Hkv, g, Sc, Dh]
         scores = torch.einsum("bhgcd,bhckd->bhgck", qc, kg) * scale
         scores = scores.masked_fill(~keep[:, :, None], float("-inf"))
-        o = torch.einsum("bhgck,bhckd->bhgcd", scores.softmax(-1), vg)            # [B, Hkv, g, C, Dh]
+        o = torch.einsum("bhgck,bhckd->bhgcd", scores.softmax(-1), vg)            # [B, Hkv, g, Sc, Dh]
         out[:, s0:s0 + n] = o.permute(0, 3, 1, 2, 4).reshape(B, n, H, Dh).to(q.dtype)
     return out
 
 
 class Attention(nn.Module):
-    """q/k/v projections, per-head q/k Gemma norm + partial RoPE, causal GQA, o projection.
+    """q/k/v projections, per-head q/k Gemma norm + partial RoPE, causal GQA with scale
+    head_dim^-0.5 (no other factor), o projection.
 
     Sparse layers add the lightning indexer (index_q/k_proj + index_q/k_norm, same RoPE table)
     and attend only to the selected key blocks. x [B, S, D] -> [B, S, D]; no biases.
@@ -952,12 +694,13 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional MHA with biases and 3D RoPE, full within each segment, never across.
-    x [N, Dv], cos/sin [N, R/2], lengths: rows per segment (sum N) -> [N, Dv]."""
+    """Bidirectional MHA with biases and 3D RoPE, full within each segment, never across:
+    softmax(q k^T * head_dim^-0.5) v per segment, fp32 softmax.
+    x [N, Dv], cos/sin [N, 3 * d_axis / 2], lengths: rows per segment (sum N) -> [N, Dv]."""
 
     def __init__(self, v: VisionConfig):
         super().__init__()
-        self.n_heads, self.head_dim = v.num_attention_heads, v.head_dim
+        self.n_heads, self.head_dim, self.scale = v.num_attention_heads, v.head_dim, v.head_dim ** -0.5
         self.q_proj = nn.Linear(v.hidden_size, v.hidden_size)
         self.k_proj = nn.Linear(v.hidden_size, v.hidden_size)
         self.v_proj = nn.Linear(v.hidden_size, v.hidden_size)
@@ -969,7 +712,7 @@ class VisionAttention(nn.Module):
         k = rope(self.k_proj(x).view(N, self.n_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(N, self.n_heads, self.head_dim)
         out = [F.scaled_dot_product_attention(qs.transpose(0, 1).float(), ks.transpose(0, 1).float(),
-                                              vs.transpose(0, 1).float()).transpose(0, 1)
+                                              vs.transpose(0, 1).float(), scale=self.scale).transpose(0, 1)
                for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
         return self.out_proj(torch.cat(out).reshape(N, -1).to(x.dtype))
 
@@ -1000,7 +743,7 @@ class VisionEncoderLayer(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """pixel rows [N, C*T*P*P] laid out (C, T, P, P), grids (t, h, w) -> patch features [N, Dv].
+    """pixel rows [N, C*Tp*P*P] laid out (C, Tp, P, P), grids (t, h, w) -> patch features [N, Dv].
 
     Conv3d patch embedding with kernel = stride = (T, P, P) and no bias (one matmul per row),
     `pre_layrnorm`, the encoder layers, no post-layernorm. The nesting (`vision_model.embeddings`,
@@ -1091,9 +834,14 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int
 class MiniMaxM3(nn.Module):
     """Vision tower + projector + patch merger + text model + lm_head + MTP.
 
-    forward(input_ids [B, S], pixel_values [N, C*T*P*P], image_grid_thw [n, 3], the same for
+    forward(input_ids [B, S], pixel_values [N, C*Tp*P*P], image_grid_thw [n, 3], the same for
     videos, position_ids [B, S] (default arange), labels [B, S]) -> M3Output. Position ids drive
     RoPE only; causality and sparse blocks follow each token's index in its row.
+
+    With labels (= the input ids; -100 ignored), CE_k(i) = CE(logits_k[:, i], labels[:, i + 1 + k])
+    with logits_0 the main head and logits_k the MTP depth k = 1..D, each averaged over its own
+    valid positions (target inside the row and not -100):
+        lm_loss = mean CE_0;   mtp_loss = mtp_loss_weight / D * sum_k mean CE_k;   loss = lm_loss + mtp_loss
     """
 
     def __init__(self, cfg: M3Config):
@@ -1109,7 +857,7 @@ class MiniMaxM3(nn.Module):
 
     def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Tower -> projector (per patch) -> 4 consecutive rows concatenated -> patch merger.
-        [N, C*T*P*P] -> [N / merge^2, D]."""
+        [N, C*Tp*P*P] -> [N / merge^2, D]."""
         x = self.multi_modal_projector(self.vision_tower(pixel_values, grid_thw.tolist()))
         return self.patch_merge_mlp(x.reshape(-1, x.shape[-1] * self.config.vision.spatial_merge_size ** 2))
 
@@ -1148,7 +896,7 @@ class MiniMaxM3(nn.Module):
             out.loss = out.lm_loss
             if out.mtp_logits:
                 D = len(out.mtp_logits)
-                out.mtp_loss = 0.1 / D * sum(shifted_cross_entropy(lg, labels, 1 + k)
+                out.mtp_loss = cfg.mtp_loss_weight / D * sum(shifted_cross_entropy(lg, labels, 1 + k)
                                              for k, lg in enumerate(out.mtp_logits, start=1))
                 out.loss = out.lm_loss + out.mtp_loss
         return out
@@ -1198,7 +946,7 @@ def _check_media(cfg: M3Config, pixels, grid, pix_name: str, grid_name: str):
     rows = int(grid.prod(-1).sum())
     if pixels.dim() != 2 or pixels.shape != (rows, v.patch_dim):
         raise ValueError(f"{pix_name} has shape {tuple(pixels.shape)} but {grid_name} {grid.tolist()} needs "
-                         f"sum(t*h*w) = {rows} rows of C*T*P*P = {v.patch_dim} values")
+                         f"sum(t*h*w) = {rows} rows of C*Tp*P*P = {v.patch_dim} values")
 
 
 def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -1214,6 +962,316 @@ def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
             std = 1.0 if "embed_tokens" in name else (t[0].numel() ** -0.5 if t.dim() >= 2 else 0.1)
             t.copy_(torch.randn(t.shape, generator=g) * std)
     return model
+
+
+# ============================================================================================
+# config.json: reading and writing
+# ============================================================================================
+# Two spellings exist in the wild: the upstream checkpoint form (`text_config` with a nested
+# `sparse_attention_config`, `moe_layer_freq`, `rope_theta`, `rotary_dim`; `vision_config` with
+# `img_token_compression_config`) and the transformers form (`layer_types`, `mlp_layer_types`,
+# flat `index_*` keys, `rope_parameters`). Both read into one M3Config; a key's meaning is given
+# at the M3Config / VisionConfig field of the same name, or where the key is read below. Keys
+# that select a variant M3 does not use are rejected, never ignored.
+
+def config_from_json(path: str | os.PathLike) -> M3Config:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read config {str(path)!r}: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"config {str(path)!r} must hold a JSON object, got {type(d).__name__}")
+    return config_from_dict(d)
+
+
+def config_from_dict(d: dict) -> M3Config:
+    """Accept the upstream checkpoint form (`text_config.sparse_attention_config`,
+    `moe_layer_freq`, `rope_theta`, `img_token_compression_config`, ...) and the transformers
+    form (`layer_types`, `mlp_layer_types`, `index_*`, `rope_parameters`). A dict without
+    `text_config` is a text-only config. Absent keys take the released model's values;
+    `model_type` strings are never read (the checkpoint's text part says "minimax_m2")."""
+    if not isinstance(d, dict):
+        raise TypeError(f"config must be a dict, got {type(d).__name__}")
+    if "text_config" not in d:
+        return M3Config(**_text_fields(d, "config"), vision=None)
+    text = _sub(d, "text_config", "config")
+    vision = _vision_fields(_sub(d, "vision_config", "config", {}), d)
+    top = _Reader(d, "config")
+    # placeholder ids: `*_token_index` upstream, `*_token_id` in transformers
+    return M3Config(**_text_fields(text, "text_config"), vision=vision,
+                    image_token_index=top.int("image_token_index", top.int("image_token_id", 200025)),
+                    video_token_index=top.int("video_token_index", top.int("video_token_id", 200026)),
+                    projector_hidden_size=top.int("projector_hidden_size", 6144))
+
+
+def config_to_dict(c: M3Config) -> dict:
+    """The upstream checkpoint form (what `save_pretrained` writes to config.json)."""
+    text = {
+        "model_type": "minimax_m3", "hidden_act": "swigluoai",
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers, "rms_norm_eps": c.rms_norm_eps,
+        "max_position_embeddings": c.max_position_embeddings,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+        "rotary_dim": c.rotary_dim, "partial_rotary_factor": c.rotary_dim / c.head_dim,
+        "rope_theta": c.rope_theta,
+        "use_gemma_norm": True, "use_qk_norm": True, "qk_norm_type": "per_head",
+        "attention_output_gate": False, "tie_word_embeddings": False,
+        "moe_layer_freq": list(c.moe_layer_freq),
+        "dense_intermediate_size": c.dense_intermediate_size,
+        "intermediate_size": c.intermediate_size,
+        "shared_intermediate_size": c.shared_intermediate_size,
+        "n_shared_experts": c.n_shared_experts, "num_local_experts": c.num_local_experts,
+        "num_experts_per_tok": c.num_experts_per_tok, "scoring_func": "sigmoid",
+        "use_routing_bias": True, "routed_scaling_factor": c.routed_scaling_factor,
+        "swiglu_alpha": c.swiglu_alpha, "swiglu_limit": c.swiglu_limit,
+        "num_mtp_modules": c.num_mtp_modules,
+        "sparse_attention_config": {
+            "use_sparse_attention": any(c.sparse_attention_freq),
+            "sparse_index_dim": c.sparse_index_dim,
+            "sparse_num_index_heads": c.sparse_num_index_heads,
+            "sparse_topk_blocks": c.sparse_topk_blocks,
+            "sparse_block_size": c.sparse_block_size,
+            "sparse_init_block": c.sparse_init_block,
+            "sparse_local_block": c.sparse_local_block,
+            "sparse_score_type": "max",
+            "sparse_attention_freq": list(c.sparse_attention_freq),
+            "sparse_disable_index_value": [int(f != 0) for f in c.sparse_attention_freq],
+        },
+    }
+    if c.vision is None:
+        return {"architectures": ["MiniMaxM3SparseForCausalLM"], **text}
+    v = c.vision
+    compression = {"image_token_compression_method": "patch_merge",
+                   "spatial_merge_size": v.spatial_merge_size,
+                   "temporal_patch_size": v.temporal_patch_size}
+    vision = {
+        "model_type": "clip_vision_model", "hidden_act": "gelu",
+        "position_embedding_type": "rope", "rope_mode": "3d",
+        **{f.name: getattr(v, f.name) for f in fields(v)
+           if f.name not in ("spatial_merge_size", "temporal_patch_size")},
+        "img_token_compression_config": compression,
+    }
+    return {"architectures": ["MiniMaxM3SparseForConditionalGeneration"],
+            "model_type": "minimax_m3_vl", "text_config": text, "vision_config": vision,
+            "image_token_index": c.image_token_index,
+            "video_token_index": c.video_token_index,
+            "projector_hidden_size": c.projector_hidden_size,
+            "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
+            "img_token_compression_config": compression}
+
+
+class _Reader:
+    """Typed look-ups in one level of a config dict; errors name the full key path."""
+
+    def __init__(self, d: dict, where: str):
+        self.d, self.where = d, where
+
+    def _get(self, key, default, kinds, kind_name):
+        if key not in self.d or self.d[key] is None:
+            return default
+        value = self.d[key]
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise ValueError(f"config key '{self.where}.{key}' must be {kind_name}, got {value!r}")
+        return value
+
+    def int(self, key, default=None):
+        return self._get(key, default, (int,), "an integer")
+
+    def float(self, key, default=None):
+        value = self._get(key, default, (int, float), "a number")
+        return None if value is None else float(value)
+
+    def bool(self, key, default=None):
+        return self._get(key, default, (bool, int), "a boolean")
+
+    def str(self, key, default=None):
+        return self._get(key, default, (str,), "a string")
+
+    def list(self, key, default=None):
+        return self._get(key, default, (list,), "a list")
+
+    def require(self, key, allowed):
+        """Keys M3 fixes to one value: accept it (or absence), reject anything else."""
+        if key in self.d and self.d[key] not in allowed:
+            raise ValueError(f"config key '{self.where}.{key}' = {self.d[key]!r} is not supported; "
+                             f"allowed: {allowed!r}")
+
+
+def _sub(d: dict, key: str, where: str, default=None) -> dict:
+    value = d.get(key, default)
+    if not isinstance(value, dict):
+        raise ValueError(f"config key '{where}.{key}' must be an object, got {value!r}")
+    return value
+
+
+def _text_fields(d: dict, where: str) -> dict:
+    r = _Reader(d, where)
+    # switches between model variants: only M3's value is accepted. use_gemma_norm: RMSNorm scales
+    # by (1 + w); use_qk_norm / qk_norm_type: one q and one k norm of head_dim, shared by the heads;
+    # attention_output_gate: a sigmoid gate on the attention output (absent in M3);
+    # tie_word_embeddings: lm_head shares embed_tokens; scoring_func / use_routing_bias: the
+    # router's sigmoid and its correction bias
+    for key, allowed in [("use_gemma_norm", [True]), ("use_qk_norm", [True]),
+                         ("qk_norm_type", ["per_head"]), ("attention_output_gate", [False]),
+                         ("tie_word_embeddings", [False]), ("scoring_func", ["sigmoid"]),
+                         ("use_routing_bias", [True])]:
+        r.require(key, allowed)
+    out = _scalars(r, M3Config, [
+        "vocab_size", "hidden_size", "num_hidden_layers", "rms_norm_eps", "max_position_embeddings",
+        "num_attention_heads", "num_key_value_heads", "dense_intermediate_size", "intermediate_size",
+        "shared_intermediate_size", "n_shared_experts", "num_local_experts", "num_experts_per_tok",
+        "routed_scaling_factor", "swiglu_alpha", "swiglu_limit"])
+    # transformers ignores MTP and its form says nothing of it: no depths unless stated
+    out["num_mtp_modules"] = r.int("num_mtp_modules", 0 if "layer_types" in d else 1)
+    # head_dim may be absent in older configs: then D / H
+    out["head_dim"] = r.int("head_dim", out["hidden_size"] // max(out["num_attention_heads"], 1))
+    out.update(_rope_fields(d, where, out["head_dim"]))
+    out.update(_sparse_fields(d, where))
+    # which layers are MoE: transformers' "sparse"/"dense" names per layer, or upstream 0/1 flags
+    layer_kinds = r.list("mlp_layer_types")
+    if layer_kinds is not None:
+        _check_members(layer_kinds, ("sparse", "dense"), f"{where}.mlp_layer_types")
+        out["moe_layer_freq"] = [int(k == "sparse") for k in layer_kinds]
+    else:
+        out["moe_layer_freq"] = r.list("moe_layer_freq")
+    return out
+
+
+def _rope_fields(d: dict, where: str, head_dim: int) -> dict:
+    """rope_theta and rotary_dim, top-level (upstream) or in `rope_parameters` (transformers), where
+    `partial_rotary_factor` = rotary_dim / head_dim; only the plain ("default") RoPE exists in M3."""
+    r = _Reader(d, where)
+    params = d.get("rope_parameters") or {}
+    p = _Reader(params, f"{where}.rope_parameters")
+    p.require("rope_type", ["default"])
+    theta = r.float("rope_theta", p.float("rope_theta", 5e6))
+    factor = p.float("partial_rotary_factor", r.float("partial_rotary_factor"))
+    rotary_dim = r.int("rotary_dim")
+    if rotary_dim is None:
+        rotary_dim = int(head_dim * (0.5 if factor is None else factor))
+    elif factor is not None and int(head_dim * factor) != rotary_dim:
+        raise ValueError(f"config keys '{where}.rotary_dim' ({rotary_dim}) and partial_rotary_factor "
+                         f"({factor}) disagree: head_dim {head_dim} x factor must equal rotary_dim")
+    return dict(rope_theta=theta, rotary_dim=rotary_dim)
+
+
+# field, key in the upstream `sparse_attention_config`, flat transformers key, released value
+_SPARSE_KEYS = [("sparse_index_dim", "sparse_index_dim", "index_head_dim", 128),
+                ("sparse_num_index_heads", "sparse_num_index_heads", "index_n_heads", 4),
+                ("sparse_topk_blocks", "sparse_topk_blocks", "index_topk_blocks", 16),
+                ("sparse_block_size", "sparse_block_size", "index_block_size", 128),
+                ("sparse_init_block", "sparse_init_block", None, 0),     # transformers has no init blocks
+                ("sparse_local_block", "sparse_local_block", "index_local_blocks", 1)]
+
+
+def _sparse_fields(d: dict, where: str) -> dict:
+    """Sparse keys from `sparse_attention_config` (upstream) or flat `index_*` (transformers).
+
+    Besides the fields: `layer_types` names each layer "minimax_m3_sparse" or "full_attention";
+    `use_sparse_attention` false turns every layer dense; `sparse_score_type` is how a block's
+    score pools its keys' scores (M3: "max"); `sparse_disable_index_value[i]` = 1 means layer i's
+    indexer only selects blocks (no index value / output projections: true of every M3 layer).
+    """
+    if d.get("sparse_attention_config") is None:
+        r = _Reader(d, where)
+        layer_types = r.list("layer_types")
+        freq = None
+        if layer_types is not None:
+            _check_members(layer_types, ("minimax_m3_sparse", "full_attention"), f"{where}.layer_types")
+            freq = [int(t == "minimax_m3_sparse") for t in layer_types]
+        return dict(sparse_attention_freq=freq, **{f: r.int(hf, default) if hf else default
+                                                   for f, _, hf, default in _SPARSE_KEYS})
+    sw = f"{where}.sparse_attention_config"
+    s = _Reader(_sub(d, "sparse_attention_config", where), sw)
+    s.require("sparse_score_type", ["max"])
+    freq = s.list("sparse_attention_freq")
+    if not s.bool("use_sparse_attention", True):
+        freq = [0] * len(freq) if freq is not None else None
+    disable_value = s.list("sparse_disable_index_value")
+    if freq is not None and disable_value is not None:
+        if len(disable_value) != len(freq):
+            raise ValueError(f"config key '{sw}.sparse_disable_index_value' has {len(disable_value)} "
+                             f"entries but sparse_attention_freq has {len(freq)}")
+        bad = [i for i, (f, dv) in enumerate(zip(freq, disable_value)) if f and not dv]
+        if bad:
+            raise ValueError(f"config key '{sw}.sparse_disable_index_value' is 0 on sparse layers "
+                             f"{bad}: the index value branch is not part of M3; allowed: 1")
+    return dict(sparse_attention_freq=freq, **{f: s.int(up, default) for f, up, _, default in _SPARSE_KEYS})
+
+
+def _vision_fields(v: dict, top: dict) -> VisionConfig:
+    """Vision keys; activations must be exact GELU and the projector/merger must have biases.
+    `img_token_compression_config` (in vision_config or top level) holds the merge and temporal
+    patch sizes; `rope_parameters.rope_theta` is the transformers spelling of rope_theta."""
+    r = _Reader(v, "config.vision_config")
+    r.require("hidden_act", ["gelu"])
+    _Reader(top, "config").require("projector_hidden_act", ["gelu"])
+    _Reader(top, "config").require("multimodal_projector_bias", [True])
+    _Reader(top, "config").require("patch_merge_bias", [True])
+    compression = v.get("img_token_compression_config") or top.get("img_token_compression_config") or {}
+    c = _Reader(compression, "config.vision_config.img_token_compression_config")
+    params = _Reader(v.get("rope_parameters") or {}, "config.vision_config.rope_parameters")
+    return VisionConfig(
+        **_scalars(r, VisionConfig, ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                     "num_channels", "patch_size", "vision_segment_max_frames", "layer_norm_eps"]),
+        temporal_patch_size=c.int("temporal_patch_size", r.int("temporal_patch_size", 2)),
+        spatial_merge_size=c.int("spatial_merge_size", r.int("spatial_merge_size", 2)),
+        rope_theta=r.float("rope_theta", params.float("rope_theta", 10000.0)))
+
+
+def _scalars(r: _Reader, cls, names: list[str]) -> dict:
+    """Scalar keys spelled as the dataclass fields; absent keys take the field defaults."""
+    spec = {f.name: f for f in fields(cls)}
+    return {n: (r.float if spec[n].type == "float" else r.int)(n, spec[n].default) for n in names}
+
+
+def _check_members(values: list, allowed: tuple, key: str):
+    bad = [x for x in values if x not in allowed]
+    if bad:
+        raise ValueError(f"config key '{key}' holds {bad!r}; allowed values: {list(allowed)}")
+
+
+def validate_config(c: M3Config):
+    """Reject configs the math below cannot run, naming the key and what is allowed."""
+    def need(ok, key, msg):
+        if not ok:
+            raise ValueError(f"config key '{key}': {msg}")
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "dense_intermediate_size", "intermediate_size",
+                 "shared_intermediate_size", "n_shared_experts", "num_local_experts",
+                 "num_experts_per_tok", "sparse_index_dim", "sparse_num_index_heads",
+                 "sparse_topk_blocks", "sparse_block_size"):
+        need(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}")
+    for name in ("sparse_init_block", "sparse_local_block", "num_mtp_modules", "mtp_loss_weight"):
+        need(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
+    for name in ("moe_layer_freq", "sparse_attention_freq"):
+        n = len(getattr(c, name))
+        need(n == c.num_hidden_layers, name,
+             f"has {n} entries but num_hidden_layers is {c.num_hidden_layers}; allowed: one per layer")
+    need(c.num_attention_heads % c.num_key_value_heads == 0, "num_attention_heads",
+         f"{c.num_attention_heads} is not divisible by num_key_value_heads {c.num_key_value_heads}")
+    need(c.rotary_dim % 2 == 0 and 0 < c.rotary_dim <= c.head_dim, "rotary_dim",
+         f"must be even and in (0, head_dim={c.head_dim}], got {c.rotary_dim}")
+    need(c.num_experts_per_tok <= c.num_local_experts, "num_experts_per_tok",
+         f"{c.num_experts_per_tok} exceeds num_local_experts {c.num_local_experts}")
+    if any(c.sparse_attention_freq):
+        need(c.sparse_num_index_heads == c.num_key_value_heads, "sparse_num_index_heads",
+             f"must equal num_key_value_heads ({c.num_key_value_heads}): index head h selects the "
+             f"key blocks of KV head h; got {c.sparse_num_index_heads}")
+        need(c.rotary_dim <= c.sparse_index_dim, "sparse_index_dim",
+             f"must be >= rotary_dim ({c.rotary_dim}): the index q/k share the attention RoPE")
+    if c.vision is not None:
+        v = c.vision
+        need(c.projector_hidden_size >= 1, "projector_hidden_size", f"must be >= 1, got {c.projector_hidden_size}")
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
+                     "vision_segment_max_frames"):
+            need(getattr(v, name) >= 1, f"vision_config.{name}", f"must be >= 1, got {getattr(v, name)}")
+        need(v.hidden_size % v.num_attention_heads == 0, "vision_config.num_attention_heads",
+             f"hidden_size {v.hidden_size} is not divisible by {v.num_attention_heads} heads")
+        need(v.head_dim >= 6, "vision_config.num_attention_heads",
+             f"head_dim {v.head_dim} leaves no channels for the 3-axis RoPE (needs >= 6)")
 
 
 # ============================================================================================
@@ -1361,14 +1419,10 @@ def save_pretrained(model: MiniMaxM3, path: str | os.PathLike, max_shard_size: i
 # A case is a directory: config.json + model.safetensors (the upstream layout, loadable by any
 # implementation's usual loader), inputs.safetensors and outputs.safetensors (end results and
 # named intermediates, in forward order). golden/manifest.json lists each case's description,
-# dtype, per-tensor tolerances, tensor names and shapes, and the sha256 of every file.
+# dtype, end results, per-tensor tolerances, tensor names and shapes, and the sha256 of every file.
+# The tolerance and near-tie rules, and the comparison itself, live in golden/verify.py (numpy
+# only, for stacks without torch); this section imports it, so both callers share one copy.
 
-GOLDEN_FORMAT = 1
-FP32_COMPONENT_TOL = 1e-5     # one fp32 op chain: ~100 eps_fp32 (1.2e-7)
-FP32_MODEL_TOL = 1e-4         # a few tiny layers deep: rounding grows ~10x more
-BF16_TOL = 2 ** -5            # eps_bf16 = 2^-8 per rounding, several roundings compound
-FP32_TIE_TOL = 1e-3           # fp32 stacks that scale by d_idx^-0.5 or sum in another order stay far below
-BF16_TIE_TOL = 0.05           # bf16 / 16-bit quantised rankers flip choices whose scores differ by ~2^-8 |s|
 GOLDEN_MEDIA = dict(image_grids=((1, 2, 2), (1, 2, 4)), video_hw=(2, 2))   # 24 patches: pixels dominate the size
 
 
@@ -1552,28 +1606,41 @@ def _component_inputs(name: str, cfg: M3Config, seed: int) -> dict[str, torch.Te
     raise ValueError(name)
 
 
-COMPONENTS = {
-    "rms_norm": "Gemma RMSNorm of layer 0's input_layernorm on [2, 13, D] inputs of scale 3",
-    "swiglu_oai": "SwiGLU-OAI on values inside, at and beyond +-limit, and +-1e30 (gate and up clamps)",
-    "rope": "per-head q norm + partial NeoX RoPE (rotary_dim 4 of head_dim 8) at positions 0, 11, ..., 396",
-    "vision_rope": "3D RoPE positions in merge-window order for an image and a video of max_frames + 1 groups",
-    "moe": "router (biased scores, ids, weights) and MoE output of layer 1, 13 tokens",
-    "attention": "dense causal GQA attention of layer 0 (4 query / 2 KV heads), S = 37",
-    "sparse_attention": "indexer block scores/ids and block-sparse attention of layer 1, S = 37: not a multiple "
-                        "of the block size 8, top-6 above its 5 blocks so every causal block is kept",
-    "vision": "vision tower, projector and merger: images of grids (1, 2, 2) and (1, 2, 4) and a video of "
-              "3 temporal groups cut into segments of 2",
-}
+# component cases: name (after "component-"), the component run, its seed, config changes from
+# golden_config(), the end results a foreign file must hold, and what the case pins
+COMPONENT_CASES = [
+    dict(name="rms_norm", component="rms_norm", seed=0, end_results=["y"],
+         description="Gemma RMSNorm of layer 0's input_layernorm on [2, 13, D] inputs of scale 3"),
+    dict(name="swiglu_oai", component="swiglu_oai", seed=1, end_results=["out"],
+         description="SwiGLU-OAI on values inside, at and beyond +-limit, and +-1e30 (gate and up clamps)"),
+    dict(name="rope", component="rope", seed=2, end_results=["q"],
+         description="per-head q norm + partial NeoX RoPE (rotary_dim 4 of head_dim 8) at positions 0, 11, ..., 396"),
+    dict(name="vision_rope", component="vision_rope", seed=3, end_results=["q"],
+         description="3D RoPE positions in merge-window order for an image and a video of max_frames + 1 groups"),
+    dict(name="moe", component="moe", seed=4, end_results=["out"],
+         description="router (biased scores, ids, weights) and MoE output of layer 1, 13 tokens"),
+    dict(name="attention", component="attention", seed=5, end_results=["out"],
+         description="dense causal GQA attention of layer 0 (4 query / 2 KV heads), S = 37"),
+    dict(name="sparse_attention", component="sparse_attention", seed=6, overrides=dict(sparse_topk_blocks=6),
+         end_results=["out"],
+         description="indexer block scores/ids and block-sparse attention of layer 1, S = 37: not a multiple "
+                     "of the block size 8, top-6 above its 5 blocks so every causal block is kept"),
+    dict(name="sparse_attention_top3", component="sparse_attention", seed=8, end_results=["out"],
+         description="as sparse_attention with top-3 (1 init + 1 local forced) of the 5 blocks: queries in "
+                     "blocks 3 and 4 drop 1 and 2 of their causal blocks"),
+    dict(name="vision", component="vision", seed=7, end_results=["vision.image.features", "vision.video.features"],
+         description="vision tower, projector and merger: images of grids (1, 2, 2) and (1, 2, 4) and a video of "
+                     "3 temporal groups cut into segments of 2"),
+]
 
 
 def golden_cases() -> list[dict]:
-    """Every case: name, description, dtype, the model config, how to make inputs and run it."""
+    """Every case: name, description, kind, dtype, the model config, how to make inputs and run it."""
     base = golden_config()
     text = replace(base, vision=None)
-    # the sparse component runs top-6 over 5 blocks; the model cases keep top-k below the block count
-    cases = [dict(name=f"component-{n}", description=d, kind="component", component=n, dtype="float32", seed=i,
-                  config=replace(base, sparse_topk_blocks=6) if n == "sparse_attention" else base)
-             for i, (n, d) in enumerate(COMPONENTS.items())]
+    cases = [dict(c, name=f"component-{c['name']}", kind="component", dtype="float32",
+                  config=replace(base, **c.get("overrides", {})))
+             for c in COMPONENT_CASES]
     cases += [
         dict(name="text", kind="model", config=text, dtype="float32", seed=100, batch=2, length=29, media=False,
              description="text-only model, batch of 2, 29 tokens, MTP depth 1, labels with -100"),
@@ -1591,53 +1658,44 @@ def golden_cases() -> list[dict]:
         dict(name="bf16", kind="model", config=base, dtype="bfloat16", seed=101, media=True,
              description="the vision-language case with bf16 weights and activations"),
     ]
-    return cases
+    return [dict(c, end_results=c.get("end_results", ["logits"])) for c in cases]
 
 
-def _tolerance(case: dict, name: str, t: torch.Tensor) -> dict:
-    if name.endswith(".ids") or name.endswith("block_ids"):
-        return {"compare": "set"}
-    if not t.is_floating_point():
-        return {"compare": "exact"}
-    if case["dtype"] == "bfloat16":
-        tol = BF16_TOL
-    else:
-        tol = FP32_COMPONENT_TOL if case["kind"] == "component" else FP32_MODEL_TOL
-    return {"compare": "close", "atol": tol, "rtol": tol}
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def run_case(path: Path, case: dict, inputs: dict) -> dict[str, torch.Tensor]:
+    """The reference's outputs of one case (a golden_cases() dict or a manifest entry)."""
+    if case["kind"] == "component":
+        return run_component_case(path, case["component"], inputs)
+    return run_model_case(path, getattr(torch, case["dtype"]), inputs)
 
 
 def make_case(case: dict, path: Path) -> dict:
     """Write one case directory and return its manifest entry."""
     from safetensors.torch import save_file
+    V = golden_verifier()
     path.mkdir(parents=True)
-    dtype = getattr(torch, case["dtype"])
     cfg = case["config"]
-    model = init_random_(MiniMaxM3(cfg), case["seed"]).to(dtype)
+    model = init_random_(MiniMaxM3(cfg), case["seed"]).to(getattr(torch, case["dtype"]))
     if case["kind"] == "component":
         inputs = _component_inputs(case["component"], cfg, case["seed"])
         m3_keys = _component_weight_keys(case["component"], model)
         (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         if m3_keys:
             save_file({k: t.contiguous() for k, t in model.state_dict().items() if k in m3_keys}, path / SINGLE_FILE)
-        outputs = run_component_case(path, case["component"], inputs)
     else:
         inputs = _model_inputs(cfg, case["seed"], case.get("batch", 1), case.get("length", 0), case["media"])
         save_pretrained(model, path)
-        outputs = run_model_case(path, dtype, inputs)
+    outputs = run_case(path, case, inputs)
     save_file({k: v.contiguous() for k, v in inputs.items()}, path / "inputs.safetensors")
     save_file({k: v.contiguous().clone() for k, v in outputs.items()}, path / "outputs.safetensors")
-    tie_tol = BF16_TIE_TOL if case["dtype"] == "bfloat16" else FP32_TIE_TOL
     return {"name": case["name"], "description": case["description"], "kind": case["kind"],
-            "dtype": case["dtype"], "seed": case["seed"], "tie_tol": tie_tol, "config": cfg.to_dict(),
-            "inputs": {k: list(v.shape) for k, v in inputs.items()},
+            **({"component": case["component"]} if case["kind"] == "component" else {}),
+            "dtype": case["dtype"], "seed": case["seed"], "tie_tol": V.tie_tolerance(case["dtype"]),
+            "config": cfg.to_dict(), "inputs": {k: list(v.shape) for k, v in inputs.items()},
+            "end_results": case["end_results"],
             "outputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
-                         **_tolerance(case, k, v)} for k, v in outputs.items()],
-            "files": {f.name: _sha256(f) for f in sorted(path.iterdir())}}
+                         **V.tolerance(k, v.is_floating_point(), case["dtype"], case["kind"])}
+                        for k, v in outputs.items()],
+            "files": {f.name: V.sha256(f) for f in sorted(path.iterdir())}}
 
 
 def _component_weight_keys(name: str, model: MiniMaxM3) -> set[str]:
@@ -1652,7 +1710,9 @@ def _component_weight_keys(name: str, model: MiniMaxM3) -> set[str]:
 
 
 def generate_golden(out: str | os.PathLike) -> None:
-    """Regenerate every case into a temporary sibling directory; swap it in only if all succeeded."""
+    """Regenerate every case into a temporary sibling directory; swap it in only if all succeeded.
+    The directory also gets a copy of golden/verify.py, so that it can be checked wherever it goes."""
+    V = golden_verifier()
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
@@ -1661,9 +1721,10 @@ def generate_golden(out: str | os.PathLike) -> None:
         for case in golden_cases():
             entries.append(make_case(case, tmp / case["name"]))
             print(f"  {case['name']:<28} {len(entries[-1]['outputs']):>3} tensors")
-        manifest = {"format": GOLDEN_FORMAT, "generator": "m3_reference.py golden",
+        manifest = {"format": V.GOLDEN_FORMAT, "generator": "m3_reference.py golden",
                     "torch": torch.__version__, "cases": entries}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        shutil.copyfile(V.__file__, tmp / "verify.py")
     except BaseException:
         shutil.rmtree(tmp)
         raise
@@ -1677,156 +1738,35 @@ def generate_golden(out: str | os.PathLike) -> None:
         shutil.rmtree(old)
 
 
-# ---- verifier -------------------------------------------------------------------------------
+# ---- verifier: golden/verify.py's comparison on the reference's own re-run -----------------
 
-def load_manifest(root: Path) -> dict:
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-        if manifest.get("format") != GOLDEN_FORMAT or not isinstance(manifest.get("cases"), list):
-            raise ValueError(f"format must be {GOLDEN_FORMAT} with a list of cases")
-        return manifest
-    except (OSError, json.JSONDecodeError, ValueError, AttributeError) as e:
-        raise ValueError(f"cannot read {root / 'manifest.json'}: {e}") from e
+def golden_verifier():
+    """golden/verify.py as a module: the one implementation of the tolerance and near-tie rules
+    and of the comparison, shared by the generator, `verify` below and torch-free users."""
+    name = "m3_golden_verify"
+    if name not in sys.modules:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "golden" / "verify.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module                  # registered first: its dataclass looks itself up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def verify_golden(root: str | os.PathLike, case: str | None = None) -> int:
+    """Re-run the reference on every case (or one) and compare it with the committed outputs.
+    Returns golden/verify.py's exit status: 0 pass, 1 divergence, 2 unusable input, 3 inconclusive."""
     from safetensors.torch import load_file
-    if not path.is_file():
-        raise ValueError(f"cannot read {path}: no such file")
-    try:
-        return load_file(path)
-    except Exception as e:                      # safetensors raises its own error types
-        raise ValueError(f"cannot read {path}: {e} (truncated or not a safetensors file?)") from e
-
-
-def check_case_files(root: Path, entry: dict) -> Path:
-    """The case directory, after checking every file against the manifest's sha256."""
-    path = root / entry["name"]
-    for name, digest in entry["files"].items():
-        file = path / name
-        if not file.exists():
-            raise ValueError(f"{file}: listed in the manifest but missing")
-        if _sha256(file) != digest:
-            raise ValueError(f"{file}: sha256 does not match golden/manifest.json; the file was changed or "
-                             f"corrupted (regenerate with `python m3_reference.py golden --out {root}`)")
-    return path
-
-
-def forced_blocks(c: int, init_blocks: int, local_blocks: int) -> set[int]:
-    """The blocks forced for a query in block c, before the top-k budget: init blocks and the last
-    local blocks ending at c."""
-    return set(range(min(init_blocks, c + 1))) | set(range(max(c - local_blocks + 1, 0), c + 1))
-
-
-def _selection_diff(name: str, ref: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor, entry: dict):
-    """Compare choices as sets per row. Returns (rows that differ, rows that diverge, largest score gap
-    of the near ties). A differing row is a near tie when the blocks/experts swapped in score, by
-    the reference scores, less than tie_tol below the ones swapped out and none swapped out was forced."""
-    cfg = entry["config"].get("text_config", entry["config"])
-    sparse = cfg["sparse_attention_config"]
-    is_blocks = name.endswith("block_ids")
-    S = ref.shape[-2] if is_blocks else None
-    ref_rows, their_rows, score_rows = ref.reshape(-1, ref.shape[-1]), theirs.reshape(-1, theirs.shape[-1]), \
-        scores.reshape(-1, scores.shape[-1])
-    differ = diverge = 0
-    worst_gap = 0.0
-    for r in range(ref_rows.shape[0]):
-        a = set(ref_rows[r].tolist()) - {-1}
-        b = set(their_rows[r].tolist()) - {-1}
-        if a == b:
-            continue
-        differ += 1
-        out_, in_ = a - b, b - a
-        s = score_rows[r]
-        valid = len(a) == len(b) and all(0 <= n < s.numel() and torch.isfinite(s[n]) for n in in_)
-        if valid and is_blocks:
-            c = (r % S) // sparse["sparse_block_size"]
-            forced = forced_blocks(c, sparse["sparse_init_block"], sparse["sparse_local_block"])
-            valid = not (out_ & forced) and all(n <= c for n in in_)
-        gap = float(min(s[n] for n in out_) - max(s[n] for n in in_)) if valid and out_ else float("inf")
-        if gap < entry["tie_tol"]:
-            worst_gap = max(worst_gap, gap)
-        else:
-            diverge += 1
-    return differ, diverge, worst_gap
-
-
-def compare_outputs(entry: dict, reference: dict, theirs: dict) -> list[dict]:
-    """One row per reference tensor in forward order: shape, max abs / rel error, tolerance, status
-    (pass, FAIL, near tie, missing), and whether an earlier tensor was a near tie."""
-    rows, after_tie = [], False
-    for spec in entry["outputs"]:
-        name = spec["name"]
-        ref = reference[name]
-        row = {"name": name, "shape": list(ref.shape), "abs": None, "rel": None, "tol": "", "after_tie": after_tie}
-        rows.append(row)
-        if name not in theirs:
-            row["status"] = "missing"
-            continue
-        got = theirs[name]
-        if list(got.shape) != list(ref.shape):
-            row.update(status="FAIL", tol=f"shape {list(got.shape)}")
-            continue
-        if spec["compare"] == "set":
-            scores = reference[name.removesuffix("ids") + "scores"]        # block_scores / router scores
-            differ, diverge, gap = _selection_diff(name, ref, got, scores, entry)
-            row.update(tol=f"sets, tie<{entry['tie_tol']:g}", abs=differ,
-                       status="FAIL" if diverge else ("near tie" if differ else "pass"))
-            after_tie = after_tie or (differ > 0 and not diverge)
-            continue
-        if spec["compare"] == "exact":
-            row.update(tol="exact", status="pass" if torch.equal(got.long(), ref.long()) else "FAIL")
-            continue
-        r64, g64 = ref.double(), got.double()
-        same = (r64 == g64) | (r64.isnan() & g64.isnan())          # equal infinities count as equal
-        diff = torch.where(same, torch.zeros_like(r64), (g64 - r64).abs())
-        diff = torch.nan_to_num(diff, nan=float("inf"))
-        ok = bool((diff <= spec["atol"] + spec["rtol"] * r64.abs().nan_to_num(posinf=0, neginf=0)).all())
-        rel = diff / r64.abs().clamp_min(1e-30)
-        row.update(abs=float(diff.max()) if diff.numel() else 0.0, rel=float(rel.max()) if rel.numel() else 0.0,
-                   tol=f"{spec['atol']:g}+{spec['rtol']:g}|x|", status="pass" if ok else "FAIL")
-    return rows
-
-
-def print_rows(case: str, rows: list[dict]) -> bool:
-    """The comparison table; returns True when every compared tensor passed (near ties pass)."""
-    failed = [r for r in rows if r["status"] == "FAIL"]
-    missing = [r for r in rows if r["status"] == "missing"]
-    print(f"\n{case}: {len(rows) - len(missing)} tensors compared, {len(missing)} missing, {len(failed)} failed")
-    print(f"  {'tensor':<34}{'shape':<18}{'max abs':>10}{'max rel':>10}  {'tolerance':<22}status")
-    for r in rows:
-        num = lambda v: "" if v is None else (f"{v}" if isinstance(v, int) else f"{v:.2e}")
-        note = "  (after a near tie)" if r["after_tie"] and r["status"] != "missing" else ""
-        print(f"  {r['name']:<34}{str(r['shape']):<18}{num(r['abs']):>10}{num(r['rel']):>10}  {r['tol']:<22}"
-              f"{r['status']}{note}")
-    if failed:
-        print(f"  first divergence: {failed[0]['name']}")
-    return not failed
-
-
-def verify_golden(root: str | os.PathLike, case: str | None = None, outputs: str | None = None) -> bool:
-    """Re-run the reference on every case (or one) and compare with the committed outputs, or compare
-    a foreign implementation's outputs file against one case. True when everything compared passed."""
+    V = golden_verifier()
     root = Path(root)
-    manifest = load_manifest(root)
-    entries = [e for e in manifest["cases"] if case is None or e["name"] == case]
-    if not entries:
-        raise ValueError(f"no case {case!r} in {root / 'manifest.json'}; cases: "
-                         f"{[e['name'] for e in manifest['cases']]}")
-    if outputs is not None and case is None:
-        raise ValueError("--outputs compares one case: name it with --case")
-    ok = True
-    for entry in entries:
-        path = check_case_files(root, entry)
-        reference = _load_tensors(path / "outputs.safetensors")
-        if outputs is not None:
-            theirs = _load_tensors(Path(outputs))
-        else:
-            inputs = _load_tensors(path / "inputs.safetensors")
-            theirs = (run_component_case(path, entry["name"].removeprefix("component-"), inputs)
-                      if entry["kind"] == "component" else run_model_case(path, getattr(torch, entry["dtype"]), inputs))
-        ok = print_rows(entry["name"], compare_outputs(entry, reference, theirs)) and ok
-    return ok
+    manifest = V.load_manifest(root)
+    statuses = []
+    for entry in [V.find_case(manifest, root, case)] if case else manifest["cases"]:
+        path = V.check_case_files(root, entry)
+        ours = run_case(path, entry, load_file(path / "inputs.safetensors"))
+        ours = {k: (t.float() if t.dtype == torch.bfloat16 else t).numpy() for k, t in ours.items()}
+        statuses.append(V.check(entry["name"], V.case_rules(entry), V.read_safetensors(path / "outputs.safetensors"), ours))
+    return V.worst(statuses)
 
 
 # ============================================================================================
@@ -1969,21 +1909,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     b.add_argument("--one", nargs=3, metavar=("IMPL", "S", "CKPT"), help=argparse.SUPPRESS)
     g = sub.add_parser("golden", help="regenerate every golden case from fixed seeds")
     g.add_argument("--out", default="golden", help="golden directory (replaced only when all cases succeed)")
-    v = sub.add_parser("verify", help="compare the reference, or a foreign implementation, with the golden cases")
+    v = sub.add_parser("verify", help="re-run the reference on the golden cases and compare (another "
+                                      "implementation's outputs: golden/verify.py)")
     v.add_argument("root", help="golden directory")
     v.add_argument("--case", help="verify only this case")
-    v.add_argument("--outputs", help="a foreign implementation's outputs (.safetensors) for --case, same names")
     args = parser.parse_args(argv)
     if args.command == "golden":
         print(f"generating golden cases into {args.out}")
         generate_golden(args.out)
     elif args.command == "verify":
         try:
-            ok = verify_golden(args.root, args.case, args.outputs)
+            status = verify_golden(args.root, args.case)
         except ValueError as e:
-            sys.exit(f"error: {e}")
-        print("\nall compared tensors pass" if ok else "\nsome tensors diverge")
-        sys.exit(0 if ok else 1)
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"\noverall: exit {status} (0 pass, 1 divergence, 2 unusable input, 3 inconclusive)")
+        sys.exit(status)
     elif args.command == "bench" and args.one:
         impl, S, ckpt = args.one
         print(json.dumps(_bench_one(impl, int(S), ckpt)))

@@ -345,6 +345,8 @@ def test_losses_equal_hand_computed_cross_entropies():
     torch.testing.assert_close(out.lm_loss.double(), ce(out.logits, 1), rtol=1e-5, atol=1e-5)
     mtp = 0.1 / 2 * (ce(out.mtp_logits[0], 2) + ce(out.mtp_logits[1], 3))
     torch.testing.assert_close(out.mtp_loss.double(), mtp, rtol=1e-5, atol=1e-5)
+    weighted = model_of(replace(cfg, mtp_loss_weight=0.5))(ids, labels=labels)     # same weights, lambda 0.5
+    torch.testing.assert_close(weighted.mtp_loss.double(), 5 * mtp, rtol=1e-5, atol=1e-5)
 
 
 def test_mtp_depth_is_the_documented_composition():
@@ -994,15 +996,47 @@ def test_mtp_parity_with_a_transformers_decoder_layer(tmp_path):
 
 
 # ============================================================================================
-# Golden cases and the verifier
+# Golden cases and the verifier (golden/verify.py: numpy only, shared with `m3_reference.py verify`)
 # ============================================================================================
 
 GOLDEN = Path(__file__).parent / "golden"
+V = m3.golden_verifier()
+
+
+def _outputs(case: str) -> dict:
+    from safetensors.torch import load_file
+    return load_file(GOLDEN / case / "outputs.safetensors")
+
+
+def _write(path: Path, tensors: dict) -> str:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return str(path)
+
+
+def _foreign(tmp_path, case, edit) -> str:
+    """A committed case's outputs, edited, saved as another implementation's file."""
+    outputs = _outputs(case)
+    edit(outputs)
+    return _write(tmp_path / "theirs.safetensors", outputs)
+
+
+def _verify(capsys, *args) -> tuple[int, str]:
+    """golden/verify.py's CLI in-process: (exit status, stdout + stderr)."""
+    status = V.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return status, out.out + out.err
+
+
+def _row(out: str, name: str) -> str:
+    """The verifier table line of one tensor."""
+    return next(line for line in out.splitlines() if line.split()[:1] == [name])
 
 
 def test_committed_golden_cases_verify(capsys):
-    assert m3.verify_golden(GOLDEN)
-    assert "0 failed" in capsys.readouterr().out
+    assert m3.verify_golden(GOLDEN) == V.PASS
+    out = capsys.readouterr().out
+    assert out.count("PASS (exit 0)") == len(V.load_manifest(GOLDEN)["cases"]) and "FAIL" not in out
 
 
 def test_golden_generation_is_deterministic_and_matches_the_committed_cases(tmp_path):
@@ -1012,13 +1046,15 @@ def test_golden_generation_is_deterministic_and_matches_the_committed_cases(tmp_
     assert files and files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     for f in files:                                            # same seeds, same machine: same bytes
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-    # another CPU may round differently: the committed tensors are compared within tolerances
-    committed, fresh = m3.load_manifest(GOLDEN), m3.load_manifest(tmp_path / "a")
+    assert (tmp_path / "a" / "verify.py").read_bytes() == (GOLDEN / "verify.py").read_bytes()
+    # another CPU may round differently: the committed tensors are compared within tolerances, and
+    # the manifest (rules, names, shapes) must be exactly what the generator writes
+    committed, fresh = V.load_manifest(GOLDEN), V.load_manifest(tmp_path / "a")
     assert [e["name"] for e in committed["cases"]] == [e["name"] for e in fresh["cases"]]
     for entry, new in zip(committed["cases"], fresh["cases"]):
-        assert [o["name"] for o in entry["outputs"]] == [o["name"] for o in new["outputs"]]
-        rows = m3.compare_outputs(entry, m3._load_tensors(GOLDEN / entry["name"] / "outputs.safetensors"),
-                                  m3._load_tensors(tmp_path / "a" / entry["name"] / "outputs.safetensors"))
+        assert {k: v for k, v in entry.items() if k != "files"} == {k: v for k, v in new.items() if k != "files"}
+        rows = V.compare(V.case_rules(entry), V.read_safetensors(GOLDEN / entry["name"] / "outputs.safetensors"),
+                         V.read_safetensors(tmp_path / "a" / entry["name"] / "outputs.safetensors"))
         assert all(r["status"] == "pass" for r in rows), entry["name"]
 
 
@@ -1026,17 +1062,71 @@ def test_golden_is_small():
     assert sum(p.stat().st_size for p in GOLDEN.rglob("*") if p.is_file()) <= 5 * 2 ** 20
 
 
-def _row(out: str, name: str) -> str:
-    """The verifier table line of one tensor."""
-    return next(line for line in out.splitlines() if line.split()[:1] == [name])
+def test_verify_py_runs_without_torch_on_every_committed_case():
+    import subprocess
+    import sys
+    script = f"""
+import importlib.util, json, sys
+sys.modules["torch"] = None                     # any `import torch` now raises ImportError
+spec = importlib.util.spec_from_file_location("verify", {str(GOLDEN / "verify.py")!r})
+verify = importlib.util.module_from_spec(spec)
+sys.modules["verify"] = verify
+spec.loader.exec_module(verify)
+root = verify.Path({str(GOLDEN)!r})
+cases = [e["name"] for e in verify.load_manifest(root)["cases"]]
+codes = {{c: verify.main(["--case", c, "--outputs", str(root / c / "outputs.safetensors")]) for c in cases}}
+print(json.dumps(codes))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    codes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "bf16" in codes and len(codes) == len(V.load_manifest(GOLDEN)["cases"])
+    assert set(codes.values()) == {V.PASS}, codes
 
 
-def _foreign(tmp_path, case, edit):
-    from safetensors.torch import save_file
-    outputs = m3._load_tensors(GOLDEN / case / "outputs.safetensors")
-    edit(outputs)
-    save_file(outputs, tmp_path / "theirs.safetensors")
-    return str(tmp_path / "theirs.safetensors")
+def test_bf16_tensors_decode_exactly_without_torch():
+    theirs = V.read_safetensors(GOLDEN / "bf16" / "outputs.safetensors")
+    dtypes = V.safetensors_dtypes(GOLDEN / "bf16" / "outputs.safetensors")
+    assert dtypes["logits"] == "BF16" and dtypes["layers.1.indexer.block_scores"] == "F32"
+    for name, t in _outputs("bf16").items():
+        expected = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+        assert theirs[name].dtype == expected.dtype and (theirs[name] == expected).all(), name
+
+
+def _rename(o):
+    for k in list(o):
+        o["model." + k] = o.pop(k)
+
+
+def _reverse_selections(o):
+    for k in [k for k in o if k.endswith("ids")]:
+        o[k] = o[k].flip(-1)                         # -1 padding first, ids descending: same sets
+
+
+@pytest.mark.parametrize("edit, status, says", [
+    (_rename, V.UNUSABLE, ["nothing compared", "not in the reference, ignored: model.embeddings"]),
+    (lambda o: o.pop("logits"), V.UNUSABLE, ["the end result logits is missing"]),
+    (lambda o: o["layers.1.hidden"].__setitem__((0, 3, 5), float("nan")), V.DIVERGED,
+     ["first divergence: layers.1.hidden", "1 NaN"]),
+    (lambda o: o.update({"layers.0.hidden": o["layers.0.hidden"][:, :-1]}), V.DIVERGED,
+     ["first divergence: layers.0.hidden", "shape [2, 28, 32], expected [2, 29, 32]"]),
+    (lambda o: o.update({"layers.1.router.ids": o["layers.1.router.ids"].float()}), V.DIVERGED,
+     ["first divergence: layers.1.router.ids", "an integer tensor is expected"]),
+    (lambda o: o.update({"logits": o["logits"].long()}), V.DIVERGED,
+     ["first divergence: logits", "a floating tensor is expected"]),
+    (_reverse_selections, V.PASS, ["PASS (exit 0)"]),
+])
+def test_bad_foreign_files_get_their_status_and_name_the_tensor(tmp_path, capsys, edit, status, says):
+    got, out = _verify(capsys, "--case", "text", "--outputs", _foreign(tmp_path, "text", edit))
+    assert got == status, out
+    for text in says:
+        assert text in out, (text, out)
+
+
+def test_a_component_case_without_one_of_its_end_results_is_unusable(tmp_path, capsys):
+    got, out = _verify(capsys, "--case", "component-vision", "--outputs",
+                       _foreign(tmp_path, "component-vision", lambda o: o.pop("vision.video.features")))
+    assert got == V.UNUSABLE and "the end result vision.video.features is missing" in out
 
 
 def test_verifier_points_at_the_first_perturbed_tensor(tmp_path, capsys):
@@ -1044,8 +1134,8 @@ def test_verifier_points_at_the_first_perturbed_tensor(tmp_path, capsys):
         o["layers.1.hidden"] = o["layers.1.hidden"] + 1e-2
         o["logits"] = o["logits"] + 1e-2
         del o["mtp.0.logits"]
-    assert not m3.verify_golden(GOLDEN, "text", _foreign(tmp_path, "text", perturb))
-    out = capsys.readouterr().out
+    got, out = _verify(capsys, "--case", "text", "--outputs", _foreign(tmp_path, "text", perturb))
+    assert got == V.DIVERGED
     assert "first divergence: layers.1.hidden" in out and "1 missing, 2 failed" in out
     assert _row(out, "mtp.0.logits").rstrip().endswith("missing")
 
@@ -1053,18 +1143,17 @@ def test_verifier_points_at_the_first_perturbed_tensor(tmp_path, capsys):
 def _near_tie(case: str):
     """(tie_tol, gap, (tensor, head, query, selected block, unselected block)): the swap of an unforced
     selected block for an unselected candidate with the smallest reference score gap in the case."""
-    entry = next(e for e in m3.load_manifest(GOLDEN)["cases"] if e["name"] == case)
-    cfg = entry["config"].get("text_config", entry["config"])["sparse_attention_config"]
-    out = m3._load_tensors(GOLDEN / case / "outputs.safetensors")
-    bs, best = cfg["sparse_block_size"], (float("inf"), None)
+    entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, case)
+    sparse = V.sparse_rules(entry["config"])
+    out = _outputs(case)
+    best = (float("inf"), None)
     for name in [n for n in out if n.endswith("block_ids")]:
         ids, scores = out[name], out[name.removesuffix("ids") + "scores"]
         for h in range(ids.shape[1]):
             for i in range(ids.shape[2]):
-                c = i // bs
-                forced = m3.forced_blocks(c, cfg["sparse_init_block"], cfg["sparse_local_block"])
+                c = i // sparse["block_size"]
                 chosen = set(ids[0, h, i].tolist()) - {-1}
-                for a in chosen - forced:
+                for a in chosen - V.forced_blocks(c, sparse["init"], sparse["local"]):
                     for b in set(range(c + 1)) - chosen:
                         gap = float(scores[0, h, i, a] - scores[0, h, i, b])
                         if gap < best[0]:
@@ -1078,32 +1167,148 @@ def _swap(o, name, h, i, a, b):
     ids[0, h, i, :len(row)] = torch.tensor(row, dtype=torch.int32)
 
 
-def test_verifier_reports_a_swapped_near_tie_block_as_a_near_tie(tmp_path, capsys):
-    case = "bf16"                  # bf16 rankers flip choices within its tie_tol; the fp32 cases hold none
-    tie_tol, gap, (name, h, i, a, b) = _near_tie(case)
-    print(f"closest swap in {case}: {name} head {h} query {i} blocks {a}->{b}, score gap {gap:.2e}")
+def _swap_near_tie(case: str):
+    tie_tol, gap, swap = _near_tie(case)
     if gap >= tie_tol:
         pytest.fail(f"{case} holds no near tie under tie_tol {tie_tol} (closest gap {gap:.2e})")
-    assert m3.verify_golden(GOLDEN, case, _foreign(tmp_path, case, lambda o: _swap(o, name, h, i, a, b)))
-    out = capsys.readouterr().out
+    return swap[0], lambda o: _swap(o, *swap)
+
+
+def test_a_swapped_near_tie_block_is_a_near_tie_and_passes(tmp_path, capsys):
+    name, swap = _swap_near_tie("bf16")     # bf16 rankers flip choices within its tie_tol; fp32 cases hold none
+    got, out = _verify(capsys, "--case", "bf16", "--outputs", _foreign(tmp_path, "bf16", swap))
+    assert got == V.PASS and "pass (with near ties)" in out
     assert "near tie" in _row(out, name)
     assert "(after a near tie)" in _row(out, "logits") and "(after a near tie)" not in _row(out, "embeddings")
 
 
-def test_verifier_fails_a_swap_far_from_a_tie(tmp_path, capsys):
-    out = m3._load_tensors(GOLDEN / "sparse-edge-b4" / "outputs.safetensors")
+def test_a_divergence_after_a_near_tie_is_inconclusive(tmp_path, capsys):
+    name, swap = _swap_near_tie("bf16")
+
+    def edit(o):
+        swap(o)
+        o["logits"] = o["logits"] + 1.0
+    got, out = _verify(capsys, "--case", "bf16", "--outputs", _foreign(tmp_path, "bf16", edit))
+    assert got == V.INCONCLUSIVE
+    assert f"first divergence: logits, after the near tie in {name}" in out and "--layerwise" in out
+
+
+def test_layerwise_keeps_a_near_tie_inside_its_own_layer(tmp_path, capsys):
+    name, swap = _swap_near_tie("bf16")
+    layer = V.stage(name)                                     # e.g. layers.1
+    later = f"layers.{int(layer.split('.')[1]) + 1}.hidden"
+
+    def edit(bump):
+        def apply(o):
+            swap(o)
+            o[bump] = o[bump] + 1.0
+        return apply
+    theirs = _foreign(tmp_path, "bf16", edit(later))
+    assert _verify(capsys, "--case", "bf16", "--outputs", theirs)[0] == V.INCONCLUSIVE
+    got, out = _verify(capsys, "--case", "bf16", "--outputs", theirs, "--layerwise")
+    assert got == V.DIVERGED and f"first divergence: {later}" in out
+    same_layer = _foreign(tmp_path, "bf16", edit(f"{layer}.hidden"))
+    assert _verify(capsys, "--case", "bf16", "--outputs", same_layer, "--layerwise")[0] == V.INCONCLUSIVE
+
+
+def test_a_swap_far_from_a_tie_diverges(tmp_path, capsys):
+    out = _outputs("sparse-edge-b4")
     ids, scores = out["layers.1.indexer.block_ids"], out["layers.1.indexer.block_scores"]
     i = ids.shape[2] - 1
     chosen = [n for n in ids[0, 0, i].tolist() if n >= 0]
     best = max(chosen[2:-2], key=lambda n: float(scores[0, 0, i, n]))        # an unforced pick
     worst = min(set(range(i // 4 + 1)) - set(chosen), key=lambda n: float(scores[0, 0, i, n]))
     assert float(scores[0, 0, i, best] - scores[0, 0, i, worst]) > 0.05
-    assert not m3.verify_golden(GOLDEN, "sparse-edge-b4", _foreign(
+    got, text = _verify(capsys, "--case", "sparse-edge-b4", "--outputs", _foreign(
         tmp_path, "sparse-edge-b4", lambda o: _swap(o, "layers.1.indexer.block_ids", 0, i, best, worst)))
-    assert "first divergence: layers.1.indexer.block_ids" in capsys.readouterr().out
+    assert got == V.DIVERGED and "first divergence: layers.1.indexer.block_ids" in text
+    assert f"first at [0, 0, {i}]" in _row(text, "layers.1.indexer.block_ids")
 
 
-def test_verifier_rejects_tampered_and_truncated_files(tmp_path):
+def _layerwise_bf16_in_fp32(stored: dict) -> dict:
+    """The bf16 case computed in fp32 stage by stage from its stored tensors, as README's
+    'Layer by layer' describes: each layer starts from the stored hidden state before it and its
+    attention uses the stored block ids (the indexer's own selection is what gets compared)."""
+    from safetensors.torch import load_file
+    path = GOLDEN / "bf16"
+    inputs = load_file(path / "inputs.safetensors")
+    model = m3.from_pretrained(path, dtype=torch.float32)
+    text, head = model.language_model.model, model.language_model.lm_head
+    ref = lambda n: stored[n].float()
+    ids = inputs["input_ids"]
+    cos, sin = text.rope(torch.arange(ids.shape[1]).expand_as(ids))
+    tracer = m3.Tracer(model, ["image", "video"])
+    out = {}
+    with torch.no_grad():
+        model.vision_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        model.vision_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        e = m3.splice(text.embed_tokens(ids), ids, ref("vision.image.features"), model.config.image_token_index, "image")
+        out["embeddings"] = m3.splice(e, ids, ref("vision.video.features"), model.config.video_token_index, "video")
+        for i, layer in enumerate(text.layers):
+            if layer.self_attn.sparse:
+                layer.self_attn.select = lambda *a, i=i: stored[f"layers.{i}.indexer.block_ids"]
+            layer(ref("embeddings" if i == 0 else f"layers.{i - 1}.hidden"), cos, sin)
+        out["hidden"] = text.norm(ref(f"layers.{len(text.layers) - 1}.hidden"))
+        out["logits"] = head(ref("hidden"))
+        for d, depth in enumerate(text.mtp["layers"]):
+            depth.transformer_layer.self_attn.select = lambda *a, d=d: stored[f"mtp.{d}.layer.indexer.block_ids"]
+            depth(ref("hidden" if d == 0 else f"mtp.{d - 1}.hidden"), text.embed_tokens(F.pad(ids[:, d + 1:], (0, d + 1))),
+                  cos, sin)
+            out[f"mtp.{d}.logits"] = head(ref(f"mtp.{d}.hidden"))
+    tracer.close()
+    return {**{k: v for k, v in tracer.out.items() if k != "hidden"}, **out}
+
+
+def test_bf16_case_computed_in_fp32_is_inconclusive_and_passes_layer_by_layer(tmp_path, capsys):
+    from safetensors.torch import load_file
+    path = GOLDEN / "bf16"
+    fp32 = m3.run_model_case(path, torch.float32, load_file(path / "inputs.safetensors"))
+    got, out = _verify(capsys, "--case", "bf16", "--outputs", _write(tmp_path / "fp32.safetensors", fp32))
+    assert got == V.INCONCLUSIVE, out                     # a near tie, then the path forks: not a plain 1
+    assert "after the near tie in layers.1.indexer.block_ids" in out
+    layerwise = _write(tmp_path / "layerwise.safetensors", _layerwise_bf16_in_fp32(_outputs("bf16")))
+    got, out = _verify(capsys, "--case", "bf16", "--outputs", layerwise, "--layerwise")
+    assert got == V.PASS and "FAIL" not in out, out
+
+
+def test_reference_mode_compares_any_two_files(tmp_path, capsys):
+    ref = _write(tmp_path / "ref.safetensors", _outputs("text"))
+    config = GOLDEN / "text" / "config.json"
+    assert _verify(capsys, "--reference", ref, "--outputs", ref, "--config", config)[0] == V.PASS
+    got, out = _verify(capsys, "--reference", ref, "--outputs", ref)
+    assert got == V.UNUSABLE and "--config" in out
+    bumped = _foreign(tmp_path, "text", lambda o: o.update({"layers.2.hidden": o["layers.2.hidden"] + 1e-3}))
+    got, out = _verify(capsys, "--reference", ref, "--outputs", bumped, "--config", config)
+    assert got == V.DIVERGED and "first divergence: layers.2.hidden" in out
+    assert "0.0001+0.0001|x|" in _row(out, "layers.2.hidden")            # fp32 reference: fp32 model rules
+    assert _verify(capsys, "--reference", ref, "--outputs", bumped, "--config", config, "--tol", "1e-2")[0] == V.PASS
+
+
+def test_reference_mode_classifies_near_ties_with_the_reference_dtype(tmp_path, capsys):
+    ref = _write(tmp_path / "ref.safetensors", _outputs("bf16"))
+    config = GOLDEN / "bf16" / "config.json"
+    name, swap = _swap_near_tie("bf16")
+    theirs = _foreign(tmp_path, "bf16", swap)
+    got, out = _verify(capsys, "--reference", ref, "--outputs", theirs, "--config", config)
+    assert got == V.PASS and "near tie" in _row(out, name) and "tie<0.05" in _row(out, name)
+    assert _verify(capsys, "--reference", ref, "--outputs", theirs, "--config", config, "--tie-tol", "1e-4")[0] \
+        == V.DIVERGED
+
+    def after(o):
+        swap(o)
+        o["mtp.0.logits"] = o["mtp.0.logits"] + 1.0
+    got, out = _verify(capsys, "--reference", ref, "--outputs", _foreign(tmp_path, "bf16", after), "--config", config)
+    assert got == V.INCONCLUSIVE and "first divergence: mtp.0.logits, after the near tie" in out
+
+
+def test_forward_order_of_names_matches_the_generator():
+    for entry in V.load_manifest(GOLDEN)["cases"]:
+        names = [o["name"] for o in entry["outputs"]]
+        if entry["kind"] == "model" or entry["name"] == "component-vision":
+            assert V.forward_order(reversed(names)) == names, entry["name"]
+
+
+def test_unreadable_inputs_are_unusable(tmp_path, capsys):
     root = tmp_path / "golden"
     shutil.copytree(GOLDEN, root)
     f = root / "text" / "outputs.safetensors"
@@ -1112,12 +1317,38 @@ def test_verifier_rejects_tampered_and_truncated_files(tmp_path):
     f.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256 does not match"):
         m3.verify_golden(root, "text")
+    got, out = _verify(capsys, "--root", root, "--case", "text", "--outputs", GOLDEN / "text" / "outputs.safetensors")
+    assert got == V.UNUSABLE and "sha256 does not match" in out
     theirs = tmp_path / "theirs.safetensors"
     theirs.write_bytes((GOLDEN / "text" / "outputs.safetensors").read_bytes()[:1000])
-    with pytest.raises(ValueError, match="cannot read"):
-        m3.verify_golden(GOLDEN, "text", str(theirs))
-    with pytest.raises(ValueError, match="no case 'nope'"):
-        m3.verify_golden(GOLDEN, "nope")
+    got, out = _verify(capsys, "--case", "text", "--outputs", theirs)
+    assert got == V.UNUSABLE and "cannot read" in out and "truncated" in out
+    theirs.write_bytes(b"not a safetensors file at all")
+    assert "not a safetensors file" in _verify(capsys, "--case", "text", "--outputs", theirs)[1]
+    got, out = _verify(capsys, "--case", "nope", "--outputs", GOLDEN / "text" / "outputs.safetensors")
+    assert got == V.UNUSABLE and "no case 'nope'" in out
+    with pytest.raises(SystemExit) as e:
+        V.main(["--case", "text"])                                        # nothing to compare
+    assert e.value.code == V.UNUSABLE
+
+
+def test_list_names_every_case_its_inputs_and_end_results(capsys):
+    got, out = _verify(capsys, "--list")
+    assert got == V.PASS
+    for entry in V.load_manifest(GOLDEN)["cases"]:
+        assert f"{entry['name']}  ({entry['kind']}" in out
+    assert "inputs:  x [2, 37, 32], position_ids [2, 37]" in out
+    assert out.count("(end result)") == sum(len(e["end_results"]) for e in V.load_manifest(GOLDEN)["cases"])
+
+
+def test_the_top3_sparse_component_case_drops_causal_blocks():
+    entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, "component-sparse_attention_top3")
+    bs = V.sparse_rules(entry["config"])["block_size"]
+    for case, drops in [("component-sparse_attention_top3", True), ("component-sparse_attention", False)]:
+        ids = _outputs(case)["indexer.block_ids"]                          # [B, Hi, S, topk]
+        kept = (ids >= 0).sum(-1)
+        causal = torch.arange(ids.shape[2]) // bs + 1
+        assert bool((kept < causal).any()) == drops, case
 
 
 def test_failed_generation_leaves_the_old_golden(tmp_path, monkeypatch):
@@ -1137,13 +1368,11 @@ def test_failed_generation_leaves_the_old_golden(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["golden"]
 
 
-def test_verify_cli_exit_status(tmp_path):
+def test_m3_verify_cli_exit_status():
     import subprocess
     import sys
-    cli = [sys.executable, str(Path(m3.__file__)), "verify", str(GOLDEN), "--case", "component-moe"]
-    assert subprocess.run(cli, capture_output=True).returncode == 0
-    theirs = _foreign(tmp_path, "component-moe", lambda o: o.update(out=o["out"] * 1.01))
-    bad = subprocess.run(cli + ["--outputs", theirs], capture_output=True, text=True)
-    assert bad.returncode == 1 and "first divergence: out" in bad.stdout
-    broken = subprocess.run(cli + ["--outputs", str(tmp_path / "none.safetensors")], capture_output=True, text=True)
-    assert broken.returncode == 1 and "no such file" in broken.stderr
+    cli = [sys.executable, str(Path(m3.__file__)), "verify", str(GOLDEN), "--case"]
+    ok = subprocess.run(cli + ["component-moe"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "PASS (exit 0)" in ok.stdout
+    bad = subprocess.run(cli + ["nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no case 'nope'" in bad.stderr

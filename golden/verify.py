@@ -1,0 +1,485 @@
+"""Check an implementation of MiniMax M3 against the golden tensors, with numpy and the standard library.
+
+    python golden/verify.py --list                                     # the cases, their inputs and tensor names
+    python golden/verify.py --case text --outputs theirs.safetensors   # one committed case
+    python golden/verify.py --case bf16 --outputs theirs.safetensors --layerwise
+    python golden/verify.py --reference ref.safetensors --outputs theirs.safetensors --config config.json
+
+Exit status: 0 pass; 1 divergence; 2 unusable input (an unreadable or tampered file, nothing
+compared, or the end result missing); 3 inconclusive (every divergence comes after an allowed
+near tie, so a correct implementation may have taken another path: check layer by layer, README).
+
+This file is the one implementation of the tolerance and near-tie rules: `m3_reference.py`
+imports it both to write them into golden/manifest.json and to verify its own re-runs.
+Safetensors files are parsed here directly (the format is a JSON header and raw little-endian
+bytes), so bfloat16 tensors decode without torch: bf16 is the top half of an fp32, exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PASS, DIVERGED, UNUSABLE, INCONCLUSIVE = 0, 1, 2, 3
+GOLDEN_FORMAT = 2
+FP32_COMPONENT_TOL = 1e-5     # one fp32 op chain: ~100 eps_fp32 (1.2e-7)
+FP32_MODEL_TOL = 1e-4         # a few tiny layers deep: rounding grows ~10x more
+BF16_TOL = 2 ** -5            # eps_bf16 = 2^-8 per rounding, several roundings compound
+FP32_TIE_TOL = 1e-3           # fp32 stacks that scale by d_idx^-0.5 or sum in another order stay far below
+BF16_TIE_TOL = 0.05           # bf16 / 16-bit quantised rankers flip choices whose scores differ by ~2^-8 |s|
+SELECTIONS = ("block_ids", ".ids")                 # chosen blocks / experts: compared as sets per row
+SCORES = ("scores",)                               # what the selections rank: tolerance scaled by the max
+
+
+class Unusable(ValueError):
+    """The input cannot give a verdict: unreadable, tampered, or not comparable."""
+
+
+# ---- safetensors without torch ------------------------------------------------------------
+
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+           "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """The JSON header (tensor name -> dtype, shape, data_offsets) and where the data starts."""
+    path = Path(path)
+    if not path.is_file():
+        raise Unusable(f"cannot read {path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise Unusable(f"cannot read {path}: truncated or not a safetensors file (a header of {n} bytes "
+                           f"in a file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise Unusable(f"cannot read {path}: the safetensors header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise Unusable(f"cannot read {path}: the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise Unusable(f"cannot read {path}: tensor {name!r} has a malformed header entry {info!r}") from e
+        if dtype not in _DTYPES:
+            raise Unusable(f"cannot read {path}: tensor {name!r} has dtype {dtype}; supported: "
+                           f"{sorted(_DTYPES)} (store outputs as float32, bfloat16 or integers)")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        if not 0 <= start <= end or end - start != nbytes or 8 + n + end > size:
+            raise Unusable(f"cannot read {path}: tensor {name!r} ({dtype} {shape}) has data offsets "
+                           f"[{start}, {end}] that do not fit its size or the file (truncated?)")
+    return header, 8 + n
+
+
+def safetensors_dtypes(path: Path) -> dict[str, str]:
+    """Tensor name -> its safetensors dtype ("F32", "BF16", "I64", ...), read from the header only."""
+    return {name: info["dtype"] for name, info in _header(path)[0].items()}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a numpy array; bfloat16 becomes float32 (exact)."""
+    header, base = _header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        a = data[base + start:base + end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        out[name] = a
+    return out
+
+
+# ---- the rules: tolerances, forward order, near ties ----------------------------------------
+
+def tolerance(name: str, floating: bool, dtype: str, kind: str) -> dict:
+    """How one tensor is compared. Selections as sets per row; other integers exactly; floats by
+    |theirs - ref| <= atol + rtol * |ref|, atol = rtol set by the case's dtype (16-bit floats: bf16
+    rules) and kind (component: one op chain; model: several layers). Scores (what selections rank)
+    take the rtol part relative to the largest finite |ref| of the tensor instead ("scale": "max"):
+    a score is a dot product, whose rounding error scales with the size of its factors (which the
+    largest score reflects), not with a result that may have cancelled to near zero."""
+    if name.endswith(SELECTIONS):
+        return {"compare": "set"}
+    if not floating:
+        return {"compare": "exact"}
+    tol = BF16_TOL if dtype in ("bfloat16", "float16") else FP32_COMPONENT_TOL if kind == "component" else FP32_MODEL_TOL
+    return {"compare": "close", "atol": tol, "rtol": tol, **({"scale": "max"} if name.endswith(SCORES) else {})}
+
+
+def tie_tolerance(dtype: str) -> float:
+    """Largest reference-score gap of a swapped choice that counts as a near tie."""
+    return BF16_TIE_TOL if dtype in ("bfloat16", "float16") else FP32_TIE_TOL
+
+
+_ORDER = re.compile(r"^(?:vision\.(image|video)\.(patches|projected|features)|(embeddings)|layers\.(\d+)\.(.+)|"
+                    r"(hidden)|(logits)|mtp\.(\d+)\.(.+)|(lm_loss|mtp_loss|loss))$")
+_IN_LAYER = ["indexer.block_scores", "indexer.block_ids", "router.scores", "router.ids", "router.weights", "hidden"]
+_IN_MTP = [f"layer.{n}" for n in _IN_LAYER[:-1]] + ["hidden"]
+
+
+def forward_order(names) -> list[str]:
+    """Golden tensor names in forward order: vision (images, then videos), embeddings, each layer
+    (indexer, router, hidden), hidden, logits, each MTP depth (its layer, hidden), then the MTP
+    logits (the shared head runs after the last depth), losses; unknown names last, sorted."""
+    def key(name):
+        m = _ORDER.match(name)
+        if m is None:
+            return (9, name)
+        kind, part, emb, layer, sub, hid, log, depth, msub, loss = m.groups()
+        if kind:
+            return (0, kind == "video", ["patches", "projected", "features"].index(part))
+        if layer:
+            return (2, int(layer), _IN_LAYER.index(sub) if sub in _IN_LAYER else len(_IN_LAYER), sub)
+        if depth:
+            if msub == "logits":
+                return (6, int(depth))
+            return (5, int(depth), _IN_MTP.index(msub) if msub in _IN_MTP else len(_IN_MTP), msub)
+        if loss:
+            return (7, ["lm_loss", "mtp_loss", "loss"].index(loss))
+        return (1,) if emb else (3,) if hid else (4,)
+    return sorted(names, key=key)
+
+
+def stage(name: str) -> str:
+    """The forward stage a tensor belongs to: `layers.i`, `mtp.d`, `vision.image|video`, else itself.
+    With --layerwise every stage starts from stored inputs, so a near tie never crosses stages."""
+    m = re.match(r"^(layers\.\d+|mtp\.\d+|vision\.\w+)\.", name)
+    return m.group(1) if m else name
+
+
+def forced_blocks(c: int, init_blocks: int, local_blocks: int) -> set[int]:
+    """The blocks forced for a query in block c, before the top-k budget: the first `init_blocks`
+    blocks and the last `local_blocks` blocks ending at c."""
+    return set(range(min(init_blocks, c + 1))) | set(range(max(c - local_blocks + 1, 0), c + 1))
+
+
+def sparse_rules(config: dict) -> dict | None:
+    """Block size and forced blocks from a config.json (upstream `sparse_attention_config` or the
+    transformers `index_*` keys, with the reference's defaults); None when it has neither."""
+    text = config.get("text_config", config)
+    s = text.get("sparse_attention_config")
+    if isinstance(s, dict):
+        return {"block_size": s.get("sparse_block_size", 128), "init": s.get("sparse_init_block", 0),
+                "local": s.get("sparse_local_block", 1)}
+    if "index_block_size" in text:
+        return {"block_size": text["index_block_size"], "init": 0, "local": text.get("index_local_blocks", 1)}
+    return None
+
+
+@dataclass
+class Rules:
+    """What one comparison needs: the reference tensors' specs in forward order (name, shape,
+    compare, atol, rtol, scale), the end results that must be present, tie_tol, sparse rules."""
+    outputs: list[dict]
+    end_results: list[str]
+    tie_tol: float
+    sparse: dict | None
+
+
+def case_rules(entry: dict) -> Rules:
+    """The rules of a committed case, from its manifest entry."""
+    return Rules(entry["outputs"], entry["end_results"], entry["tie_tol"], sparse_rules(entry["config"]))
+
+
+def reference_rules(reference: dict[str, np.ndarray], dtypes: dict[str, str], config: dict | None,
+                    tol: float | None = None, tie_tol: float | None = None) -> Rules:
+    """Rules for any file in the golden naming (model kind): the model dtype is that of `logits`
+    (else of the first floating tensor that is not a score); `logits`, or else the last tensor in
+    forward order, is the end result; tol / tie_tol override the dtype's values."""
+    if not reference:
+        raise Unusable("the reference file holds no tensors")
+    names = forward_order(reference)
+    floats = [n for n in names if reference[n].dtype.kind == "f"]
+    model = next((n for n in ["logits"] + floats if n in floats and not n.endswith(SCORES)), None)
+    dtype = {"BF16": "bfloat16", "F16": "float16"}.get(dtypes.get(model, "F32"), "float32")
+    outputs = []
+    for n in names:
+        spec = tolerance(n, n in floats, dtype, "model")
+        if tol is not None and spec["compare"] == "close":
+            spec.update(atol=tol, rtol=tol)
+        outputs.append({"name": n, "shape": list(reference[n].shape), **spec})
+    unranked = [n for n in names if n.endswith(SELECTIONS) and n.removesuffix("ids") + "scores" not in reference]
+    if unranked:
+        raise Unusable(f"the reference holds {', '.join(unranked)} without the scores they were chosen from "
+                       f"(`...scores`), which classify near ties")
+    sparse = sparse_rules(config) if config is not None else None
+    if sparse is None and any(n.endswith("block_ids") for n in names):
+        raise Unusable("the reference holds indexer block_ids: give --config (the model's config.json) so that "
+                       "forced blocks (block size, init and local blocks) are known when classifying near ties")
+    return Rules(outputs, ["logits"] if "logits" in reference else names[-1:],
+                 tie_tolerance(dtype) if tie_tol is None else tie_tol, sparse)
+
+
+# ---- comparison -----------------------------------------------------------------------------
+
+def _where(index: int, shape) -> str:
+    return str([int(i) for i in np.unravel_index(index, shape)]) if shape else "[]"
+
+
+def _close(spec: dict, ref: np.ndarray, got: np.ndarray) -> dict:
+    """Elementwise |got - ref| <= atol + rtol * scale, scale = |ref| or the largest finite |ref|.
+    Equal values (infinities included) and NaN against NaN match; any other NaN fails."""
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where((r == g) | (np.isnan(r) & np.isnan(g)), 0.0, np.abs(g - r))
+        diff = np.nan_to_num(diff, nan=np.inf)
+        scale = np.abs(np.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0))
+        if spec.get("scale") == "max":
+            scale = scale.max(initial=0.0)
+        over = diff > spec["atol"] + spec["rtol"] * scale
+        rel = np.where(diff == 0, 0.0, diff / np.maximum(np.abs(r), 1e-30))
+    row = {"abs": float(diff.max(initial=0.0)), "rel": float(np.nan_to_num(rel, nan=np.inf).max(initial=0.0)),
+           "tol": f"{spec['atol']:g}+{spec['rtol']:g}{'*max|x|' if spec.get('scale') == 'max' else '|x|'}",
+           "status": "FAIL" if over.any() else "pass"}
+    if over.any():
+        nans = int((np.isnan(g) & ~np.isnan(r)).sum())
+        worst = int(np.argmax(np.where(over, diff, -1.0)))
+        row["note"] = (f"{int(over.sum())} of {r.size} over, worst at {_where(worst, r.shape)}"
+                       + (f", {nans} NaN" if nans else ""))
+    return row
+
+
+def _selections(name: str, ref: np.ndarray, got: np.ndarray, scores: np.ndarray, rules: Rules) -> dict:
+    """Choices compared as sets per row (order, -1 padding and repeats ignored). A differing row is
+    a near tie when both sets have the same size, every block/expert swapped in is a valid candidate
+    (a causal block, finite score), none swapped out was forced, and the swapped-in ones score, by
+    the reference scores, less than tie_tol below the swapped-out ones; otherwise it diverges."""
+    blocks = name.endswith("block_ids")
+    if blocks and rules.sparse is None:
+        raise Unusable(f"{name}: forced blocks are unknown (no sparse_attention_config in the config)")
+    k = ref.shape[-1]
+    ref_rows, got_rows, score_rows = ref.reshape(-1, k), got.reshape(-1, k), scores.reshape(-1, scores.shape[-1])
+    S = ref.shape[-2] if blocks else None
+    differ = diverge = 0
+    worst_gap, first_bad = 0.0, None
+    for r in np.nonzero((np.sort(ref_rows, -1) != np.sort(got_rows, -1)).any(-1))[0]:
+        a, b = set(ref_rows[r].tolist()) - {-1}, set(got_rows[r].tolist()) - {-1}
+        if a == b:
+            continue
+        differ += 1
+        out_, in_, s = a - b, b - a, score_rows[r]
+        valid = len(a) == len(b) and all(0 <= n < s.size and np.isfinite(s[n]) for n in in_)
+        if valid and blocks:
+            c = (r % S) // rules.sparse["block_size"]
+            valid = not out_ & forced_blocks(c, rules.sparse["init"], rules.sparse["local"]) and max(in_) <= c
+        gap = float(min(s[n] for n in out_) - max(s[n] for n in in_)) if valid else float("inf")
+        if gap < rules.tie_tol:
+            worst_gap = max(worst_gap, gap)
+            continue
+        diverge += 1
+        if first_bad is None:
+            first_bad = f"first at {_where(r, ref.shape[:-1])}: {sorted(a)} -> {sorted(b)}" + (
+                f", score gap {gap:.3g}" if np.isfinite(gap) else "")
+    row = {"abs": differ, "tol": f"sets, tie<{rules.tie_tol:g}",
+           "status": "FAIL" if diverge else "near tie" if differ else "pass"}
+    if diverge:
+        row["note"] = f"{diverge} of {ref_rows.shape[0]} rows beyond a near tie, {first_bad}"
+    elif differ:
+        row["note"] = f"{differ} rows swap choices within {worst_gap:.3g} of a tie"
+    return row
+
+
+def _kind_problem(spec: dict, got: np.ndarray) -> str | None:
+    need = "f" if spec["compare"] == "close" else "iu"
+    if got.dtype.kind not in need:
+        return f"dtype {got.dtype}: {'a floating' if need == 'f' else 'an integer'} tensor is expected"
+    return None
+
+
+def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np.ndarray],
+            layerwise: bool = False) -> list[dict]:
+    """One row per reference tensor in forward order: name, shape, max abs / rel error (rows that
+    differ, for sets), tolerance, status (pass, FAIL, near tie, missing), note, and `after`: the
+    earlier near-tie tensor this one may depend on (with layerwise, only within its own stage)."""
+    rows, ties = [], {}
+    for spec in rules.outputs:
+        name = spec["name"]
+        ref = reference[name]
+        scope = stage(name) if layerwise else ""
+        row = {"name": name, "shape": list(ref.shape), "abs": None, "rel": None, "tol": "", "note": "",
+               "after": ties.get(scope)}
+        rows.append(row)
+        got = theirs.get(name)
+        if got is None:
+            row["status"] = "missing"
+            continue
+        problem = (f"shape {list(got.shape)}, expected {list(ref.shape)}" if list(got.shape) != list(ref.shape)
+                   else _kind_problem(spec, got))
+        if problem:
+            row.update(status="FAIL", note=problem)
+        elif spec["compare"] == "set":
+            row.update(_selections(name, ref, got, reference[name.removesuffix("ids") + "scores"], rules))
+        elif spec["compare"] == "exact":
+            bad = np.asarray(got, np.int64) != np.asarray(ref, np.int64)
+            row.update(tol="exact", status="FAIL" if bad.any() else "pass",
+                       note=f"{int(bad.sum())} of {ref.size} differ, first at {_where(int(np.argmax(bad)), ref.shape)}"
+                       if bad.any() else "")
+        else:
+            row.update(_close(spec, ref, got))
+        if row["status"] == "near tie":
+            ties.setdefault(scope, name)
+    return rows
+
+
+def verdict(rules: Rules, rows: list[dict]) -> tuple[int, str]:
+    """The exit status and its one-line reason: a divergence before any near tie is 1; divergences
+    only after near ties are 3; nothing compared, or an end result missing, is 2; else 0."""
+    failed = [r for r in rows if r["status"] == "FAIL"]
+    plain = [r for r in failed if r["after"] is None]
+    missing = {r["name"] for r in rows if r["status"] == "missing"}
+    if plain:
+        return DIVERGED, f"first divergence: {plain[0]['name']}"
+    if failed:
+        first = failed[0]
+        return INCONCLUSIVE, (f"first divergence: {first['name']}, after the near tie in {first['after']}: "
+                              f"inconclusive. A near tie lets a correct implementation take another path; "
+                              f"check layer by layer from the stored inputs (README, 'Layer by layer') "
+                              f"and rerun with --layerwise")
+    if len(missing) == len(rows):
+        return UNUSABLE, (f"nothing compared: the file holds none of the {len(rows)} reference tensors "
+                          f"(check the names against --list)")
+    absent = [n for n in rules.end_results if n in missing]
+    if absent:
+        return UNUSABLE, f"the end result {', '.join(absent)} is missing: no verdict without it"
+    return PASS, "pass" + (" (with near ties)" if any(r["status"] == "near tie" for r in rows) else "")
+
+
+def report(title: str, rules: Rules, rows: list[dict], extra: list[str] = ()) -> int:
+    """Print the forward-ordered table and the verdict; return the exit status."""
+    status, reason = verdict(rules, rows)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("missing", "FAIL", "near tie")}
+    print(f"\n{title}: {len(rows) - counts['missing']} tensors compared, {counts['missing']} missing, "
+          f"{counts['FAIL']} failed, {counts['near tie']} near ties")
+    print(f"  {'tensor':<34}{'shape':<18}{'max abs':>10}{'max rel':>10}  {'tolerance':<27}status")
+    num = lambda v: "" if v is None else (f"{v}" if isinstance(v, int) else f"{v:.2e}")
+    for r in rows:
+        after = "  (after a near tie)" if r["after"] and r["status"] != "missing" else ""
+        note = f"  {r['note']}" if r["note"] else ""
+        print(f"  {r['name']:<34}{str(r['shape']):<18}{num(r['abs']):>10}{num(r['rel']):>10}  {r['tol']:<27}"
+              f"{r['status']}{after}{note}")
+    for line in extra:
+        print(f"  {line}")
+    print(f"  {['PASS', 'DIVERGED', 'UNUSABLE', 'INCONCLUSIVE'][status]} (exit {status}): {reason}")
+    return status
+
+
+def worst(statuses) -> int:
+    """Several verdicts as one: any divergence, else any unusable input, else any inconclusive."""
+    statuses = set(statuses)
+    return next((s for s in (DIVERGED, UNUSABLE, INCONCLUSIVE) if s in statuses), PASS)
+
+
+def check(title: str, rules: Rules, reference: dict, theirs: dict, layerwise: bool = False) -> int:
+    """Compare, print, and return the exit status; names that the reference lacks are listed."""
+    unknown = sorted(set(theirs) - {s["name"] for s in rules.outputs})
+    extra = [f"not in the reference, ignored: {', '.join(unknown)}"] if unknown else []
+    return report(title, rules, compare(rules, reference, theirs, layerwise), extra)
+
+
+# ---- the committed cases --------------------------------------------------------------------
+
+def load_manifest(root: Path) -> dict:
+    try:
+        manifest = json.loads((Path(root) / "manifest.json").read_text())
+        if manifest.get("format") != GOLDEN_FORMAT or not isinstance(manifest.get("cases"), list):
+            raise ValueError(f"format must be {GOLDEN_FORMAT} with a list of cases")
+        return manifest
+    except (OSError, json.JSONDecodeError, ValueError, AttributeError) as e:
+        raise Unusable(f"cannot read {Path(root) / 'manifest.json'}: {e}") from e
+
+
+def find_case(manifest: dict, root: Path, name: str) -> dict:
+    entry = next((e for e in manifest["cases"] if e["name"] == name), None)
+    if entry is None:
+        raise Unusable(f"no case {name!r} in {Path(root) / 'manifest.json'}; cases: "
+                       f"{[e['name'] for e in manifest['cases']]}")
+    return entry
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_case_files(root: Path, entry: dict) -> Path:
+    """The case directory, after checking every file against the manifest's sha256."""
+    path = Path(root) / entry["name"]
+    for name, digest in entry["files"].items():
+        file = path / name
+        if not file.exists():
+            raise Unusable(f"{file}: listed in the manifest but missing")
+        if sha256(file) != digest:
+            raise Unusable(f"{file}: sha256 does not match manifest.json; the file was changed or corrupted "
+                           f"(regenerate with `python m3_reference.py golden --out {root}`)")
+    return path
+
+
+def list_cases(manifest: dict, only: str | None) -> None:
+    for e in manifest["cases"]:
+        if only and e["name"] != only:
+            continue
+        print(f"{e['name']}  ({e['kind']}, {e['dtype']}, tie_tol {e['tie_tol']:g}): {e['description']}")
+        print("  inputs:  " + ", ".join(f"{k} {v}" for k, v in e["inputs"].items()))
+        for o in e["outputs"]:
+            end = "  (end result)" if o["name"] in e["end_results"] else ""
+            print(f"  {o['name']:<34}{str(o['shape']):<18}{o['dtype']:<10}{o['compare']}{end}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="exit status: 0 pass, 1 divergence, 2 unusable input, 3 inconclusive "
+                                       "(divergence after a near tie)")
+    p.add_argument("--root", default=str(Path(__file__).resolve().parent), help="golden directory (default: this one)")
+    p.add_argument("--list", action="store_true", help="print the cases (or --case) with their inputs and tensors")
+    p.add_argument("--case", help="a committed case to compare against")
+    p.add_argument("--reference", help="a reference .safetensors in the golden naming, instead of --case")
+    p.add_argument("--outputs", help="your implementation's tensors (.safetensors), named as the reference")
+    p.add_argument("--config", help="with --reference: the model's config.json (block size, forced blocks)")
+    p.add_argument("--tol", type=float, help="with --reference: atol = rtol instead of the dtype's")
+    p.add_argument("--tie-tol", type=float, help="with --reference: tie_tol instead of the dtype's")
+    p.add_argument("--layerwise", action="store_true",
+                   help="your tensors were computed stage by stage from the stored inputs: near ties do not "
+                        "excuse later stages")
+    args = p.parse_args(argv)
+    try:
+        if args.list:
+            list_cases(load_manifest(Path(args.root)), args.case)
+            return PASS
+        if args.outputs is None or (args.case is None) == (args.reference is None):
+            p.error("give --outputs with exactly one of --case and --reference (or --list)")
+        if args.case is not None and (args.config or args.tol is not None or args.tie_tol is not None):
+            p.error("--config, --tol and --tie-tol go with --reference; a case carries its own")
+        theirs = read_safetensors(Path(args.outputs))
+        if args.case is not None:
+            root = Path(args.root)
+            entry = find_case(load_manifest(root), root, args.case)
+            reference = read_safetensors(check_case_files(root, entry) / "outputs.safetensors")
+            rules, title = case_rules(entry), args.case
+        else:
+            reference = read_safetensors(Path(args.reference))
+            config = None
+            if args.config:
+                try:
+                    config = json.loads(Path(args.config).read_text())
+                except (OSError, json.JSONDecodeError) as e:
+                    raise Unusable(f"cannot read --config {args.config}: {e}") from e
+            rules = reference_rules(reference, safetensors_dtypes(Path(args.reference)), config, args.tol, args.tie_tol)
+            title = args.reference
+        return check(title, rules, reference, theirs, args.layerwise)
+    except Unusable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return UNUSABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
