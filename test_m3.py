@@ -1099,8 +1099,12 @@ def _rename(o):
 
 
 def _reverse_selections(o):
-    for k in [k for k in o if k.endswith("ids")]:
-        o[k] = o[k].flip(-1)                         # -1 padding first, ids descending: same sets
+    for k in [k for k in o if k.endswith("ids") or k.endswith("weights")]:
+        o[k] = o[k].flip(-1)            # -1 padding first, ids descending, weights still beside their ids
+
+
+def _mispair_router_weights(o):
+    o["layers.1.router.ids"] = o["layers.1.router.ids"].flip(-1)       # the same sets, weights not moved
 
 
 @pytest.mark.parametrize("edit, status, says", [
@@ -1115,6 +1119,9 @@ def _reverse_selections(o):
     (lambda o: o.update({"logits": o["logits"].long()}), V.DIVERGED,
      ["first divergence: logits", "a floating tensor is expected"]),
     (_reverse_selections, V.PASS, ["PASS (exit 0)"]),
+    (_mispair_router_weights, V.DIVERGED, ["first divergence: layers.1.router.weights"]),
+    (lambda o: o.update({"layers.1.indexer.block_ids": o["layers.1.indexer.block_ids"].to(torch.uint8)}),
+     V.DIVERGED, ["first divergence: layers.1.indexer.block_ids", "signed integer"]),
 ])
 def test_bad_foreign_files_get_their_status_and_name_the_tensor(tmp_path, capsys, edit, status, says):
     got, out = _verify(capsys, "--case", "text", "--outputs", _foreign(tmp_path, "text", edit))
@@ -1330,6 +1337,101 @@ def test_unreadable_inputs_are_unusable(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         V.main(["--case", "text"])                                        # nothing to compare
     assert e.value.code == V.UNUSABLE
+
+
+def _raw_safetensors(path: Path, header, data: bytes = b"") -> Path:
+    """A safetensors file written byte by byte, so that its header can be malformed on purpose."""
+    h = json.dumps(header).encode()
+    path.write_bytes(len(h).to_bytes(8, "little") + h + data)
+    return path
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]},
+    {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]},
+    {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [2]},
+])
+def test_malformed_safetensors_headers_are_unusable(tmp_path, capsys, entry):
+    bad = _raw_safetensors(tmp_path / "bad.safetensors", {"y": entry}, bytes(8))
+    got, out = _verify(capsys, "--case", "component-rms_norm", "--outputs", bad)
+    assert got == V.UNUSABLE and "'y' has a malformed header entry" in out
+
+
+def test_unusable_inputs_beyond_the_tensors(tmp_path, capsys):
+    text = GOLDEN / "text" / "outputs.safetensors"
+    got, out = _verify(capsys, "--case", "text", "--outputs", tmp_path)
+    assert got == V.UNUSABLE and "a directory" in out
+    for config, says in [([1, 2], "must be a JSON object"), ({"text_config": None}, "must be a JSON object"),
+                         ({"sparse_attention_config": {"sparse_block_size": "8"}}, "sparse_block_size must be"),
+                         ({"sparse_attention_config": {"sparse_block_size": 0}}, "sparse_block_size must be"),
+                         ({"sparse_attention_config": {"sparse_block_size": 4}}, "block size 4 gives 8 blocks")]:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        got, out = _verify(capsys, "--reference", text, "--outputs", text, "--config", tmp_path / "config.json")
+        assert got == V.UNUSABLE and says in out, (config, out)
+    config = GOLDEN / "text" / "config.json"
+    for edit, says in [(lambda o: o.update({"layers.1.router.ids": o["layers.1.router.ids"].float()}),
+                        "must be an integer tensor of choices"),
+                       (lambda o: o.update({"layers.1.router.scores": o["layers.1.router.scores"][:-1]}),
+                        "with the same leading shape")]:
+        ref = _foreign(tmp_path, "text", edit)
+        got, out = _verify(capsys, "--reference", ref, "--outputs", text, "--config", config)
+        assert got == V.UNUSABLE and says in out, out
+    root = tmp_path / "golden"
+    shutil.copytree(GOLDEN, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["cases"][3]["files"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    got, out = _verify(capsys, "--root", root, "--list")
+    assert got == V.UNUSABLE and "case 3 lacks or mistypes files" in out
+    got, out = _verify(capsys, "--list", "--case", "nosuch")
+    assert got == V.UNUSABLE and "no case 'nosuch'" in out
+    for option, value in [("--tol", "nan"), ("--tol", "-1"), ("--tie-tol", "inf")]:
+        with pytest.raises(SystemExit) as e:
+            V.main(["--reference", str(text), "--outputs", str(text), "--config", str(config), option, value])
+        assert e.value.code == V.UNUSABLE
+        assert "finite, non-negative number" in capsys.readouterr().err
+
+
+def test_failure_notes_say_why(tmp_path, capsys):
+    def mask_with_a_large_negative(o):
+        s = o["layers.1.indexer.block_scores"]
+        o["layers.1.indexer.block_scores"] = s.masked_fill(s.isinf(), -1e30)
+    got, out = _verify(capsys, "--case", "text", "--outputs", _foreign(tmp_path, "text", mask_with_a_large_negative))
+    assert got == V.DIVERGED and "not the reference's inf (mask with -inf" in _row(out, "layers.1.indexer.block_scores")
+    ids = _outputs("sparse-edge-b4")["layers.1.indexer.block_ids"]
+    i = 162                                                     # block c = 40: init 0, 1, local 39, 40, one free pick
+    c = i // 4
+    row = [n for n in ids[0, 0, i].tolist() if n >= 0]
+    unchosen = min(set(range(c)) - set(row))
+    for swap, says in [((c, unchosen), f"forced block [{c}] dropped"),
+                       ((row[2], c + 1), f"block {c + 1} is after the query's own block {c}")]:
+        got, out = _verify(capsys, "--case", "sparse-edge-b4", "--outputs", _foreign(
+            tmp_path, "sparse-edge-b4", lambda o: _swap(o, "layers.1.indexer.block_ids", 0, i, *swap)))
+        assert got == V.DIVERGED and says in _row(out, "layers.1.indexer.block_ids"), out
+    narrow = _foreign(tmp_path, "text", lambda o: o.update({"logits": o["logits"].bfloat16()}))
+    got, out = _verify(capsys, "--case", "text", "--outputs", narrow)
+    assert got == V.DIVERGED and "stored in 16 bits for a float32 case (save float32): logits" in out
+
+
+def test_missing_end_result_outranks_an_inconclusive_failure(tmp_path, capsys):
+    name, swap = _swap_near_tie("bf16")
+
+    def edit(o):
+        swap(o)
+        o["layers.2.hidden"] = o["layers.2.hidden"] + 1.0
+        del o["logits"]
+    got, out = _verify(capsys, "--case", "bf16", "--outputs", _foreign(tmp_path, "bf16", edit))
+    assert got == V.UNUSABLE and "the end result logits is missing" in out
+
+
+def test_layerwise_stages():
+    assert [V.stage(n) for n in ["vision.image.features", "embeddings", "layers.3.router.ids", "layers.3.hidden",
+                                 "hidden", "logits", "mtp.0.layer.indexer.block_ids", "mtp.0.hidden",
+                                 "mtp.0.logits", "loss"]] == \
+        ["vision.image", "embeddings", "layers.3", "layers.3", "hidden", "logits", "mtp.0", "mtp.0",
+         "mtp.0.logits", "loss"]
 
 
 def test_list_names_every_case_its_inputs_and_end_results(capsys):

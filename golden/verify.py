@@ -47,9 +47,15 @@ _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8"
            "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _header(path: Path) -> tuple[dict, int]:
     """The JSON header (tensor name -> dtype, shape, data_offsets) and where the data starts."""
     path = Path(path)
+    if path.is_dir():
+        raise Unusable(f"cannot read {path}: a directory, not a safetensors file")
     if not path.is_file():
         raise Unusable(f"cannot read {path}: no such file")
     size = path.stat().st_size
@@ -67,10 +73,14 @@ def _header(path: Path) -> tuple[dict, int]:
         raise Unusable(f"cannot read {path}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     for name, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise Unusable(f"cannot read {path}: tensor {name!r} has a malformed header entry {info!r}") from e
+        well_formed = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+                       and isinstance(info.get("shape"), list) and all(_is_int(d) and d >= 0 for d in info["shape"])
+                       and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+                       and all(_is_int(o) for o in info["data_offsets"]))
+        if not well_formed:
+            raise Unusable(f"cannot read {path}: tensor {name!r} has a malformed header entry {info!r} (needs a "
+                           f"dtype string, a shape of non-negative integers and two integer data_offsets)")
+        dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in _DTYPES:
             raise Unusable(f"cannot read {path}: tensor {name!r} has dtype {dtype}; supported: "
                            f"{sorted(_DTYPES)} (store outputs as float32, bfloat16 or integers)")
@@ -152,9 +162,10 @@ def forward_order(names) -> list[str]:
 
 
 def stage(name: str) -> str:
-    """The forward stage a tensor belongs to: `layers.i`, `mtp.d`, `vision.image|video`, else itself.
-    With --layerwise every stage starts from stored inputs, so a near tie never crosses stages."""
-    m = re.match(r"^(layers\.\d+|mtp\.\d+|vision\.\w+)\.", name)
+    """The forward stage a tensor belongs to: `layers.i`, `mtp.d` (its layer and hidden; its logits
+    come from the stored hidden), `vision.image|video`, else the tensor itself. With --layerwise
+    every stage starts from stored tensors, so a near tie never crosses stages."""
+    m = re.match(r"^(layers\.\d+|mtp\.\d+(?=\.(?:layer|hidden))|vision\.\w+)\.", name)
     return m.group(1) if m else name
 
 
@@ -167,14 +178,25 @@ def forced_blocks(c: int, init_blocks: int, local_blocks: int) -> set[int]:
 def sparse_rules(config: dict) -> dict | None:
     """Block size and forced blocks from a config.json (upstream `sparse_attention_config` or the
     transformers `index_*` keys, with the reference's defaults); None when it has neither."""
-    text = config.get("text_config", config)
+    text = config.get("text_config", config) if isinstance(config, dict) else None
+    if not isinstance(text, dict):
+        raise Unusable(f"the config must be a JSON object (with an object text_config, if any), got {config!r:.80}")
     s = text.get("sparse_attention_config")
-    if isinstance(s, dict):
-        return {"block_size": s.get("sparse_block_size", 128), "init": s.get("sparse_init_block", 0),
-                "local": s.get("sparse_local_block", 1)}
-    if "index_block_size" in text:
-        return {"block_size": text["index_block_size"], "init": 0, "local": text.get("index_local_blocks", 1)}
-    return None
+    if isinstance(s, dict):      # rule: (key, default, minimum)
+        keys = {"block_size": ("sparse_block_size", 128, 1), "init": ("sparse_init_block", 0, 0),
+                "local": ("sparse_local_block", 1, 0)}
+    elif "index_block_size" in text:
+        s, keys = text, {"block_size": ("index_block_size", 128, 1), "init": (None, 0, 0),
+                         "local": ("index_local_blocks", 1, 0)}
+    else:
+        return None
+    rules = {}
+    for rule, (key, default, minimum) in keys.items():
+        value = s.get(key, default) if key else default
+        if not _is_int(value) or value < minimum:
+            raise Unusable(f"config key {key} must be an integer >= {minimum}, got {value!r}")
+        rules[rule] = value
+    return rules
 
 
 @dataclass
@@ -185,11 +207,13 @@ class Rules:
     end_results: list[str]
     tie_tol: float
     sparse: dict | None
+    dtype: str                    # the model dtype the tolerances assume: float32, bfloat16, float16
 
 
 def case_rules(entry: dict) -> Rules:
     """The rules of a committed case, from its manifest entry."""
-    return Rules(entry["outputs"], entry["end_results"], entry["tie_tol"], sparse_rules(entry["config"]))
+    return Rules(entry["outputs"], entry["end_results"], entry["tie_tol"], sparse_rules(entry["config"]),
+                 entry["dtype"])
 
 
 def reference_rules(reference: dict[str, np.ndarray], dtypes: dict[str, str], config: dict | None,
@@ -209,16 +233,24 @@ def reference_rules(reference: dict[str, np.ndarray], dtypes: dict[str, str], co
         if tol is not None and spec["compare"] == "close":
             spec.update(atol=tol, rtol=tol)
         outputs.append({"name": n, "shape": list(reference[n].shape), **spec})
-    unranked = [n for n in names if n.endswith(SELECTIONS) and n.removesuffix("ids") + "scores" not in reference]
-    if unranked:
-        raise Unusable(f"the reference holds {', '.join(unranked)} without the scores they were chosen from "
-                       f"(`...scores`), which classify near ties")
     sparse = sparse_rules(config) if config is not None else None
-    if sparse is None and any(n.endswith("block_ids") for n in names):
-        raise Unusable("the reference holds indexer block_ids: give --config (the model's config.json) so that "
-                       "forced blocks (block size, init and local blocks) are known when classifying near ties")
+    for n in [n for n in names if n.endswith(SELECTIONS)]:
+        ids, scores = reference[n], reference.get(n.removesuffix("ids") + "scores")
+        if ids.dtype.kind not in "iu" or ids.ndim < 1:
+            raise Unusable(f"the reference's {n} must be an integer tensor of choices, got {ids.dtype} {list(ids.shape)}")
+        if scores is None or scores.ndim != ids.ndim or scores.shape[:-1] != ids.shape[:-1]:
+            raise Unusable(f"the reference's {n} {list(ids.shape)} needs the scores it was chosen from, "
+                           f"{n.removesuffix('ids')}scores, with the same leading shape")
+        if n.endswith("block_ids"):
+            if sparse is None:
+                raise Unusable(f"the reference holds {n}: give --config (the model's config.json) so that forced "
+                               f"blocks (block size, init and local blocks) are known when classifying near ties")
+            S, nb = scores.shape[-2], scores.shape[-1]
+            if nb != -(-S // sparse["block_size"]):
+                raise Unusable(f"--config's block size {sparse['block_size']} gives {-(-S // sparse['block_size'])} "
+                               f"blocks for {S} positions, but the reference's block_scores have {nb}")
     return Rules(outputs, ["logits"] if "logits" in reference else names[-1:],
-                 tie_tolerance(dtype) if tie_tol is None else tie_tol, sparse)
+                 tie_tolerance(dtype) if tie_tol is None else tie_tol, sparse, dtype)
 
 
 # ---- comparison -----------------------------------------------------------------------------
@@ -233,7 +265,7 @@ def _close(spec: dict, ref: np.ndarray, got: np.ndarray) -> dict:
     r, g = ref.astype(np.float64), got.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.where((r == g) | (np.isnan(r) & np.isnan(g)), 0.0, np.abs(g - r))
-        diff = np.nan_to_num(diff, nan=np.inf)
+        diff = np.where(np.isnan(diff), np.inf, diff)
         scale = np.abs(np.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0))
         if spec.get("scale") == "max":
             scale = scale.max(initial=0.0)
@@ -243,10 +275,13 @@ def _close(spec: dict, ref: np.ndarray, got: np.ndarray) -> dict:
            "tol": f"{spec['atol']:g}+{spec['rtol']:g}{'*max|x|' if spec.get('scale') == 'max' else '|x|'}",
            "status": "FAIL" if over.any() else "pass"}
     if over.any():
-        nans = int((np.isnan(g) & ~np.isnan(r)).sum())
         worst = int(np.argmax(np.where(over, diff, -1.0)))
-        row["note"] = (f"{int(over.sum())} of {r.size} over, worst at {_where(worst, r.shape)}"
-                       + (f", {nans} NaN" if nans else ""))
+        counts = [(int((np.isnan(g) & ~np.isnan(r)).sum()), "NaN"),
+                  (int((np.isinf(g) & np.isfinite(r)).sum()), "inf where the reference is finite"),
+                  (int((np.isinf(r) & (g != r)).sum()), "not the reference's inf (mask with -inf, not a "
+                                                        "large finite value)")]
+        row["note"] = ", ".join([f"{int(over.sum())} of {r.size} over, worst at {_where(worst, r.shape)}"]
+                                + [f"{k} {what}" for k, what in counts if k])
     return row
 
 
@@ -268,19 +303,13 @@ def _selections(name: str, ref: np.ndarray, got: np.ndarray, scores: np.ndarray,
         if a == b:
             continue
         differ += 1
-        out_, in_, s = a - b, b - a, score_rows[r]
-        valid = len(a) == len(b) and all(0 <= n < s.size and np.isfinite(s[n]) for n in in_)
-        if valid and blocks:
-            c = (r % S) // rules.sparse["block_size"]
-            valid = not out_ & forced_blocks(c, rules.sparse["init"], rules.sparse["local"]) and max(in_) <= c
-        gap = float(min(s[n] for n in out_) - max(s[n] for n in in_)) if valid else float("inf")
+        gap, why = _swap_gap(a, b, score_rows[r], (r % S) // rules.sparse["block_size"] if blocks else None, rules)
         if gap < rules.tie_tol:
             worst_gap = max(worst_gap, gap)
             continue
         diverge += 1
         if first_bad is None:
-            first_bad = f"first at {_where(r, ref.shape[:-1])}: {sorted(a)} -> {sorted(b)}" + (
-                f", score gap {gap:.3g}" if np.isfinite(gap) else "")
+            first_bad = f"first at {_where(r, ref.shape[:-1])}: {sorted(a)} -> {sorted(b)}, {why}"
     row = {"abs": differ, "tol": f"sets, tie<{rules.tie_tol:g}",
            "status": "FAIL" if diverge else "near tie" if differ else "pass"}
     if diverge:
@@ -290,11 +319,41 @@ def _selections(name: str, ref: np.ndarray, got: np.ndarray, scores: np.ndarray,
     return row
 
 
-def _kind_problem(spec: dict, got: np.ndarray) -> str | None:
-    need = "f" if spec["compare"] == "close" else "iu"
+def _swap_gap(a: set, b: set, s: np.ndarray, c: int | None, rules: Rules) -> tuple[float, str]:
+    """For reference choices a and theirs b (a row's sets) with reference scores s: the score gap of
+    the swap (inf when it is no valid swap) and why. c is the query's block for block ids."""
+    out_, in_ = a - b, b - a
+    if len(a) != len(b):
+        return float("inf"), f"{len(b)} choices where the reference has {len(a)}"
+    if any(not 0 <= n < s.size for n in in_):
+        return float("inf"), f"id {max(in_)} out of range (0..{s.size - 1})"
+    if c is not None:
+        if max(in_) > c:
+            return float("inf"), f"block {max(in_)} is after the query's own block {c}"
+        dropped = out_ & forced_blocks(c, rules.sparse["init"], rules.sparse["local"])
+        if dropped:
+            return float("inf"), f"forced block {sorted(dropped)} dropped"
+    if not all(np.isfinite(s[n]) for n in in_):
+        return float("inf"), "a choice without a finite reference score"
+    gap = float(min(s[n] for n in out_) - max(s[n] for n in in_))
+    return gap, f"score gap {gap:.3g} >= tie_tol {rules.tie_tol:g}"
+
+
+def _kind_problem(name: str, spec: dict, got: np.ndarray) -> str | None:
+    need, what = ("f", "a floating") if spec["compare"] == "close" else ("iu", "an integer")
+    if name.endswith("block_ids"):
+        need, what = "i", "a signed integer (-1 pads unused slots)"
     if got.dtype.kind not in need:
-        return f"dtype {got.dtype}: {'a floating' if need == 'f' else 'an integer'} tensor is expected"
+        return f"dtype {got.dtype}: {what} tensor is expected"
     return None
+
+
+def _in_id_order(weights: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
+    """Router weights reordered per row as their own expert ids sorted ascending (the golden's
+    order), so that weights stored in top-k order compare; as given when there are no usable ids."""
+    if ids is None or ids.shape != weights.shape or ids.dtype.kind not in "iu":
+        return weights
+    return np.take_along_axis(weights, np.argsort(ids, axis=-1, kind="stable"), axis=-1)
 
 
 def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np.ndarray],
@@ -315,7 +374,7 @@ def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np
             row["status"] = "missing"
             continue
         problem = (f"shape {list(got.shape)}, expected {list(ref.shape)}" if list(got.shape) != list(ref.shape)
-                   else _kind_problem(spec, got))
+                   else _kind_problem(name, spec, got))
         if problem:
             row.update(status="FAIL", note=problem)
         elif spec["compare"] == "set":
@@ -326,6 +385,8 @@ def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np
                        note=f"{int(bad.sum())} of {ref.size} differ, first at {_where(int(np.argmax(bad)), ref.shape)}"
                        if bad.any() else "")
         else:
+            if name.endswith("router.weights"):
+                got = _in_id_order(got, theirs.get(name.removesuffix("weights") + "ids"))
             row.update(_close(spec, ref, got))
         if row["status"] == "near tie":
             ties.setdefault(scope, name)
@@ -333,25 +394,25 @@ def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np
 
 
 def verdict(rules: Rules, rows: list[dict]) -> tuple[int, str]:
-    """The exit status and its one-line reason: a divergence before any near tie is 1; divergences
-    only after near ties are 3; nothing compared, or an end result missing, is 2; else 0."""
+    """The exit status and its one-line reason, the first that applies: 1 a failure before any near
+    tie; 2 nothing compared, or an end result missing; 3 failures, all after a near tie; else 0."""
     failed = [r for r in rows if r["status"] == "FAIL"]
     plain = [r for r in failed if r["after"] is None]
     missing = {r["name"] for r in rows if r["status"] == "missing"}
+    absent = [n for n in rules.end_results if n in missing]
     if plain:
         return DIVERGED, f"first divergence: {plain[0]['name']}"
+    if len(missing) == len(rows):
+        return UNUSABLE, (f"nothing compared: the file holds none of the {len(rows)} reference tensors "
+                          f"(check the names against --list)")
+    if absent:
+        return UNUSABLE, f"the end result {', '.join(absent)} is missing: no verdict without it"
     if failed:
         first = failed[0]
         return INCONCLUSIVE, (f"first divergence: {first['name']}, after the near tie in {first['after']}: "
                               f"inconclusive. A near tie lets a correct implementation take another path; "
                               f"check layer by layer from the stored inputs (README, 'Layer by layer') "
                               f"and rerun with --layerwise")
-    if len(missing) == len(rows):
-        return UNUSABLE, (f"nothing compared: the file holds none of the {len(rows)} reference tensors "
-                          f"(check the names against --list)")
-    absent = [n for n in rules.end_results if n in missing]
-    if absent:
-        return UNUSABLE, f"the end result {', '.join(absent)} is missing: no verdict without it"
     return PASS, "pass" + (" (with near ties)" if any(r["status"] == "near tie" for r in rows) else "")
 
 
@@ -380,23 +441,41 @@ def worst(statuses) -> int:
     return next((s for s in (DIVERGED, UNUSABLE, INCONCLUSIVE) if s in statuses), PASS)
 
 
-def check(title: str, rules: Rules, reference: dict, theirs: dict, layerwise: bool = False) -> int:
-    """Compare, print, and return the exit status; names that the reference lacks are listed."""
+def check(title: str, rules: Rules, reference: dict, theirs: dict, layerwise: bool = False,
+          their_dtypes: dict[str, str] | None = None) -> int:
+    """Compare, print, and return the exit status; names the reference lacks are listed, and so
+    are 16-bit tensors given to a float32 case (their rounding alone can exceed its tolerance)."""
     unknown = sorted(set(theirs) - {s["name"] for s in rules.outputs})
     extra = [f"not in the reference, ignored: {', '.join(unknown)}"] if unknown else []
+    narrow = sorted(n for n, d in (their_dtypes or {}).items() if d in ("BF16", "F16") and n not in unknown)
+    if narrow and rules.dtype == "float32":
+        extra.append(f"stored in 16 bits for a float32 case (save float32): {', '.join(narrow)}")
     return report(title, rules, compare(rules, reference, theirs, layerwise), extra)
 
 
 # ---- the committed cases --------------------------------------------------------------------
 
+_CASE_KEYS = {"name": str, "description": str, "kind": str, "dtype": str, "tie_tol": (int, float), "config": dict,
+              "inputs": dict, "end_results": list, "outputs": list, "files": dict}
+
+
 def load_manifest(root: Path) -> dict:
+    """golden/manifest.json, checked for the format and the keys every case needs."""
+    path = Path(root) / "manifest.json"
     try:
-        manifest = json.loads((Path(root) / "manifest.json").read_text())
-        if manifest.get("format") != GOLDEN_FORMAT or not isinstance(manifest.get("cases"), list):
-            raise ValueError(f"format must be {GOLDEN_FORMAT} with a list of cases")
-        return manifest
-    except (OSError, json.JSONDecodeError, ValueError, AttributeError) as e:
-        raise Unusable(f"cannot read {Path(root) / 'manifest.json'}: {e}") from e
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Unusable(f"cannot read {path}: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != GOLDEN_FORMAT \
+            or not isinstance(manifest.get("cases"), list):
+        raise Unusable(f"cannot read {path}: it must be an object of format {GOLDEN_FORMAT} with a list of cases")
+    for i, case in enumerate(manifest["cases"]):
+        bad = [k for k, kind in _CASE_KEYS.items() if not isinstance(case, dict) or not isinstance(case.get(k), kind)]
+        bad += [] if bad else [f"outputs[{j}]" for j, o in enumerate(case["outputs"])
+                               if not (isinstance(o, dict) and {"name", "shape", "compare"} <= o.keys())]
+        if bad:
+            raise Unusable(f"cannot read {path}: case {i} lacks or mistypes {', '.join(bad)}")
+    return manifest
 
 
 def find_case(manifest: dict, root: Path, name: str) -> dict:
@@ -424,10 +503,8 @@ def check_case_files(root: Path, entry: dict) -> Path:
     return path
 
 
-def list_cases(manifest: dict, only: str | None) -> None:
-    for e in manifest["cases"]:
-        if only and e["name"] != only:
-            continue
+def list_cases(entries: list[dict]) -> None:
+    for e in entries:
         print(f"{e['name']}  ({e['kind']}, {e['dtype']}, tie_tol {e['tie_tol']:g}): {e['description']}")
         print("  inputs:  " + ", ".join(f"{k} {v}" for k, v in e["inputs"].items()))
         for o in e["outputs"]:
@@ -445,15 +522,18 @@ def main(argv=None) -> int:
     p.add_argument("--reference", help="a reference .safetensors in the golden naming, instead of --case")
     p.add_argument("--outputs", help="your implementation's tensors (.safetensors), named as the reference")
     p.add_argument("--config", help="with --reference: the model's config.json (block size, forced blocks)")
-    p.add_argument("--tol", type=float, help="with --reference: atol = rtol instead of the dtype's")
-    p.add_argument("--tie-tol", type=float, help="with --reference: tie_tol instead of the dtype's")
+    p.add_argument("--tol", type=_tolerance_arg, help="with --reference: atol = rtol instead of the dtype's")
+    p.add_argument("--tie-tol", type=_tolerance_arg, help="with --reference: tie_tol instead of the dtype's")
     p.add_argument("--layerwise", action="store_true",
                    help="your tensors were computed stage by stage from the stored inputs: near ties do not "
                         "excuse later stages")
     args = p.parse_args(argv)
     try:
         if args.list:
-            list_cases(load_manifest(Path(args.root)), args.case)
+            if args.outputs or args.reference:
+                p.error("--list only lists (with --case: one case); compare without it")
+            manifest = load_manifest(Path(args.root))
+            list_cases([find_case(manifest, args.root, args.case)] if args.case else manifest["cases"])
             return PASS
         if args.outputs is None or (args.case is None) == (args.reference is None):
             p.error("give --outputs with exactly one of --case and --reference (or --list)")
@@ -475,11 +555,27 @@ def main(argv=None) -> int:
                     raise Unusable(f"cannot read --config {args.config}: {e}") from e
             rules = reference_rules(reference, safetensors_dtypes(Path(args.reference)), config, args.tol, args.tie_tol)
             title = args.reference
-        return check(title, rules, reference, theirs, args.layerwise)
+        return check(title, rules, reference, theirs, args.layerwise, safetensors_dtypes(Path(args.outputs)))
     except Unusable as e:
         print(f"error: {e}", file=sys.stderr)
         return UNUSABLE
 
 
+def _tolerance_arg(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+_tolerance_arg.__name__ = "finite, non-negative number"      # argparse names the type in its error
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception:                   # exit 1 means "diverged": an unforeseen crash must not say that
+        import traceback
+        traceback.print_exc()
+        print("error: verify.py failed on this input (traceback above); this is not a verdict", file=sys.stderr)
+        sys.exit(UNUSABLE)
