@@ -32,9 +32,10 @@ noted where it applies.
 
 Shape letters (one meaning each): B batch; S query positions; Sk key positions; Sc a chunk of
 query positions; T tokens B*S, flattened; D model width; V vocabulary; H query heads; Hkv KV
-heads; Dh head dim; R rotary channels (rotary_dim); Hi index heads; Di index dim; nb key blocks;
-bs block size; g query heads per KV head, H / Hkv; E routed experts; K experts per token; I FFN width; N vision patches; Dv vision
-width; C image channels; Tp frames per temporal patch; P patch size.
+heads; g = H / Hkv query heads per KV head; Dh head dim; R rotary channels (rotary_dim); Hi
+index heads; Di index dim; nb key blocks; bs block size; E routed experts; K experts per token;
+I FFN width; N vision patches; n images or videos (rows of a grid_thw); Dv vision width; C image
+channels; Tp frames per temporal patch; P patch size.
 """
 from __future__ import annotations
 
@@ -745,7 +746,7 @@ class VisionEncoderLayer(nn.Module):
 class VisionTower(nn.Module):
     """pixel rows [N, C*Tp*P*P] laid out (C, Tp, P, P), grids (t, h, w) -> patch features [N, Dv].
 
-    Conv3d patch embedding with kernel = stride = (T, P, P) and no bias (one matmul per row),
+    Conv3d patch embedding with kernel = stride = (Tp, P, P) and no bias (one matmul per row),
     `pre_layrnorm`, the encoder layers, no post-layernorm. The nesting (`vision_model.embeddings`,
     `vision_model.encoder.layers`) only mirrors the checkpoint keys.
     """
