@@ -1,9 +1,12 @@
 """MiniMax M3 reference: the whole vision-language MoE in one readable PyTorch file.
 
 MiniMax M3 (428B total, ~22B active) is a decoder-only MoE language model with a CLIP-style
-vision tower. This file defines the config, then every component in the order data flows
-through the model, then the full model and its losses, config.json and checkpoint I/O, the
-golden-tensor generator and the CLI. The torch code here is the specification.
+vision tower. This file defines the config, then every component, building blocks before what
+is built from them: the text layer's pieces (norm, activation, experts, RoPE, attention and the
+indexer), the decoder layer and MTP depth, the vision tower, projector, merger and splice; then
+the full model and its losses (where the data flow is written out: vision -> splice -> layers ->
+head -> MTP), config.json and checkpoint I/O, the golden-tensor generator and the CLI. The torch
+code here is the specification.
 
 Notable features
   - Gemma RMSNorm everywhere in the text model: y = x * rsqrt(mean(x^2) + eps) * (1 + w), fp32.
@@ -32,10 +35,11 @@ noted where it applies.
 
 Shape letters (one meaning each): B batch; S query positions; Sk key positions; Sc a chunk of
 query positions; T tokens B*S, flattened; D model width; V vocabulary; H query heads; Hkv KV
-heads; g = H / Hkv query heads per KV head; Dh head dim; R rotary channels (rotary_dim); Hi
-index heads; Di index dim; nb key blocks; bs block size; E routed experts; K experts per token;
-I FFN width; N vision patches; n images or videos (rows of a grid_thw); Dv vision width; C image
-channels; Tp frames per temporal patch; P patch size.
+heads; G = H / Hkv query heads per KV head; Dh head dim; R rotary channels (rotary_dim); Hi
+index heads; Di index dim; nb key blocks; bs block size; topk blocks kept per query; E routed
+experts; K experts per token; I FFN width; M MTP depths; N vision patches; n images or videos
+(rows of a grid_thw); Dv vision width; Ra vision rotary channels per axis (d_axis); m spatial
+merge size; C image channels; Tp frames per temporal patch; P patch size.
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ class VisionConfig:
     """The CLIP-style vision tower (released values as defaults)."""
     hidden_size: int = 1280                # Dv
     intermediate_size: int = 5120          # MLP width (fc1 output)
-    num_hidden_layers: int = 32
+    num_hidden_layers: int = 32            # encoder layers
     num_attention_heads: int = 16          # head_dim = Dv / heads; 3D RoPE uses 3 * d_axis of it
     num_channels: int = 3                  # C
     patch_size: int = 14                   # P
@@ -97,7 +101,7 @@ class M3Config:
     # embeddings and head
     vocab_size: int = 200064               # V
     hidden_size: int = 6144                # D
-    num_hidden_layers: int = 60
+    num_hidden_layers: int = 60            # decoder layers (MTP depths come on top)
     rms_norm_eps: float = 1e-6             # every Gemma RMSNorm of the text model
     max_position_embeddings: int = 524288  # informational: no rope scaling exists in M3
     # attention
@@ -112,8 +116,9 @@ class M3Config:
     sparse_num_index_heads: int = 4        # Hi: one selection per KV head, so must equal Hkv
     sparse_topk_blocks: int = 16           # key blocks kept per query; forced blocks count inside
     sparse_block_size: int = 128           # bs: keys per block, blocks anchored at position 0
-    sparse_init_block: int = 0             # the first blocks, always kept ("sinks")
-    sparse_local_block: int = 1            # the last blocks up to the query's own, always kept
+    sparse_init_block: int = 0             # the first blocks, forced ("sinks")
+    sparse_local_block: int = 1            # the last blocks up to the query's own, forced; when more
+                                           # are forced than topk: init first, then the nearest local
     # feed-forward
     moe_layer_freq: list[int] | None = None
     dense_intermediate_size: int = 12288   # I of the dense MLP layers
@@ -126,8 +131,8 @@ class M3Config:
     swiglu_alpha: float = 1.702            # g * sigmoid(alpha * g)
     swiglu_limit: float = 7.0              # gate clamped above, up clamped both sides
     # multi-token prediction
-    num_mtp_modules: int = 1               # MTP depths D (M3 ships one)
-    mtp_loss_weight: float = 0.1           # lambda of loss = lm_loss + lambda / D * sum_k CE_k; a
+    num_mtp_modules: int = 1               # MTP depths M (M3 ships one)
+    mtp_loss_weight: float = 0.1           # lambda of loss = lm_loss + lambda / M * sum_k CE_k; a
                                            # training choice, never read from or written to config.json
     # multimodal (vision=None: a text-only model, which has no placeholders or projector: all None)
     vision: VisionConfig | None = field(default_factory=VisionConfig)
@@ -221,8 +226,8 @@ class GemmaRMSNorm(nn.Module):
 def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """out = g * sigmoid(alpha * g) * (u + 1), with g = min(gate, limit), u = clamp(up, -limit, limit).
 
-    gate, up [..., I] (not interleaved: separate projections). The gate is clamped from above
-    only, the up projection on both sides. Computed in fp32, cast back to gate.dtype.
+    gate, up [..., I] (not interleaved: separate projections) -> [..., I]. The gate is clamped
+    from above only, the up projection on both sides. Computed in fp32, cast back to gate.dtype.
     """
     g = gate.float().clamp(max=limit)
     u = up.float().clamp(min=-limit, max=limit)
@@ -354,7 +359,9 @@ def _rotate(x32: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Partial NeoX RoPE in fp32, cast back once. x [..., H, Dh], cos/sin [..., R/2]."""
+    """Partial NeoX RoPE in fp32, cast back once: for i < R/2, (x_i, x_{i+R/2}) becomes
+    (x_i cos - x_{i+R/2} sin, x_{i+R/2} cos + x_i sin); channels >= R pass through.
+    x [..., H, Dh], cos/sin [..., R/2] -> [..., H, Dh]."""
     return _rotate(x.float(), cos, sin).to(x.dtype)
 
 
@@ -389,7 +396,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def index_block_scores(iq: torch.Tensor, ik: torch.Tensor, q_start: int, block_size: int) -> torch.Tensor:
-    """Block scores of one query chunk: S[b,h,i,n] = max_{j in block n, j <= q_start+i} <iq[b,i,h], ik[b,j]>.
+    """Block scores of one query chunk: score[b,h,i,n] = max_{j in block n, j <= q_start+i} <iq[b,i,h], ik[b,j]>.
 
     iq [B, Sc, Hi, Di] (normed + roped), ik [B, Sk, Di] (one key head shared by all index heads);
     query i sits at slot q_start + i, key j at slot j, block n covers slots [n*bs, (n+1)*bs).
@@ -419,7 +426,8 @@ def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, top
     (c - local_blocks, c] are forced; when they do not all fit, init blocks outrank local ones and
     nearer local blocks outrank farther ones. The rest go by score, ties to the lower block id.
     k = min(topk, c + 1).
-    Returns int32 [B, Hi, Sc, topk]: the chosen ids sorted ascending, then -1 padding.
+    Returns int32 [B, Hi, Sc, topk]: the chosen ids sorted ascending, then -1 padding (our canonical
+    form: transformers and MSA v1 order by score, so compare selections as sets).
     """
     B, Hi, Sc, nb = block_scores.shape
     dev = block_scores.device
@@ -467,8 +475,8 @@ def lightning_indexer(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk:
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor,
                      block_size: int, scale: float, q_start: int = 0,
                      query_chunk: int | None = None) -> torch.Tensor:
-    """Block-sparse causal GQA: query i attends key j iff j <= q_start + i and block(j) is in
-    block_ids[b, kv_head, i].
+    """Block-sparse causal GQA: o_i = softmax_j(q_i k_j^T * scale) v_j over the keys j <= q_start + i
+    whose block is in block_ids[b, kv_head, i] (M3: scale = Dh^-0.5).
 
     q [B, S, H, Dh]; k/v [B, Sk, Hkv, Dh]; block_ids int32 [B, Hkv, S, topk] (-1 = empty slot).
     Each query chunk gathers only its selected blocks ([B, Hkv, Sc, topk*bs, Dh]), so memory grows
@@ -495,10 +503,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
         slot = (safe[..., None] * block_size + offs).flatten(3)                   # [B, Hkv, Sc, topk*bs]
         q_slot = torch.arange(q_start + s0, q_start + s0 + n, device=q.device)[:, None]
         keep = (ids >= 0).repeat_interleave(block_size, dim=-1) & (slot <= q_slot)
-        qc = q[:, s0:s0 + n].float().view(B, n, Hkv, group, Dh).permute(0, 2, 3, 1, 4)  # [B, Hkv, g, Sc, Dh]
+        qc = q[:, s0:s0 + n].float().view(B, n, Hkv, group, Dh).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Sc, Dh]
         scores = torch.einsum("bhgcd,bhckd->bhgck", qc, kg) * scale
         scores = scores.masked_fill(~keep[:, :, None], float("-inf"))
-        o = torch.einsum("bhgck,bhckd->bhgcd", scores.softmax(-1), vg)            # [B, Hkv, g, Sc, Dh]
+        o = torch.einsum("bhgck,bhckd->bhgcd", scores.softmax(-1), vg)            # [B, Hkv, G, Sc, Dh]
         out[:, s0:s0 + n] = o.permute(0, 3, 1, 2, 4).reshape(B, n, H, Dh).to(q.dtype)
     return out
 
@@ -629,7 +637,7 @@ class TextModel(nn.Module):
 
     def mtp_hidden(self, h: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> list[torch.Tensor]:
-        """h_1..h_D: depth k embeds the ids shifted left by k (tail filled with id 0) and takes
+        """h_1..h_M: depth k embeds the ids shifted left by k (tail filled with id 0) and takes
         h_{k-1} (h_0 = the main output after `norm`); positions are not shifted."""
         out = []
         for k, depth in enumerate(self.mtp["layers"] if self.cfg.num_mtp_modules else [], start=1):
@@ -685,19 +693,21 @@ def vision_rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> 
 
 
 def layer_norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
-    """LayerNorm with weight and bias, computed in fp32 and cast back once."""
+    """y = (x - mean(x)) * rsqrt(var(x) + eps) * w + b over the last dim, computed in fp32 and cast
+    back once. x [..., Dv] -> [..., Dv]."""
     return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU in fp32; the checkpoint says "gelu", not the tanh or quick variants."""
+    """x * Phi(x), the exact (erf) GELU in fp32, cast back once; the checkpoint says "gelu", not the
+    tanh or quick variants. Elementwise: [...] -> [...]."""
     return F.gelu(x.float()).to(x.dtype)
 
 
 class VisionAttention(nn.Module):
     """Bidirectional MHA with biases and 3D RoPE, full within each segment, never across:
     softmax(q k^T * head_dim^-0.5) v per segment, fp32 softmax.
-    x [N, Dv], cos/sin [N, 3 * d_axis / 2], lengths: rows per segment (sum N) -> [N, Dv]."""
+    x [N, Dv], cos/sin [N, 3 * Ra / 2], lengths: rows per segment (sum N) -> [N, Dv]."""
 
     def __init__(self, v: VisionConfig):
         super().__init__()
@@ -719,6 +729,8 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
+    """fc2(gelu(fc1(x))) with biases: [N, Dv] -> [N, Dv]."""
+
     def __init__(self, v: VisionConfig):
         super().__init__()
         self.fc1 = nn.Linear(v.hidden_size, v.intermediate_size)
@@ -796,7 +808,8 @@ class Projector(nn.Module):
 def splice(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, token_id: int,
            what: str) -> torch.Tensor:
     """Replace the embeddings at input_ids == token_id, in row-major (batch, position) order,
-    by the feature rows. embeds [B, S, D], features [n, D] -> [B, S, D]; other rows untouched."""
+    by the feature rows. embeds [B, S, D], features [number of placeholders, D] -> [B, S, D]; other
+    rows untouched."""
     mask = input_ids == token_id
     n = int(mask.sum())
     if n != features.shape[0]:
@@ -840,9 +853,9 @@ class MiniMaxM3(nn.Module):
     RoPE only; causality and sparse blocks follow each token's index in its row.
 
     With labels (= the input ids; -100 ignored), CE_k(i) = CE(logits_k[:, i], labels[:, i + 1 + k])
-    with logits_0 the main head and logits_k the MTP depth k = 1..D, each averaged over its own
+    with logits_0 the main head and logits_k the MTP depth k = 1..M, each averaged over its own
     valid positions (target inside the row and not -100):
-        lm_loss = mean CE_0;   mtp_loss = mtp_loss_weight / D * sum_k mean CE_k;   loss = lm_loss + mtp_loss
+        lm_loss = mean CE_0;   mtp_loss = mtp_loss_weight / M * sum_k mean CE_k;   loss = lm_loss + mtp_loss
     """
 
     def __init__(self, cfg: M3Config):
@@ -858,7 +871,7 @@ class MiniMaxM3(nn.Module):
 
     def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Tower -> projector (per patch) -> 4 consecutive rows concatenated -> patch merger.
-        [N, C*Tp*P*P] -> [N / merge^2, D]."""
+        [N, C*Tp*P*P] -> [N / m^2, D]."""
         x = self.multi_modal_projector(self.vision_tower(pixel_values, grid_thw.tolist()))
         return self.patch_merge_mlp(x.reshape(-1, x.shape[-1] * self.config.vision.spatial_merge_size ** 2))
 
@@ -896,9 +909,9 @@ class MiniMaxM3(nn.Module):
             out.lm_loss = shifted_cross_entropy(out.logits, labels, 1)
             out.loss = out.lm_loss
             if out.mtp_logits:
-                D = len(out.mtp_logits)
-                out.mtp_loss = cfg.mtp_loss_weight / D * sum(shifted_cross_entropy(lg, labels, 1 + k)
-                                             for k, lg in enumerate(out.mtp_logits, start=1))
+                M = len(out.mtp_logits)
+                out.mtp_loss = cfg.mtp_loss_weight / M * sum(shifted_cross_entropy(lg, labels, 1 + k)
+                                                              for k, lg in enumerate(out.mtp_logits, start=1))
                 out.loss = out.lm_loss + out.mtp_loss
         return out
 
@@ -973,7 +986,9 @@ def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
 # `img_token_compression_config`) and the transformers form (`layer_types`, `mlp_layer_types`,
 # flat `index_*` keys, `rope_parameters`). Both read into one M3Config; a key's meaning is given
 # at the M3Config / VisionConfig field of the same name, or where the key is read below. Keys
-# that select a variant M3 does not use are rejected, never ignored.
+# that would switch M3 to a variant it does not have are rejected where they are read; keys not
+# read below are ignored. `hidden_act` of the text part is one: transformers writes "silu" for the
+# same SwiGLU-OAI model, so its value says nothing.
 
 def config_from_json(path: str | os.PathLike) -> M3Config:
     try:
@@ -989,7 +1004,9 @@ def config_from_dict(d: dict) -> M3Config:
     """Accept the upstream checkpoint form (`text_config.sparse_attention_config`,
     `moe_layer_freq`, `rope_theta`, `img_token_compression_config`, ...) and the transformers
     form (`layer_types`, `mlp_layer_types`, `index_*`, `rope_parameters`). A dict without
-    `text_config` is a text-only config. Absent keys take the released model's values;
+    `text_config` is a text-only config. Absent scalar keys take the released model's values;
+    absent layer lists and derived sizes follow their readers (no sparse layers, every layer MoE,
+    head_dim = D / H, rotary_dim = head_dim / 2, no MTP depth in the transformers form).
     `model_type` strings are never read (the checkpoint's text part says "minimax_m2")."""
     if not isinstance(d, dict):
         raise TypeError(f"config must be a dict, got {type(d).__name__}")
@@ -1112,11 +1129,11 @@ def _text_fields(d: dict, where: str) -> dict:
     # by (1 + w); use_qk_norm / qk_norm_type: one q and one k norm of head_dim, shared by the heads;
     # attention_output_gate: a sigmoid gate on the attention output (absent in M3);
     # tie_word_embeddings: lm_head shares embed_tokens; scoring_func / use_routing_bias: the
-    # router's sigmoid and its correction bias
+    # router's sigmoid and its correction bias; rope_scaling: M3 has no RoPE scaling (null)
     for key, allowed in [("use_gemma_norm", [True]), ("use_qk_norm", [True]),
                          ("qk_norm_type", ["per_head"]), ("attention_output_gate", [False]),
                          ("tie_word_embeddings", [False]), ("scoring_func", ["sigmoid"]),
-                         ("use_routing_bias", [True])]:
+                         ("use_routing_bias", [True]), ("rope_scaling", [None])]:
         r.require(key, allowed)
     out = _scalars(r, M3Config, [
         "vocab_size", "hidden_size", "num_hidden_layers", "rms_norm_eps", "max_position_embeddings",
@@ -1163,7 +1180,7 @@ _SPARSE_KEYS = [("sparse_index_dim", "sparse_index_dim", "index_head_dim", 128),
                 ("sparse_topk_blocks", "sparse_topk_blocks", "index_topk_blocks", 16),
                 ("sparse_block_size", "sparse_block_size", "index_block_size", 128),
                 ("sparse_init_block", "sparse_init_block", None, 0),     # transformers has no init blocks
-                ("sparse_local_block", "sparse_local_block", "index_local_blocks", 1)]
+                ("sparse_local_block", "sparse_local_block", "index_local_blocks", 1)]   # vLLM reads 0
 
 
 def _sparse_fields(d: dict, where: str) -> dict:
@@ -1202,16 +1219,20 @@ def _sparse_fields(d: dict, where: str) -> dict:
 
 
 def _vision_fields(v: dict, top: dict) -> VisionConfig:
-    """Vision keys; activations must be exact GELU and the projector/merger must have biases.
-    `img_token_compression_config` (in vision_config or top level) holds the merge and temporal
-    patch sizes; `rope_parameters.rope_theta` is the transformers spelling of rope_theta."""
+    """Vision keys; activations must be exact GELU, the projector/merger must have biases, the
+    positions 3D RoPE (`position_embedding_type` "rope", `rope_mode` "3d") and the compression the
+    2x2 patch merge. `img_token_compression_config` (in vision_config or top level) holds the merge
+    and temporal patch sizes; `rope_parameters.rope_theta` is the transformers spelling of rope_theta."""
     r = _Reader(v, "config.vision_config")
     r.require("hidden_act", ["gelu"])
+    r.require("position_embedding_type", ["rope"])
+    r.require("rope_mode", ["3d"])
     _Reader(top, "config").require("projector_hidden_act", ["gelu"])
     _Reader(top, "config").require("multimodal_projector_bias", [True])
     _Reader(top, "config").require("patch_merge_bias", [True])
     compression = v.get("img_token_compression_config") or top.get("img_token_compression_config") or {}
     c = _Reader(compression, "config.vision_config.img_token_compression_config")
+    c.require("image_token_compression_method", ["patch_merge"])
     params = _Reader(v.get("rope_parameters") or {}, "config.vision_config.rope_parameters")
     return VisionConfig(
         **_scalars(r, VisionConfig, ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -1424,11 +1445,11 @@ def save_pretrained(model: MiniMaxM3, path: str | os.PathLike, max_shard_size: i
 # The tolerance and near-tie rules, and the comparison itself, live in golden/verify.py (numpy
 # only, for stacks without torch); this section imports it, so both callers share one copy.
 
-GOLDEN_MEDIA = dict(image_grids=((1, 2, 2), (1, 2, 4)), video_hw=(2, 2))   # 24 patches: pixels dominate the size
+GOLDEN_MEDIA = dict(image_grids=((1, 2, 2), (1, 2, 4)), video_hw=(2, 2))   # 24 patches keep the pixels small
 
 
 def golden_config(**overrides) -> M3Config:
-    """The models behind the golden cases: the tiny preset made smaller so golden/ stays ~2 MB."""
+    """The models behind the golden cases: the tiny preset made smaller so golden/ stays ~4 MB."""
     return replace(M3Config.tiny(), vocab_size=128, hidden_size=32, head_dim=8, rotary_dim=4,
                    sparse_index_dim=8, sparse_topk_blocks=3, dense_intermediate_size=48,
                    intermediate_size=16, shared_intermediate_size=16, num_local_experts=6,
@@ -1651,9 +1672,10 @@ def golden_cases() -> list[dict]:
              config=replace(text, sparse_block_size=4, sparse_topk_blocks=5, sparse_init_block=2, sparse_local_block=2),
              description="block 4, top-5 with 2 init + 2 local blocks, 203 tokens: most of 51 blocks dropped"),
         dict(name="sparse-edge-b7", kind="model", seed=103, batch=1, length=150, media=False, dtype="float32",
-             config=replace(text, sparse_block_size=7, sparse_topk_blocks=4, sparse_init_block=2, sparse_local_block=2,
+             config=replace(text, sparse_block_size=7, sparse_topk_blocks=3, sparse_init_block=2, sparse_local_block=2,
                             num_mtp_modules=0),
-             description="block 7, top-4 with 2 init + 2 local blocks (more forced than fit late), 150 tokens"),
+             description="block 7, top-3 with 2 init + 2 local blocks, 150 tokens: from block 3 on, more are "
+                         "forced than fit, so the init blocks and the own block stay and the other local drops"),
         dict(name="mtp-depth-2", kind="model", config=replace(text, num_mtp_modules=2), dtype="float32", seed=104,
              batch=2, length=23, media=False, description="two MTP depths, pinning the recursion h_1 -> h_2"),
         dict(name="bf16", kind="model", config=base, dtype="bfloat16", seed=101, media=True,

@@ -147,10 +147,25 @@ def test_config_decisions_for_missing_lists():
     (lambda t: t.update(hidden_size="big"), "hidden_size", "an integer"),
     (lambda t: t.update(use_gemma_norm=False), "use_gemma_norm", "True"),
     (lambda t: t.update(rotary_dim=12), "rotary_dim", "partial_rotary_factor"),
+    (lambda t: t.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling", "None"),
 ])
 def test_invalid_config_names_the_key_and_the_allowed_values(edit, key, allowed):
     d = upstream_config()
     edit(d["text_config"])
+    with pytest.raises(ValueError) as e:
+        m3.M3Config.from_dict(d)
+    assert key in str(e.value) and allowed in str(e.value)
+
+
+@pytest.mark.parametrize("edit, key, allowed", [
+    (lambda d: d["vision_config"].update(rope_mode="2d"), "rope_mode", "'3d'"),
+    (lambda d: d["vision_config"].update(position_embedding_type="learned"), "position_embedding_type", "'rope'"),
+    (lambda d: d["vision_config"]["img_token_compression_config"].update(
+        image_token_compression_method="pixel_shuffle"), "image_token_compression_method", "'patch_merge'"),
+])
+def test_invalid_vision_config_names_the_key_and_the_allowed_value(edit, key, allowed):
+    d = upstream_config()
+    edit(d)
     with pytest.raises(ValueError) as e:
         m3.M3Config.from_dict(d)
     assert key in str(e.value) and allowed in str(e.value)
@@ -1451,6 +1466,16 @@ def test_the_top3_sparse_component_case_drops_causal_blocks():
         kept = (ids >= 0).sum(-1)
         causal = torch.arange(ids.shape[2]) // bs + 1
         assert bool((kept < causal).any()) == drops, case
+
+
+def test_sparse_edge_b7_forces_more_blocks_than_its_topk(tmp_path, capsys):
+    ids = _outputs("sparse-edge-b7")["layers.1.indexer.block_ids"]            # block 7, top-3, 2 init + 2 local
+    for i in range(21, ids.shape[2]):
+        c = i // 7
+        assert all(set(ids[0, h, i].tolist()) == {0, 1, c} for h in range(ids.shape[1])), i
+    got, out = _verify(capsys, "--case", "sparse-edge-b7", "--outputs", _foreign(
+        tmp_path, "sparse-edge-b7", lambda o: _swap(o, "layers.1.indexer.block_ids", 0, 30, 4, 3)))
+    assert got == V.DIVERGED and "forced block [4] dropped" in _row(out, "layers.1.indexer.block_ids")
 
 
 def test_failed_generation_leaves_the_old_golden(tmp_path, monkeypatch):
