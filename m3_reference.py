@@ -5,7 +5,8 @@ vision tower. This file defines the config, then every component, building block
 is built from them: the text layer's pieces (norm, activation, experts, RoPE, attention and the
 indexer), the decoder layer and MTP depth, the vision tower, projector, merger and splice; then
 the full model and its losses (where the data flow is written out: vision -> splice -> layers ->
-head -> MTP), config.json and checkpoint I/O, the golden-tensor generator and the CLI. The torch
+head -> MTP), config.json and checkpoint I/O (MXFP8 included), the golden-tensor generator, the
+streamed forward (a checkpoint larger than the device, one piece at a time) and the CLI. The torch
 code here is the specification.
 
 Notable features
@@ -31,6 +32,7 @@ noted where it applies.
     python m3_reference.py bench                # long-sequence sparse attention benchmark
     python m3_reference.py golden --out golden  # regenerate the golden cases (fixed seeds)
     python m3_reference.py verify golden/       # re-run the reference on every golden case
+    python m3_reference.py run --checkpoint DIR --prompt-ids 1,2,3   # streamed forward, one layer resident
     python golden/verify.py --case text --outputs theirs.safetensors   # another stack, numpy only
 
 Shape letters (one meaning each): B batch; S query positions; Sk key positions; Sc a chunk of
@@ -44,6 +46,7 @@ merge size; C image channels; Tp frames per temporal patch; P patch size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -103,7 +106,7 @@ class M3Config:
     hidden_size: int = 6144                # D
     num_hidden_layers: int = 60            # decoder layers (MTP depths come on top)
     rms_norm_eps: float = 1e-6             # every Gemma RMSNorm of the text model
-    max_position_embeddings: int = 524288  # informational: no rope scaling exists in M3
+    max_position_embeddings: int = 1048576  # informational: no rope scaling exists in M3
     # attention
     num_attention_heads: int = 64          # H
     num_key_value_heads: int = 4           # Hkv; query head j reads KV head j // (H / Hkv)
@@ -591,6 +594,11 @@ class DecoderLayer(nn.Module):
         return h + self.ffn(self.post_attention_layernorm(h))
 
 
+def mtp_input_ids(input_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids MTP depth k embeds: input_ids shifted left by k, the tail filled with id 0. [B, S] -> [B, S]."""
+    return F.pad(input_ids[:, k:], (0, min(k, input_ids.shape[1])))
+
+
 class MTPDepth(nn.Module):
     """One multi-token-prediction depth k (DeepSeek-V3 style, embedding first in the concat):
 
@@ -614,6 +622,17 @@ class MTPDepth(nn.Module):
         return self.final_layernorm(self.transformer_layer(x, cos, sin))
 
 
+def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """t, after making sure it holds no NaN or Inf; otherwise a ValueError naming `what` and the
+    first bad index, so a corrupt weight or an overflow is found where it appears."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        first = bad.nonzero()[0].tolist()
+        kind = "NaN" if bool(t[tuple(first)].isnan()) else "Inf"
+        raise ValueError(f"{what} holds {kind} (first at index {first} of shape {list(t.shape)})")
+    return t
+
+
 class TextModel(nn.Module):
     """embed_tokens -> layers -> norm (no embedding scaling), plus the MTP depths.
     Runs on embeddings so the multimodal splice can happen before it: [B, S, D] -> [B, S, D]."""
@@ -631,8 +650,8 @@ class TextModel(nn.Module):
         return rope_angles(position_ids, self.cfg.rotary_dim, self.cfg.rope_theta)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        for i, layer in enumerate(self.layers):
+            h = check_finite(layer(h, cos, sin), f"layer {i} output")
         return self.norm(h)
 
     def mtp_hidden(self, h: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor,
@@ -641,8 +660,8 @@ class TextModel(nn.Module):
         h_{k-1} (h_0 = the main output after `norm`); positions are not shifted."""
         out = []
         for k, depth in enumerate(self.mtp["layers"] if self.cfg.num_mtp_modules else [], start=1):
-            ids_k = F.pad(input_ids[:, k:], (0, min(k, input_ids.shape[1])))   # [B, S]
-            h = depth(h, self.embed_tokens(ids_k), cos, sin)
+            h = check_finite(depth(h, self.embed_tokens(mtp_input_ids(input_ids, k)), cos, sin),
+                             f"MTP depth {k} output")
             out.append(h)
         return out
 
@@ -845,6 +864,18 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int
     return (ce * valid.flatten()).sum() / valid.sum().clamp(min=1)
 
 
+def add_losses(out: M3Output, labels: torch.Tensor | None, mtp_loss_weight: float) -> M3Output:
+    """Fill lm_loss, mtp_loss and loss from the logits (nothing without labels); see MiniMaxM3."""
+    if labels is not None:
+        out.lm_loss = out.loss = shifted_cross_entropy(out.logits, labels, 1)
+        if out.mtp_logits:
+            M = len(out.mtp_logits)
+            out.mtp_loss = mtp_loss_weight / M * sum(shifted_cross_entropy(lg, labels, 1 + k)
+                                                     for k, lg in enumerate(out.mtp_logits, start=1))
+            out.loss = out.lm_loss + out.mtp_loss
+    return out
+
+
 class MiniMaxM3(nn.Module):
     """Vision tower + projector + patch merger + text model + lm_head + MTP.
 
@@ -905,15 +936,7 @@ class MiniMaxM3(nn.Module):
         h = text(self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw), cos, sin)
         lm_head = self.language_model.lm_head
         out = M3Output(logits=lm_head(h), mtp_logits=[lm_head(hk) for hk in text.mtp_hidden(h, input_ids, cos, sin)])
-        if labels is not None:
-            out.lm_loss = shifted_cross_entropy(out.logits, labels, 1)
-            out.loss = out.lm_loss
-            if out.mtp_logits:
-                M = len(out.mtp_logits)
-                out.mtp_loss = cfg.mtp_loss_weight / M * sum(shifted_cross_entropy(lg, labels, 1 + k)
-                                                              for k, lg in enumerate(out.mtp_logits, start=1))
-                out.loss = out.lm_loss + out.mtp_loss
-        return out
+        return add_losses(out, labels, cfg.mtp_loss_weight)
 
 
 def _check_ids(input_ids, labels, position_ids, vocab_size: int):
@@ -961,6 +984,7 @@ def _check_media(cfg: M3Config, pixels, grid, pix_name: str, grid_name: str):
     if pixels.dim() != 2 or pixels.shape != (rows, v.patch_dim):
         raise ValueError(f"{pix_name} has shape {tuple(pixels.shape)} but {grid_name} {grid.tolist()} needs "
                          f"sum(t*h*w) = {rows} rows of C*Tp*P*P = {v.patch_dim} values")
+    check_finite(pixels, pix_name)
 
 
 def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -1301,7 +1325,12 @@ def validate_config(c: M3Config):
 # ============================================================================================
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
-IGNORED_KEYS = re.compile(r"^vision_tower\.vision_model\.post_layernorm\.")   # shipped by some, never applied
+# keys some checkpoints ship that hold no weight of the model: RoPE tables (recomputed from the
+# config), the vision post-layernorm (shipped by some exports, never applied)
+IGNORED_KEYS = re.compile(r"(\.rotary_emb\.inv_freq$|^vision_tower\.vision_model\.post_layernorm\.)")
+MTP_KEY = re.compile(r"^(?:language_model\.)?model\.mtp\.layers\.(\d+)\.")
+SCALE_SUFFIX = "_scale_inv"      # MXFP8: <key> float8_e4m3 + <key>_scale_inv uint8 E8M0
+MX_BLOCK = 32                    # input columns sharing one E8M0 scale
 
 
 def checkpoint_key(model_key: str, text_only: bool) -> str:
@@ -1309,70 +1338,204 @@ def checkpoint_key(model_key: str, text_only: bool) -> str:
     return model_key.removeprefix("language_model.") if text_only else model_key
 
 
-def _checkpoint_index(path: Path) -> dict[str, Path]:
-    """checkpoint key -> the safetensors file holding it (single file or sharded index)."""
-    from safetensors import safe_open
-    if (path / INDEX_FILE).exists():
-        try:
-            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"cannot read {path / INDEX_FILE}: {e}") from e
-        return {k: path / f for k, f in weight_map.items()}
-    if (path / SINGLE_FILE).exists():
-        with safe_open(path / SINGLE_FILE, framework="pt") as f:
-            return {k: path / SINGLE_FILE for k in f.keys()}
-    raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(path)!r}")
+def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    """E8M0 code s (uint8) -> 2^(s - 127) as fp32, exactly: for s >= 1 it is the fp32 whose exponent
+    field is s; s = 0 is the subnormal 2^-127. s = 255 is NaN in the OCP MX spec: callers reject it."""
+    s = scale.to(torch.int32)
+    return torch.where(s > 0, s << 23, torch.full_like(s, 1 << 22)).view(torch.float32)
+
+
+def dequant_mxfp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """w[o, i] = e4m3(weight[o, i]) * 2^(scale[o, i // 32] - 127), in fp32.
+
+    weight float8_e4m3fn [O, I]; scale uint8 E8M0 [O, ceil(I / 32)] -> fp32 [O, I]. Exact: a
+    4-bit significand times a power of two, except where it overflows fp32 (448 * 2^127 = Inf;
+    the checkpoint reader reports any non-finite weight by key).
+    """
+    factor = e8m0_to_float(scale).repeat_interleave(MX_BLOCK, dim=-1)[..., :weight.shape[-1]]
+    return weight.float() * factor
+
+
+class Checkpoint:
+    """A safetensors checkpoint (model.safetensors, or shards + model.safetensors.index.json),
+    read one tensor at a time through memory maps. `tensor(key)` returns a weight as stored or,
+    for MXFP8, dequantised to fp32; every weight is checked to be finite. `reads` lists the keys
+    read and `bytes_read` their stored size (scales included)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config = M3Config.from_json(self.path / "config.json")
+        self._handles: dict[Path, object] = {}
+        self.files = self._locate()
+        self.reads: list[str] = []
+        self.bytes_read = 0
+
+    def _locate(self) -> dict[str, Path]:
+        """checkpoint key -> the file holding it (single file or sharded index)."""
+        index, single = self.path / INDEX_FILE, self.path / SINGLE_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                return {k: self.path / f for k, f in weight_map.items()}
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"cannot read {index}: {e}") from e
+        if single.exists():
+            return {k: single for k in self.handle(single).keys()}
+        raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(self.path)!r}")
+
+    def handle(self, file: Path):
+        """The open (memory-mapped) safetensors file; a missing or unreadable one is a ValueError."""
+        from safetensors import safe_open
+        if file not in self._handles:
+            if not file.exists():
+                raise ValueError(f"checkpoint file {file} is missing" +
+                                 (f" (listed in {INDEX_FILE})" if file.name != SINGLE_FILE else ""))
+            try:
+                self._handles[file] = safe_open(file, framework="pt")
+            except Exception as e:             # safetensors raises its own error types
+                raise ValueError(f"cannot read checkpoint file {file}: {e} (truncated or not safetensors?)") from e
+        return self._handles[file]
+
+    def stored(self, key: str) -> tuple[str, list[int]]:
+        """(safetensors dtype, shape) of a key as stored, from the file header."""
+        sl = self.handle(self.files[key]).get_slice(key)
+        return sl.get_dtype(), list(sl.get_shape())
+
+    def _read(self, key: str) -> torch.Tensor:
+        t = self.handle(self.files[key]).get_tensor(key)
+        self.reads.append(key)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def tensor(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The weight at `key` on `device`: MXFP8 dequantised to fp32, anything else as stored."""
+        t = self._read(key).to(device)
+        if key + SCALE_SUFFIX in self.files:
+            scale = self._read(key + SCALE_SUFFIX).to(device)
+            if bool((scale == 255).any()):
+                raise ValueError(f"checkpoint key {key + SCALE_SUFFIX} holds the E8M0 code 255, which is NaN")
+            t = dequant_mxfp8(t, scale)
+        return check_finite(t, f"checkpoint key {key}")
+
+    def mtp_depths(self) -> int:
+        """How many MTP depths the checkpoint ships (they must be numbered 0, 1, ... without gaps)."""
+        shipped = sorted({int(m.group(1)) for k in self.files if (m := MTP_KEY.match(k))})
+        if shipped != list(range(len(shipped))):
+            raise ValueError(f"checkpoint {str(self.path)!r} ships MTP depths {shipped}: they must be 0..n-1")
+        return len(shipped)
+
+    def problems(self, expected: dict[str, torch.Tensor], skip) -> list[str]:
+        """Every mismatch between the checkpoint and the model's tensors `expected` (checkpoint key ->
+        meta tensor), from the file headers alone; keys where skip(key) is true are not the model's."""
+        problems = [f"missing: {k}" for k in expected if k not in self.files]
+        present = set()
+        for file in sorted(set(self.files.values())):
+            try:
+                stored = set(self.handle(file).keys())
+            except ValueError as e:
+                problems.append(str(e))
+                continue
+            indexed = {k for k, f in self.files.items() if f == file}
+            problems += [f"missing: {k} (indexed in {file.name} but absent there)" for k in sorted(indexed - stored)]
+            present |= indexed & stored
+        for key in sorted(present):
+            if key.endswith(SCALE_SUFFIX):
+                if key.removesuffix(SCALE_SUFFIX) not in present:
+                    problems.append(f"scale without its weight: {key}")
+            elif key in expected:
+                problems += self._format_problems(key, list(expected[key].shape), present)
+            elif not skip(key):
+                problems.append(f"unexpected: {key}")
+        return problems
+
+    def _format_problems(self, key: str, shape: list[int], present: set[str]) -> list[str]:
+        """The stored format of one weight against the shape the model needs."""
+        dtype, stored_shape = self.stored(key)
+        scale = key + SCALE_SUFFIX
+        if scale not in present:
+            if dtype.startswith("F8"):
+                return [f"fp8 weight without a scale: {key} ({dtype}) has no {scale}"]
+            if dtype not in ("F32", "BF16", "F16"):
+                return [f"unsupported dtype: {key} is {dtype}; floats or MXFP8 are supported"]
+        else:
+            scale_dtype, scale_shape = self.stored(scale)
+            if dtype == "U8":
+                return [f"MXFP4 (4-bit weights packed in uint8) is not supported: {key}"]
+            if dtype != "F8_E4M3":
+                return [f"unsupported quantised format: {key} is {dtype} with a scale; MXFP8 stores F8_E4M3"]
+            if scale_dtype != "U8":
+                return [f"fp8 with {scale_dtype} block scales is not MXFP8 (uint8 E8M0 per 32 columns): {scale}"]
+            want = stored_shape[:-1] + [-(-stored_shape[-1] // MX_BLOCK)] if stored_shape else []
+            if scale_shape != want:
+                return [f"mis-shaped scale: {scale} is {scale_shape}, its weight {stored_shape} needs {want}"]
+        if stored_shape != shape:
+            return [f"mis-shaped: {key} is {stored_shape}, the config needs {shape}"]
+        return []
+
+
+def load_meta_model(ckpt: Checkpoint, dtype: torch.dtype, mtp_depths: int | None = None) -> MiniMaxM3:
+    """The model of a checkpoint on the meta device (no storage), after checking every tensor's
+    name, shape and format against it (one ValueError lists every problem). The MTP depths built are
+    those the checkpoint ships, or exactly `mtp_depths` (an error if fewer are shipped)."""
+    cfg, shipped = ckpt.config, ckpt.mtp_depths()
+    if mtp_depths is None:
+        if cfg.num_mtp_modules > shipped:
+            print(f"config.json declares {cfg.num_mtp_modules} MTP depths and the checkpoint ships {shipped}: "
+                  f"building {shipped}", file=sys.stderr)
+        mtp_depths = shipped
+    elif not 0 <= mtp_depths <= shipped:
+        raise ValueError(f"mtp_depths={mtp_depths} asked for, but checkpoint {str(ckpt.path)!r} ships {shipped} "
+                         f"MTP depth(s)")
+    with torch.device("meta"):
+        model = MiniMaxM3(replace(cfg, num_mtp_modules=mtp_depths)).to(dtype)
+    text_only = cfg.vision is None
+    expected = {checkpoint_key(k, text_only): t for k, t in model.state_dict(keep_vars=True).items()}
+
+    def not_built(key: str) -> bool:            # no weight of the model, or an MTP depth not asked for
+        depth = MTP_KEY.match(key)
+        return bool(IGNORED_KEYS.search(key)) or (depth is not None and int(depth.group(1)) >= mtp_depths)
+    problems = ckpt.problems(expected, not_built)
+    if problems:
+        raise ValueError(f"checkpoint {str(ckpt.path)!r} does not match its config.json "
+                         f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+    return model
+
+
+def put_tensor(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Replace parameter or buffer `name` of `model` (meta or real) by `value`; returns the old one."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        old = module._buffers[attr]
+        module._buffers[attr] = value
+    return old
+
+
+def load_tensor(model: MiniMaxM3, ckpt: Checkpoint, name: str, device) -> torch.Tensor:
+    """Fill one meta parameter/buffer of `model` from the checkpoint, cast to the dtype the model
+    gave it (the router stays fp32). Returns the meta tensor it replaced."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    dtype = (module._parameters[attr] if attr in module._parameters else module._buffers[attr]).dtype
+    return put_tensor(model, name, ckpt.tensor(checkpoint_key(name, model.config.vision is None), device).to(dtype))
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> MiniMaxM3:
+                    device: str | torch.device = "cpu", mtp_depths: int | None = None) -> MiniMaxM3:
     """Build the model from config.json + safetensors, reading one tensor at a time.
 
-    The module is built on the meta device, every checkpoint tensor's name, shape and dtype is
-    checked first (one ValueError lists every missing, unexpected, mis-shaped or fp8 tensor),
-    then storage is allocated on `device` and filled tensor by tensor, cast to `dtype`.
+    The module is built on the meta device and every checkpoint tensor's name, shape and format
+    is checked first (`load_meta_model`), then each tensor is read, dequantised if MXFP8, checked
+    to be finite and cast to `dtype` on `device` (router weight and bias: fp32).
     """
-    from safetensors import safe_open
-    path = Path(path)
-    cfg = M3Config.from_json(path / "config.json")
-    with torch.device("meta"):
-        model = MiniMaxM3(cfg).to(dtype)
-    text_only = cfg.vision is None
-    expected = {checkpoint_key(k, text_only): t for k, t in model.state_dict(keep_vars=True).items()}
-    located = _checkpoint_index(path)
-    problems = [f"missing: {k}" for k in expected if k not in located]
-    by_file: dict[Path, list[str]] = {}
-    for key, file in located.items():
-        if key not in expected and not IGNORED_KEYS.match(key):
-            problems.append(f"unexpected: {key}")
-        by_file.setdefault(file, []).append(key)
-    for file, keys in by_file.items():
-        if not file.exists():
-            problems.append(f"missing file: {file.name} (listed in {INDEX_FILE})")
-            continue
-        with safe_open(file, framework="pt") as f:
-            stored = set(f.keys())
-            for key in keys:
-                if key not in stored:
-                    problems.append(f"missing: {key} (indexed in {file.name} but absent there)")
-                    continue
-                sl = f.get_slice(key)
-                if sl.get_dtype().startswith("F8") or key.endswith("_scale_inv"):
-                    problems.append(f"fp8: {key} ({sl.get_dtype()}): MXFP8 dequantisation is not supported yet")
-                elif key in expected and list(sl.get_shape()) != list(expected[key].shape):
-                    problems.append(f"mis-shaped: {key} is {list(sl.get_shape())}, "
-                                    f"the config needs {list(expected[key].shape)}")
-    if problems:
-        raise ValueError(f"checkpoint {str(path)!r} does not match its config.json "
-                         f"({len(problems)} problems):\n  " + "\n  ".join(problems))
-    model = model.to_empty(device=device)
-    params = {checkpoint_key(k, text_only): t for k, t in model.state_dict(keep_vars=True).items()}
+    ckpt = Checkpoint(path)
+    model = load_meta_model(ckpt, dtype, mtp_depths)
     with torch.no_grad():
-        for file, keys in by_file.items():
-            with safe_open(file, framework="pt") as f:
-                for key in keys:
-                    if key in params:
-                        params[key].copy_(f.get_tensor(key))
+        for name in model.state_dict():
+            load_tensor(model, ckpt, name, device)
     return model.eval()
 
 
@@ -1471,11 +1634,12 @@ class Tracer:
         self.out: dict[str, torch.Tensor] = {}
         self.handles = []
         text = model.language_model.model
-        self._pre(text, lambda a: self._put("embeddings", a[0]))
+        # hooks on the pieces themselves (not on TextModel.forward), so a streamed run is traced alike
+        self._pre(text.layers[0], lambda a: self._put("embeddings", a[0]))
         for i, layer in enumerate(text.layers):
             self._layer(layer, f"layers.{i}.")
             self._post(layer, lambda y, i=i: self._put(f"layers.{i}.hidden", y))
-        self._post(text, lambda y: self._put("hidden", y))
+        self._post(text.norm, lambda y: self._put("hidden", y))
         for d, depth in enumerate(text.mtp["layers"] if model.config.num_mtp_modules else []):
             self._layer(depth.transformer_layer, f"mtp.{d}.layer.")
             self._post(depth, lambda y, d=d: self._put(f"mtp.{d}.hidden", y))
@@ -1548,11 +1712,18 @@ def run_model_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, to
     with torch.no_grad():
         out = model(**{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()})
     tracer.close()
+    return named_outputs(tracer.out, out)
+
+
+def named_outputs(traced: dict[str, torch.Tensor], out: M3Output) -> dict[str, torch.Tensor]:
+    """The golden names in forward order: the traced intermediates with `logits` right after
+    `hidden` (the head runs before the MTP depths), then `mtp.{d}.logits` and the losses."""
     result = {}
-    for name, t in tracer.out.items():          # the head runs on `hidden` before the MTP depths
+    for name, t in traced.items():
         result[name] = t
         if name == "hidden":
             result["logits"] = out.logits
+    result.setdefault("logits", out.logits)
     result.update({f"mtp.{d}.logits": lg for d, lg in enumerate(out.mtp_logits)})
     result.update({name: getattr(out, name) for name in ("lm_loss", "mtp_loss", "loss")
                    if getattr(out, name) is not None})
@@ -1793,6 +1964,143 @@ def verify_golden(root: str | os.PathLike, case: str | None = None) -> int:
 
 
 # ============================================================================================
+# Streamed forward: a checkpoint larger than the device, one piece at a time
+# ============================================================================================
+# The released model (428B parameters, ~440 GB in MXFP8) fits no single GPU. stream_forward builds
+# it on the meta device and makes one piece real at a time from the memory-mapped shards: the
+# embeddings (with the vision tower, projector and merger when there is media), each decoder layer,
+# the final norm, each MTP depth, the head. An MoE layer routes first (its router is part of the
+# piece) and then reads only the experts some token chose. The math is the modules' own forward,
+# so the result equals the in-memory model's bit for bit.
+
+@dataclass
+class StreamRun:
+    """What stream_forward returns."""
+    output: M3Output
+    tensors: dict[str, torch.Tensor]   # golden names: every intermediate with trace=True, else the results
+    peak_param_bytes: int              # most parameter bytes resident at once
+    largest_piece_bytes: int           # the largest piece of this run, every expert counted
+    reads: list[str]                   # checkpoint keys read, in order (scales included)
+    bytes_read: int
+
+
+class _Pieces:
+    """Makes the meta model's tensors real one piece at a time, frees them after, and counts."""
+
+    def __init__(self, model: MiniMaxM3, ckpt: Checkpoint, device, progress: bool):
+        self.model, self.ckpt, self.device, self.progress = model, ckpt, device, progress
+        self.meta: dict[str, torch.Tensor] = {}    # the meta tensors the resident ones replaced
+        self.live = self.peak = 0
+        self.experts = ""                  # "34/128 experts" of the running MoE layer, for the progress line
+
+    def load(self, names: list[str]) -> None:
+        for name in names:
+            old = self.meta[name] = load_tensor(self.model, self.ckpt, name, self.device)
+            self.live += old.numel() * old.element_size()
+        self.peak = max(self.peak, self.live)
+
+    def free(self) -> None:
+        for name, old in self.meta.items():
+            put_tensor(self.model, name, old)
+        self.meta, self.live = {}, 0
+
+    @staticmethod
+    def names_under(model: MiniMaxM3, prefixes: tuple[str, ...], experts: bool) -> list[str]:
+        """Tensor names of a piece; routed experts only when `experts` (they are read on demand)."""
+        return [n for n in model.state_dict() if n.startswith(prefixes) and (experts or ".experts." not in n)]
+
+    def route_then_load(self, prefix: str):
+        """A forward pre-hook for the MoE at `prefix`: route its input, then read the chosen experts."""
+        def hook(moe: MoE, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            _, ids = route(x, moe.gate.weight, moe.e_score_correction_bias, moe.top_k, moe.scaling)
+            chosen = ids.unique().tolist()
+            self.load([f"{prefix}experts.{e}.{w}.weight" for e in chosen for w in ("w1", "w2", "w3")])
+            self.experts = f" {len(chosen)}/{len(moe.experts)} experts"
+        return hook
+
+    @contextlib.contextmanager
+    def piece(self, label: str, prefixes: tuple[str, ...]):
+        t0, read0 = time.perf_counter(), self.ckpt.bytes_read
+        self.experts = ""
+        self.load(self.names_under(self.model, prefixes, experts=False))
+        try:
+            yield
+        finally:
+            self.free()
+        if self.progress:
+            device_peak = (f", device peak {_size(torch.cuda.max_memory_allocated(self.device))}"
+                           if torch.device(self.device).type == "cuda" else "")
+            print(f"{label}{self.experts}  read {_size(self.ckpt.bytes_read - read0)}  "
+                  f"{time.perf_counter() - t0:.1f} s  peak params {_size(self.peak)}{device_peak}",
+                  file=sys.stderr, flush=True)
+
+
+def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu", trace: bool = False, mtp_depths: int | None = None,
+                   progress: bool = False) -> StreamRun:
+    """The forward of the checkpoint at `path` on `inputs` (the keyword arguments of
+    MiniMaxM3.forward), holding one piece's parameters at a time on `device`.
+
+    Checks the whole checkpoint against its config first (`load_meta_model`), so a missing, truncated
+    or mis-shaped file fails before any compute; a non-finite weight or layer output stops the run
+    with the name of the key or layer. Returns the outputs, the golden-named tensors (every
+    intermediate with trace=True), and the run's peak parameter bytes and reads.
+    """
+    ckpt = Checkpoint(path)
+    model = load_meta_model(ckpt, dtype, mtp_depths)
+    cfg, text, lm_head = model.config, model.language_model.model, model.language_model.lm_head
+    unknown = set(inputs) - {"input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                             "position_ids", "labels"}
+    if unknown:
+        raise ValueError(f"inputs has keys {sorted(unknown)}; allowed are MiniMaxM3.forward's arguments")
+    inputs = {k: v.to(device) for k, v in inputs.items() if v is not None}
+    ids, labels = inputs.get("input_ids"), inputs.get("labels")
+    _check_ids(ids, labels, inputs.get("position_ids"), cfg.vocab_size)
+    position_ids = inputs.get("position_ids", torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
+    media = [m for m, key in (("image", "pixel_values"), ("video", "pixel_values_videos")) if key in inputs]
+    depths = list(text.mtp["layers"]) if cfg.num_mtp_modules else []
+    L = cfg.num_hidden_layers
+    pieces = _Pieces(model, ckpt, device, progress)
+    tracer = Tracer(model, media) if trace else None
+    hooks = [m.register_forward_pre_hook(pieces.route_then_load(name + "."))
+             for name, m in model.named_modules() if isinstance(m, MoE)]
+    embed = ("language_model.model.embed_tokens.",) + (("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")
+                                                      if media else ())
+    layer = lambda i: (f"language_model.model.layers.{i}.",)
+    depth = lambda k: (f"language_model.model.mtp.layers.{k}.",)
+    largest = max(sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n.startswith(p))
+                  for p in [embed, *map(layer, range(L)), *map(depth, range(len(depths))), ("language_model.lm_head.",)])
+    try:
+        with torch.no_grad():
+            cos, sin = text.rope(position_ids)
+            with pieces.piece("embeddings" + (" + vision" if media else ""), embed):
+                h = check_finite(model.embed(ids, *(inputs.get(k) for k in ("pixel_values", "image_grid_thw",
+                                 "pixel_values_videos", "video_grid_thw"))), "embeddings")
+                shifted = [text.embed_tokens(mtp_input_ids(ids, k)) for k in range(1, len(depths) + 1)]
+            for i, block in enumerate(text.layers):
+                kind = f"{'moe' if cfg.is_moe(i) else 'dense'}+{'sparse' if cfg.is_sparse(i) else 'full'}"
+                with pieces.piece(f"layer {i}/{L} {kind}", layer(i)):
+                    h = check_finite(block(h, cos, sin), f"layer {i} output")
+            with pieces.piece("norm", ("language_model.model.norm.",)):
+                h = text.norm(h)
+            hs = [h]
+            for k, mtp in enumerate(depths):
+                with pieces.piece(f"MTP depth {k + 1}/{len(depths)}", depth(k)):
+                    hs.append(check_finite(mtp(hs[-1], shifted[k], cos, sin), f"MTP depth {k + 1} output"))
+            with pieces.piece("lm_head", ("language_model.lm_head.",)):
+                out = M3Output(logits=lm_head(h), mtp_logits=[lm_head(x) for x in hs[1:]])
+    finally:
+        for handle in hooks:
+            handle.remove()
+        if tracer is not None:
+            tracer.close()
+    add_losses(out, labels, cfg.mtp_loss_weight)
+    return StreamRun(out, named_outputs(tracer.out if trace else {}, out), pieces.peak, largest,
+                     ckpt.reads, ckpt.bytes_read)
+
+
+# ============================================================================================
 # CLI: demo, benchmark, golden generation and verification
 # ============================================================================================
 
@@ -1924,6 +2232,56 @@ def bench(lengths=(4096, 16384, 65536), dense_max=16384) -> None:
                   f"(output mean |y|: ours {mine['checksum']:.6f}, transformers {r['checksum']:.6f})")
 
 
+def _size(n: int) -> str:
+    return next(f"{n / 2 ** e:.2f} {unit}" for e, unit in ((30, "GB"), (20, "MB"), (10, "KB"), (0, "B")) if n >= 2 ** e or e == 0)
+
+
+def read_prompt(prompt_ids: str | None, prompt_file: str | None) -> dict[str, torch.Tensor]:
+    """The inputs of `run`: token ids "1,2,3", or a file: a .safetensors of MiniMaxM3.forward's
+    inputs (the layout of a golden case's inputs.safetensors, media included) or a text file of
+    token ids separated by commas or whitespace."""
+    if prompt_file is not None and prompt_file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(prompt_file)
+        except Exception as e:                  # safetensors raises its own error types
+            raise ValueError(f"cannot read --prompt-file {prompt_file}: {e}") from e
+    try:
+        text = prompt_ids if prompt_file is None else Path(prompt_file).read_text()
+        ids = [int(t) for t in re.split(r"[,\s]+", text.strip()) if t]
+    except (OSError, ValueError) as e:
+        raise ValueError(f"the prompt must be token ids separated by commas or whitespace: {e}") from e
+    if not ids:
+        raise ValueError("the prompt holds no token ids")
+    return {"input_ids": torch.tensor([ids])}
+
+
+def run_checkpoint(args) -> None:
+    """`run`: the streamed forward of a checkpoint on one prompt, its top next tokens and totals."""
+    from safetensors.torch import save_file
+    inputs = read_prompt(args.prompt_ids, args.prompt_file)
+    t0 = time.perf_counter()
+    r = stream_forward(args.checkpoint, inputs, dtype=getattr(torch, args.dtype), device=args.device,
+                       trace=args.trace, mtp_depths=args.mtp_depths, progress=True)
+    seconds = time.perf_counter() - t0
+    probs = r.output.logits[0, -1].float().softmax(-1)
+    top = probs.topk(min(5, probs.numel()))
+    print(f"top next tokens after position {inputs['input_ids'].shape[1] - 1}: "
+          + ", ".join(f"{i} ({p:.3f})" for p, i in zip(top.values.tolist(), top.indices.tolist())))
+    for k, lg in enumerate(r.output.mtp_logits, start=1):
+        print(f"MTP depth {k}: token at +{k + 1}: {int(lg[0, -1].argmax())}")
+    if r.output.loss is not None:
+        print(f"loss {float(r.output.loss):.4f}")
+    print(f"total {seconds:.1f} s, read {_size(r.bytes_read)} in {len(r.reads)} tensors, peak parameters "
+          f"{_size(r.peak_param_bytes)} (largest piece {_size(r.largest_piece_bytes)})")
+    if args.save_outputs:
+        tensors = {k: t.detach().cpu().contiguous() for k, t in {**inputs, **r.tensors}.items()}
+        target = Path(args.save_outputs)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(target, lambda p: save_file(tensors, p))
+        print(f"saved {len(tensors)} tensors (inputs and golden names) to {target}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="MiniMax M3 reference")
     sub = parser.add_subparsers(dest="command")
@@ -1936,6 +2294,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                                       "implementation's outputs: golden/verify.py)")
     v.add_argument("root", help="golden directory")
     v.add_argument("--case", help="verify only this case")
+    r = sub.add_parser("run", help="streamed forward of a checkpoint, one layer resident at a time "
+                                   "(the released model on one GPU)")
+    r.add_argument("--checkpoint", required=True, help="directory with config.json and the safetensors")
+    prompt = r.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3")
+    prompt.add_argument("--prompt-file", help="a .safetensors of forward inputs (media too), or a text file of ids")
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    r.add_argument("--mtp-depths", type=int, help="MTP depths to run (default: those the checkpoint ships)")
+    r.add_argument("--save-outputs", help="write the inputs and outputs under the golden names (.safetensors)")
+    r.add_argument("--trace", action="store_true", help="with --save-outputs: every golden intermediate too")
     args = parser.parse_args(argv)
     if args.command == "golden":
         print(f"generating golden cases into {args.out}")
@@ -1948,6 +2317,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(2)
         print(f"\noverall: exit {status} (0 pass, 1 divergence, 2 unusable input, 3 inconclusive)")
         sys.exit(status)
+    elif args.command == "run":
+        try:
+            run_checkpoint(args)
+        except (ValueError, TypeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     elif args.command == "bench" and args.one:
         impl, S, ckpt = args.one
         print(json.dumps(_bench_one(impl, int(S), ckpt)))

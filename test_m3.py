@@ -12,6 +12,7 @@ margin while any real math difference (a wrong sign, clamp or mask) is O(0.1) or
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import replace
@@ -466,7 +467,7 @@ def test_bad_checkpoint_lists_every_problem_at_once(tmp_path):
     for part in ("missing: language_model.model.norm.weight",
                  "mis-shaped: language_model.model.layers.0.mlp.gate_proj.weight is [3, 3]",
                  "unexpected: language_model.model.extra.weight",
-                 "fp8: language_model.model.layers.1.self_attn.q_proj.weight", "4 problems"):
+                 "fp8 weight without a scale: language_model.model.layers.1.self_attn.q_proj.weight", "4 problems"):
         assert part in msg
 
 
@@ -483,6 +484,331 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         m3.save_pretrained(model_of(tiny(), seed=1), tmp_path)
     assert (tmp_path / m3.SINGLE_FILE).read_bytes() == before
     assert not list(tmp_path.glob(".*tmp"))
+
+
+# ============================================================================================
+# The released checkpoint: MXFP8, its config quirks, the streamed forward
+# ============================================================================================
+
+# the released MiniMaxAI/MiniMax-M3 config.json, text part, values as published
+RELEASED_TEXT_CONFIG = json.loads("""
+{
+ "model_type": "minimax_m3",
+ "hidden_size": 6144,
+ "intermediate_size": 3072,
+ "num_hidden_layers": 60,
+ "num_attention_heads": 64,
+ "num_key_value_heads": 4,
+ "head_dim": 128,
+ "vocab_size": 200064,
+ "max_position_embeddings": 1048576,
+ "rms_norm_eps": 1e-06,
+ "use_gemma_norm": true,
+ "attention_output_gate": false,
+ "rope_theta": 5000000,
+ "rotary_dim": 64,
+ "partial_rotary_factor": 0.5,
+ "hidden_act": "swigluoai",
+ "use_qk_norm": true,
+ "qk_norm_type": "per_head",
+ "tie_word_embeddings": false,
+ "dense_intermediate_size": 12288,
+ "shared_intermediate_size": 3072,
+ "num_local_experts": 128,
+ "num_experts_per_tok": 4,
+ "n_shared_experts": 1,
+ "scoring_func": "sigmoid",
+ "use_routing_bias": true,
+ "routed_scaling_factor": 2.0,
+ "swiglu_alpha": 1.702,
+ "swiglu_limit": 7.0,
+ "num_mtp_modules": 7,
+ "num_nextn_predict_layers": 1,
+ "moe_layer_freq": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+ "sparse_attention_config": {
+  "use_sparse_attention": true,
+  "sparse_index_dim": 128,
+  "sparse_num_index_heads": 4,
+  "sparse_topk_blocks": 16,
+  "sparse_block_size": 128,
+  "sparse_score_type": "max",
+  "sparse_init_block": 0,
+  "sparse_local_block": 1,
+  "sparse_attention_freq": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+  "sparse_disable_index_value": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+ }
+}
+""")
+
+
+def test_minimax_m3_preset_is_the_released_config_with_its_one_shipped_mtp_depth():
+    released = m3.M3Config.from_dict(RELEASED_TEXT_CONFIG)          # the text part read on its own
+    assert released.num_mtp_modules == 7
+    assert replace(m3.M3Config.minimax_m3(), vision=None) == replace(released, num_mtp_modules=1)
+
+
+def e4m3_value(code: int) -> float:
+    """One float8_e4m3fn code decoded bit by bit: sign, 4 exponent bits (bias 7), 3 mantissa bits;
+    exponent 0 is subnormal (m/8 * 2^-6), S.1111.111 is NaN, there is no infinity."""
+    sign = -1.0 if code & 0x80 else 1.0
+    e, m = (code >> 3) & 0xF, code & 0x7
+    if e == 0xF and m == 0x7:
+        return math.nan
+    return sign * (m / 8 * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+
+
+E4M3 = torch.tensor([e4m3_value(c) for c in range(256)], dtype=torch.float64)
+E8M0 = torch.tensor([2.0 ** (s - 127) for s in range(255)] + [math.nan], dtype=torch.float64)
+
+
+def decode_mxfp8(fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An independent MXFP8 decoder (lookup tables above, fp64): [O, I] e4m3 with [O, ceil(I/32)] E8M0."""
+    factor = E8M0[scale.long()].repeat_interleave(32, dim=-1)[:, :fp8.shape[1]]
+    return E4M3[fp8.view(torch.uint8).long()] * factor
+
+
+def quantize_mxfp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 32 input columns, the power of two that brings the block's max under 448, and the e4m3 codes."""
+    O, I = w.shape
+    blocks = F.pad(w.float(), (0, -I % 32)).view(O, -1, 32)
+    exp = torch.ceil(torch.log2(blocks.abs().amax(-1) / 448)).clamp(-127, 127).nan_to_num(-127)
+    q = (blocks / torch.exp2(exp)[..., None]).flatten(1)[:, :I].to(torch.float8_e4m3fn)
+    return q, (exp + 127).to(torch.uint8)
+
+
+MXFP8_KEYS = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|shared_experts\.(gate|up|down)_proj|"
+                        r"experts\.\d+\.w[123]|layers\.1\.self_attn\.index_[qk]_proj)\.weight$")
+
+
+def write_release_like(path: Path, seed: int = 0, vision: bool = True) -> dict:
+    """A tiny checkpoint shaped like the release: 3 shards and an index; MXFP8 attention, dense MLP,
+    shared and routed experts (the MTP depth's too), indexer projections quantised in layer 1 and
+    not in layer 2; text model_type minimax_m2; num_mtp_modules 7 with one depth shipped; an
+    inv_freq key. Returns the model's state dict as an independent decoder dequantises it."""
+    from safetensors.torch import save_file
+    cfg = tiny(num_mtp_modules=1, **({} if vision else {"vision": None}))
+    model = model_of(cfg, seed)
+    stored, decoded = {}, {}
+    for name, t in model.state_dict().items():
+        key = m3.checkpoint_key(name, not vision)
+        if MXFP8_KEYS.search(key) and key.startswith(("language_model.model.", "model.")):
+            stored[key], stored[key + "_scale_inv"] = quantize_mxfp8(t)
+            decoded[name] = decode_mxfp8(stored[key], stored[key + "_scale_inv"]).float()
+        else:
+            stored[key] = decoded[name] = t.clone()
+    stored[m3.checkpoint_key("language_model.model.layers.0.self_attn.rotary_emb.inv_freq", not vision)] = torch.ones(4)
+    config = cfg.to_dict()
+    text = config.get("text_config", config)
+    text.update(model_type="minimax_m2", num_mtp_modules=7, num_nextn_predict_layers=1)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    keys = sorted(stored)
+    weight_map = {}
+    for i in range(3):
+        shard = f"model-{i + 1:05d}-of-00003.safetensors"
+        part = {k: stored[k].contiguous() for k in keys[i::3]}
+        save_file(part, path / shard)
+        weight_map.update({k: shard for k in part})
+    (path / m3.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return decoded
+
+
+def test_release_like_checkpoint_loads_and_equals_an_independent_decoder(tmp_path, capsys):
+    decoded = write_release_like(tmp_path)
+    index = json.loads((tmp_path / m3.INDEX_FILE).read_text())["weight_map"]
+    assert "language_model.model.layers.1.self_attn.index_q_proj.weight_scale_inv" in index
+    assert "language_model.model.layers.2.self_attn.index_q_proj.weight_scale_inv" not in index
+    model = m3.from_pretrained(tmp_path)
+    assert "config.json declares 7 MTP depths and the checkpoint ships 1: building 1" in capsys.readouterr().err
+    independent = m3.MiniMaxM3(model.config)
+    independent.load_state_dict(decoded)
+    for name, t in independent.state_dict().items():
+        assert torch.equal(model.state_dict()[name], t), name        # MXFP8 dequantises exactly
+    inputs = m3.demo_inputs(model.config)
+    with torch.no_grad():
+        ours, theirs = model(**inputs), independent.eval()(**inputs)
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=0, atol=0)
+    assert len(ours.mtp_logits) == 1
+    assert m3.from_pretrained(tmp_path, mtp_depths=0).language_model.model.layers is not None
+    with pytest.raises(ValueError, match="mtp_depths=2 asked for, but .* ships 1 MTP depth"):
+        m3.from_pretrained(tmp_path, mtp_depths=2)
+
+
+def test_mxfp8_edge_values_decode_exactly():
+    codes = torch.tensor([[0x7E, 0xFE, 0x01, 0x81, 0x07, 0x08, 0x00, 0x80, 0x38, 0xB8] + [0x30] * 22] * 3,
+                         dtype=torch.uint8)                      # +-448, +-2^-9, max subnormal, min normal, +-0, +-1
+    fp8 = codes.view(torch.float8_e4m3fn)
+    scales = torch.tensor([[0], [127], [254]], dtype=torch.uint8)
+    got = m3.dequant_mxfp8(fp8, scales)
+    expected = decode_mxfp8(fp8, scales).float()                 # 448 * 2^127 overflows fp32: Inf on both sides
+    assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+    assert m3.e8m0_to_float(torch.tensor([0, 1, 127, 254], dtype=torch.uint8)).tolist() == \
+        [2.0 ** -127, 2.0 ** -126, 1.0, 2.0 ** 127]
+    assert got[0, 2] == 2.0 ** -136 and got[2, 0] == float("inf")
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Apply edit(tensors) to every shard of a checkpoint, in place."""
+    from safetensors.torch import load_file, save_file
+    for shard in sorted(path.glob("model-*.safetensors")):
+        tensors = load_file(shard)
+        edit(tensors)
+        save_file(tensors, shard)
+
+
+Q = "language_model.model.layers.1.self_attn.q_proj.weight"
+EXPERT = "language_model.model.layers.1.block_sparse_moe.experts.3.w2.weight"
+DOWN = "language_model.model.layers.0.mlp.down_proj.weight"
+
+
+def _set_codes(key: str, code: int, scale: int | None = None):
+    def edit(t):
+        if key in t:
+            t[key] = torch.full_like(t[key].view(torch.uint8), code).view(torch.float8_e4m3fn)
+        if scale is not None and key + "_scale_inv" in t:
+            t[key + "_scale_inv"] = torch.full_like(t[key + "_scale_inv"], scale)
+    return edit
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda t: t.pop(Q + "_scale_inv", None), f"fp8 weight without a scale: {Q}"),
+    (lambda t: t.pop(EXPERT, None), f"scale without its weight: {EXPERT}_scale_inv"),
+    (lambda t: t.update({Q + "_scale_inv": torch.zeros(64, 3, dtype=torch.uint8)}) if Q + "_scale_inv" in t else None,
+     f"mis-shaped scale: {Q}_scale_inv is [64, 3], its weight [64, 64] needs [64, 2]"),
+    (lambda t: t.update({Q + "_scale_inv": t[Q + "_scale_inv"].float()}) if Q + "_scale_inv" in t else None,
+     "fp8 with F32 block scales is not MXFP8"),
+    (lambda t: t.update({Q: t[Q].view(torch.uint8)[:, :32].contiguous()}) if Q in t else None,
+     f"MXFP4 (4-bit weights packed in uint8) is not supported: {Q}"),
+    (lambda t: t.update({Q: t[Q].float().to(torch.float8_e5m2)}) if Q in t else None,
+     "unsupported quantised format: " + Q + " is F8_E5M2"),
+])
+def test_checkpoint_format_errors_name_the_key(tmp_path, edit, says):
+    write_release_like(tmp_path)
+    _rewrite(tmp_path, edit)
+    with pytest.raises(ValueError) as e:
+        m3.from_pretrained(tmp_path)
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize("edit, says", [
+    (_set_codes(Q, 0x30, scale=255), f"checkpoint key {Q}_scale_inv holds the E8M0 code 255, which is NaN"),
+    (_set_codes(EXPERT, 0x7F), f"checkpoint key {EXPERT} holds NaN"),
+    (_set_codes(DOWN, 0x7E, scale=254), f"checkpoint key {DOWN} holds Inf"),
+])
+def test_non_finite_weights_are_found_by_key(tmp_path, edit, says):
+    write_release_like(tmp_path)
+    _rewrite(tmp_path, edit)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        m3.from_pretrained(tmp_path)
+
+
+def _same(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("media, shape, mtp", [(True, None, None), (False, (2, 41), None), (False, (1, 3), 0)])
+def test_streamed_forward_equals_the_in_memory_model_bit_for_bit(tmp_path, media, shape, mtp):
+    write_release_like(tmp_path)
+    cfg = m3.Checkpoint(tmp_path).config
+    g = torch.Generator().manual_seed(0)
+    inputs = m3.demo_inputs(cfg) if media else {"input_ids": torch.randint(0, 500, shape, generator=g),
+                                                 "labels": torch.randint(0, 500, shape, generator=g)}
+    model = m3.from_pretrained(tmp_path, mtp_depths=mtp)
+    media_kinds = ["image", "video"] if media else []
+    tracer = m3.Tracer(model, media_kinds)
+    with torch.no_grad():
+        out = model(**inputs)
+    tracer.close()
+    run = m3.stream_forward(tmp_path, inputs, trace=True, mtp_depths=mtp)
+    _same(m3.named_outputs(tracer.out, out), run.tensors)
+    assert len(run.output.mtp_logits) == (0 if mtp == 0 else 1)
+    # one piece resident at a time, and never more than the largest piece of the run
+    assert 0 < run.peak_param_bytes <= run.largest_piece_bytes
+    # an MoE layer reads exactly the experts its tokens chose (3 tokens x 2 choices: at most 6 of 8)
+    for prefix, ids in [(p.removesuffix("router.ids"), t) for p, t in run.tensors.items() if p.endswith("router.ids")]:
+        key = "language_model.model." + ("mtp.layers.0.transformer_layer." if prefix.startswith("mtp") else prefix)
+        read = {int(k.split(".")[-3]) for k in run.reads if k.startswith(key + "block_sparse_moe.experts.")
+                and k.endswith("weight")}
+        assert read == set(ids.unique().tolist()), prefix
+
+
+def test_streamed_run_holds_at_most_one_piece(tmp_path):
+    write_release_like(tmp_path, vision=False)
+    inputs = {"input_ids": torch.randint(0, 500, (1, 30))}
+    run = m3.stream_forward(tmp_path, inputs)
+    model = m3.load_meta_model(m3.Checkpoint(tmp_path), torch.float32)
+    sizes = {}
+    for name, t in model.state_dict().items():
+        piece = re.match(r"^(language_model\.model\.(layers|mtp\.layers)\.\d+|language_model\.model\.embed_tokens|"
+                         r"language_model\.model\.norm|language_model\.lm_head)", name).group(1)
+        sizes[piece] = sizes.get(piece, 0) + t.numel() * t.element_size()
+    assert run.largest_piece_bytes == max(sizes.values())
+    assert run.peak_param_bytes <= max(sizes.values()) < sum(sizes.values()) / 2
+    print(f"peak parameter bytes {run.peak_param_bytes}, largest piece {max(sizes.values())}, "
+          f"whole model {sum(sizes.values())}")
+
+
+@pytest.mark.parametrize("break_it, says", [
+    (lambda p: (p / "model-00002-of-00003.safetensors").unlink(), "model-00002-of-00003.safetensors is missing"),
+    (lambda p: (p / "model-00002-of-00003.safetensors").write_bytes(
+        (p / "model-00002-of-00003.safetensors").read_bytes()[:-100]),
+     "cannot read checkpoint file"),
+    (lambda p: (p / m3.INDEX_FILE).write_text(json.dumps({"weight_map": {
+        **json.loads((p / m3.INDEX_FILE).read_text())["weight_map"], Q: "model-00009-of-00009.safetensors"}})),
+     "model-00009-of-00009.safetensors is missing (listed in model.safetensors.index.json)"),
+])
+def test_broken_shards_fail_before_any_compute(tmp_path, break_it, says):
+    write_release_like(tmp_path)
+    break_it(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        m3.stream_forward(tmp_path, {"input_ids": torch.tensor([[1, 2, 3]])})
+
+
+def test_non_finite_inputs_and_layer_outputs_are_named(tmp_path):
+    write_release_like(tmp_path)
+    cfg = m3.Checkpoint(tmp_path).config
+    inputs = m3.demo_inputs(cfg)
+    inputs["pixel_values"][3, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"pixel_values holds NaN \(first at index \[3, 7\]"):
+        m3.stream_forward(tmp_path, inputs)
+    with pytest.raises(ValueError, match="pixel_values holds NaN"):
+        m3.init_random_(m3.MiniMaxM3(cfg)).eval()(**inputs)               # the in-memory model too
+    _rewrite(tmp_path, _set_codes(DOWN, 0x38, scale=254))                 # every weight 2^127: finite, sums overflow
+    with pytest.raises(ValueError, match="layer 0 output holds Inf"):
+        m3.stream_forward(tmp_path, {"input_ids": torch.tensor([[1, 2, 3]])})
+    with pytest.raises(ValueError, match="layer 0 output holds Inf"):
+        m3.from_pretrained(tmp_path)(torch.tensor([[1, 2, 3]]))
+
+
+def test_run_cli_end_to_end_and_its_outputs_are_a_reference(tmp_path, capsys):
+    import subprocess
+    import sys
+    from safetensors.torch import save_file
+    ckpt = tmp_path / "ckpt"
+    write_release_like(ckpt)
+    inputs = m3.demo_inputs(m3.Checkpoint(ckpt).config)
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    out = tmp_path / "out.safetensors"
+    run = ["run", "--checkpoint", str(ckpt)]
+    proc = subprocess.run([sys.executable, str(Path(m3.__file__)), *run, "--prompt-file", str(tmp_path / "inputs.safetensors"),
+                           "--save-outputs", str(out), "--trace"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "layer 1/3 moe+sparse" in proc.stderr and "experts  read" in proc.stderr
+    assert "top next tokens" in proc.stdout and "peak parameters" in proc.stdout
+    saved = V.read_safetensors(out)
+    assert {"input_ids", "pixel_values", "layers.2.router.ids", "logits", "mtp.0.logits", "loss"} <= set(saved)
+    assert _verify(capsys, "--reference", out, "--outputs", out, "--config", ckpt / "config.json")[0] == V.PASS
+    m3.main(run + ["--prompt-ids", "1,2,3", "--mtp-depths", "0"])
+    assert "top next tokens" in capsys.readouterr().out
+    inputs["pixel_values"][0, 0] = float("nan")
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    with pytest.raises(SystemExit) as e:
+        m3.main(run + ["--prompt-file", str(tmp_path / "inputs.safetensors"), "--save-outputs",
+                       str(tmp_path / "never.safetensors")])
+    assert e.value.code == 2 and "pixel_values holds NaN" in capsys.readouterr().err
+    assert not (tmp_path / "never.safetensors").exists() and not list(tmp_path.glob(".never*"))
 
 
 # ============================================================================================
