@@ -1345,15 +1345,27 @@ def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s << 23, torch.full_like(s, 1 << 22)).view(torch.float32)
 
 
+def mx_scale_shape(shape: Sequence[int]) -> list[int]:
+    """The E8M0 scale shape of an MXFP8 weight: [O, ceil(I / 32)], I the product of the dims after
+    the first (a conv kernel counts as a row of C*T*P*P inputs); [ceil(I / 32)] for a vector."""
+    if len(shape) <= 1:
+        return [-(-shape[0] // MX_BLOCK)] if shape else []
+    inputs = 1
+    for d in shape[1:]:
+        inputs *= d
+    return [shape[0], -(-inputs // MX_BLOCK)]
+
+
 def dequant_mxfp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """w[o, i] = e4m3(weight[o, i]) * 2^(scale[o, i // 32] - 127), in fp32.
 
-    weight float8_e4m3fn [O, I]; scale uint8 E8M0 [O, ceil(I / 32)] -> fp32 [O, I]. Exact: a
-    4-bit significand times a power of two, except where it overflows fp32 (448 * 2^127 = Inf;
-    the checkpoint reader reports any non-finite weight by key).
+    weight float8_e4m3fn [O, I] (or [O, ...], read as rows of I); scale uint8 E8M0
+    mx_scale_shape(weight.shape) -> fp32 of weight's shape. Exact: a 4-bit significand times a
+    power of two, except where it overflows fp32 (448 * 2^127 = Inf; loading reports it by key).
     """
-    factor = e8m0_to_float(scale).repeat_interleave(MX_BLOCK, dim=-1)[..., :weight.shape[-1]]
-    return weight.float() * factor
+    rows = weight.reshape(weight.shape[0], -1) if weight.dim() > 1 else weight
+    factor = e8m0_to_float(scale).repeat_interleave(MX_BLOCK, dim=-1)[..., :rows.shape[-1]]
+    return (rows.float() * factor).reshape(weight.shape)
 
 
 class Checkpoint:
@@ -1376,9 +1388,11 @@ class Checkpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-                return {k: self.path / f for k, f in weight_map.items()}
             except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"cannot read {index}: {e}") from e
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index}: weight_map must map each key to a file name")
+            return {k: self.path / f for k, f in weight_map.items()}
         if single.exists():
             return {k: single for k in self.handle(single).keys()}
         raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(self.path)!r}")
@@ -1411,11 +1425,11 @@ class Checkpoint:
         """The weight at `key` on `device`: MXFP8 dequantised to fp32, anything else as stored."""
         t = self._read(key).to(device)
         if key + SCALE_SUFFIX in self.files:
-            scale = self._read(key + SCALE_SUFFIX).to(device)
+            scale = self._read(key + SCALE_SUFFIX).to(device).view(torch.uint8)     # U8 or F8_E8M0: same bits
             if bool((scale == 255).any()):
                 raise ValueError(f"checkpoint key {key + SCALE_SUFFIX} holds the E8M0 code 255, which is NaN")
             t = dequant_mxfp8(t, scale)
-        return check_finite(t, f"checkpoint key {key}")
+        return t
 
     def mtp_depths(self) -> int:
         """How many MTP depths the checkpoint ships (they must be numbered 0, 1, ... without gaps)."""
@@ -1428,30 +1442,37 @@ class Checkpoint:
         """Every mismatch between the checkpoint and the model's tensors `expected` (checkpoint key ->
         meta tensor), from the file headers alone; keys where skip(key) is true are not the model's."""
         problems = [f"missing: {k}" for k in expected if k not in self.files]
-        present = set()
-        for file in sorted(set(self.files.values())):
+        by_file: dict[Path, set[str]] = {}
+        for key, file in self.files.items():
+            by_file.setdefault(file, set()).add(key)
+        present, unread = set(), set()          # keys found in their file; keys of unreadable files
+        for file, indexed in sorted(by_file.items()):
             try:
                 stored = set(self.handle(file).keys())
             except ValueError as e:
                 problems.append(str(e))
+                unread |= indexed
                 continue
-            indexed = {k for k, f in self.files.items() if f == file}
             problems += [f"missing: {k} (indexed in {file.name} but absent there)" for k in sorted(indexed - stored)]
             present |= indexed & stored
+        exists = present | unread               # an unreadable file is reported once, not key by key
         for key in sorted(present):
             if key.endswith(SCALE_SUFFIX):
-                if key.removesuffix(SCALE_SUFFIX) not in present:
+                if key.removesuffix(SCALE_SUFFIX) not in exists:
                     problems.append(f"scale without its weight: {key}")
             elif key in expected:
-                problems += self._format_problems(key, list(expected[key].shape), present)
+                problems += self._format_problems(key, list(expected[key].shape), present, exists)
             elif not skip(key):
                 problems.append(f"unexpected: {key}")
         return problems
 
-    def _format_problems(self, key: str, shape: list[int], present: set[str]) -> list[str]:
-        """The stored format of one weight against the shape the model needs."""
+    def _format_problems(self, key: str, shape: list[int], present: set[str], exists: set[str]) -> list[str]:
+        """The stored format of one weight against the shape the model needs (scales in `exists`
+        but not `present` sit in an unreadable file, already reported)."""
         dtype, stored_shape = self.stored(key)
         scale = key + SCALE_SUFFIX
+        if scale in exists and scale not in present:
+            return [] if stored_shape == shape else [f"mis-shaped: {key} is {stored_shape}, the config needs {shape}"]
         if scale not in present:
             if dtype.startswith("F8"):
                 return [f"fp8 weight without a scale: {key} ({dtype}) has no {scale}"]
@@ -1463,9 +1484,9 @@ class Checkpoint:
                 return [f"MXFP4 (4-bit weights packed in uint8) is not supported: {key}"]
             if dtype != "F8_E4M3":
                 return [f"unsupported quantised format: {key} is {dtype} with a scale; MXFP8 stores F8_E4M3"]
-            if scale_dtype != "U8":
+            if scale_dtype not in ("U8", "F8_E8M0"):
                 return [f"fp8 with {scale_dtype} block scales is not MXFP8 (uint8 E8M0 per 32 columns): {scale}"]
-            want = stored_shape[:-1] + [-(-stored_shape[-1] // MX_BLOCK)] if stored_shape else []
+            want = mx_scale_shape(stored_shape)
             if scale_shape != want:
                 return [f"mis-shaped scale: {scale} is {scale_shape}, its weight {stored_shape} needs {want}"]
         if stored_shape != shape:
@@ -1477,6 +1498,8 @@ def load_meta_model(ckpt: Checkpoint, dtype: torch.dtype, mtp_depths: int | None
     """The model of a checkpoint on the meta device (no storage), after checking every tensor's
     name, shape and format against it (one ValueError lists every problem). The MTP depths built are
     those the checkpoint ships, or exactly `mtp_depths` (an error if fewer are shipped)."""
+    if mtp_depths is not None and (not isinstance(mtp_depths, int) or isinstance(mtp_depths, bool)):
+        raise TypeError(f"mtp_depths must be an int or None, got {mtp_depths!r}")
     cfg, shipped = ckpt.config, ckpt.mtp_depths()
     if mtp_depths is None:
         if cfg.num_mtp_modules > shipped:
@@ -1495,9 +1518,12 @@ def load_meta_model(ckpt: Checkpoint, dtype: torch.dtype, mtp_depths: int | None
         depth = MTP_KEY.match(key)
         return bool(IGNORED_KEYS.search(key)) or (depth is not None and int(depth.group(1)) >= mtp_depths)
     problems = ckpt.problems(expected, not_built)
+    if any(k.startswith(("model.language_model.", "model.vision_tower.")) for k in ckpt.files):
+        problems.insert(0, "hint: the keys are in transformers' layout (model.language_model.*); this reader "
+                           "takes the upstream layout (language_model.model.*, see README)")
     if problems:
-        raise ValueError(f"checkpoint {str(ckpt.path)!r} does not match its config.json "
-                         f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+        raise ValueError(f"checkpoint {str(ckpt.path)!r} does not match its config.json ({len(problems)} "
+                         f"problem{'s' * (len(problems) != 1)}):\n  " + "\n  ".join(problems))
     return model
 
 
@@ -1516,11 +1542,14 @@ def put_tensor(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor
 
 def load_tensor(model: MiniMaxM3, ckpt: Checkpoint, name: str, device) -> torch.Tensor:
     """Fill one meta parameter/buffer of `model` from the checkpoint, cast to the dtype the model
-    gave it (the router stays fp32). Returns the meta tensor it replaced."""
+    gave it (the router stays fp32), after checking that it is finite in that dtype (a stored NaN,
+    an MXFP8 overflow, or a value beyond float16's range). Returns the meta tensor it replaced."""
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner)
     dtype = (module._parameters[attr] if attr in module._parameters else module._buffers[attr]).dtype
-    return put_tensor(model, name, ckpt.tensor(checkpoint_key(name, model.config.vision is None), device).to(dtype))
+    key = checkpoint_key(name, model.config.vision is None)
+    value = check_finite(ckpt.tensor(key, device).to(dtype), f"checkpoint key {key} (as {str(dtype).removeprefix('torch.')})")
+    return put_tensor(model, name, value)
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -1966,7 +1995,8 @@ def verify_golden(root: str | os.PathLike, case: str | None = None) -> int:
 # ============================================================================================
 # Streamed forward: a checkpoint larger than the device, one piece at a time
 # ============================================================================================
-# The released model (428B parameters, ~440 GB in MXFP8) fits no single GPU. stream_forward builds
+# The released model (434.5B parameters with its vision tower and MTP depth, 421 GiB in MXFP8)
+# fits no single GPU. stream_forward builds
 # it on the meta device and makes one piece real at a time from the memory-mapped shards: the
 # embeddings (with the vision tower, projector and merger when there is media), each decoder layer,
 # the final norm, each MTP depth, the head. An MoE layer routes first (its router is part of the
@@ -1989,6 +2019,7 @@ class _Pieces:
 
     def __init__(self, model: MiniMaxM3, ckpt: Checkpoint, device, progress: bool):
         self.model, self.ckpt, self.device, self.progress = model, ckpt, device, progress
+        self.sizes = {n: t.numel() * t.element_size() for n, t in model.state_dict().items()}   # once: ~24k names
         self.meta: dict[str, torch.Tensor] = {}    # the meta tensors the resident ones replaced
         self.live = self.peak = 0
         self.experts = ""                  # "34/128 experts" of the running MoE layer, for the progress line
@@ -2004,10 +2035,12 @@ class _Pieces:
             put_tensor(self.model, name, old)
         self.meta, self.live = {}, 0
 
-    @staticmethod
-    def names_under(model: MiniMaxM3, prefixes: tuple[str, ...], experts: bool) -> list[str]:
+    def names_under(self, prefixes: tuple[str, ...], experts: bool) -> list[str]:
         """Tensor names of a piece; routed experts only when `experts` (they are read on demand)."""
-        return [n for n in model.state_dict() if n.startswith(prefixes) and (experts or ".experts." not in n)]
+        return [n for n in self.sizes if n.startswith(prefixes) and (experts or ".experts." not in n)]
+
+    def bytes_under(self, prefixes: tuple[str, ...]) -> int:
+        return sum(self.sizes[n] for n in self.names_under(prefixes, experts=True))
 
     def route_then_load(self, prefix: str):
         """A forward pre-hook for the MoE at `prefix`: route its input, then read the chosen experts."""
@@ -2023,7 +2056,7 @@ class _Pieces:
     def piece(self, label: str, prefixes: tuple[str, ...]):
         t0, read0 = time.perf_counter(), self.ckpt.bytes_read
         self.experts = ""
-        self.load(self.names_under(self.model, prefixes, experts=False))
+        self.load(self.names_under(prefixes, experts=False))
         try:
             yield
         finally:
@@ -2069,8 +2102,8 @@ def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dty
                                                       if media else ())
     layer = lambda i: (f"language_model.model.layers.{i}.",)
     depth = lambda k: (f"language_model.model.mtp.layers.{k}.",)
-    largest = max(sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n.startswith(p))
-                  for p in [embed, *map(layer, range(L)), *map(depth, range(len(depths))), ("language_model.lm_head.",)])
+    largest = max(map(pieces.bytes_under, [embed, *map(layer, range(L)), *map(depth, range(len(depths))),
+                                           ("language_model.lm_head.",)]))
     try:
         with torch.no_grad():
             cos, sin = text.rope(position_ids)
@@ -2233,7 +2266,8 @@ def bench(lengths=(4096, 16384, 65536), dense_max=16384) -> None:
 
 
 def _size(n: int) -> str:
-    return next(f"{n / 2 ** e:.2f} {unit}" for e, unit in ((30, "GB"), (20, "MB"), (10, "KB"), (0, "B")) if n >= 2 ** e or e == 0)
+    return next(f"{n / 2 ** e:.2f} {unit}" for e, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
+                if n >= 2 ** e or e == 0)
 
 
 def read_prompt(prompt_ids: str | None, prompt_file: str | None) -> dict[str, torch.Tensor]:
@@ -2249,19 +2283,33 @@ def read_prompt(prompt_ids: str | None, prompt_file: str | None) -> dict[str, to
     try:
         text = prompt_ids if prompt_file is None else Path(prompt_file).read_text()
         ids = [int(t) for t in re.split(r"[,\s]+", text.strip()) if t]
-    except (OSError, ValueError) as e:
-        raise ValueError(f"the prompt must be token ids separated by commas or whitespace: {e}") from e
-    if not ids:
-        raise ValueError("the prompt holds no token ids")
-    return {"input_ids": torch.tensor([ids])}
+        if not ids:
+            raise ValueError("it holds none")
+        return {"input_ids": torch.tensor([ids])}
+    except (OSError, ValueError, RuntimeError) as e:       # RuntimeError: an id beyond int64
+        raise ValueError(f"the prompt must be token ids (int64) separated by commas or whitespace: {e}") from e
 
 
 def run_checkpoint(args) -> None:
     """`run`: the streamed forward of a checkpoint on one prompt, its top next tokens and totals."""
     from safetensors.torch import save_file
     inputs = read_prompt(args.prompt_ids, args.prompt_file)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch build sees no CUDA device")
+    target = Path(args.save_outputs) if args.save_outputs else None
+    if target is not None:                       # fail now, not after the whole forward
+        if target.is_dir():
+            raise ValueError(f"--save-outputs {target} is a directory; give a file name")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--save-outputs {target}: cannot create its directory: {e}") from e
     t0 = time.perf_counter()
-    r = stream_forward(args.checkpoint, inputs, dtype=getattr(torch, args.dtype), device=args.device,
+    r = stream_forward(args.checkpoint, inputs, dtype=getattr(torch, args.dtype), device=device,
                        trace=args.trace, mtp_depths=args.mtp_depths, progress=True)
     seconds = time.perf_counter() - t0
     probs = r.output.logits[0, -1].float().softmax(-1)
@@ -2274,10 +2322,9 @@ def run_checkpoint(args) -> None:
         print(f"loss {float(r.output.loss):.4f}")
     print(f"total {seconds:.1f} s, read {_size(r.bytes_read)} in {len(r.reads)} tensors, peak parameters "
           f"{_size(r.peak_param_bytes)} (largest piece {_size(r.largest_piece_bytes)})")
-    if args.save_outputs:
-        tensors = {k: t.detach().cpu().contiguous() for k, t in {**inputs, **r.tensors}.items()}
-        target = Path(args.save_outputs)
-        target.parent.mkdir(parents=True, exist_ok=True)
+    if target is not None:
+        # clones: safetensors refuses tensors that share memory (loss is lm_loss without MTP)
+        tensors = {k: t.detach().cpu().clone().contiguous() for k, t in {**inputs, **r.tensors}.items()}
         _write_atomic(target, lambda p: save_file(tensors, p))
         print(f"saved {len(tensors)} tensors (inputs and golden names) to {target}")
 

@@ -692,14 +692,15 @@ def test_checkpoint_format_errors_name_the_key(tmp_path, edit, says):
 
 @pytest.mark.parametrize("edit, says", [
     (_set_codes(Q, 0x30, scale=255), f"checkpoint key {Q}_scale_inv holds the E8M0 code 255, which is NaN"),
-    (_set_codes(EXPERT, 0x7F), f"checkpoint key {EXPERT} holds NaN"),
-    (_set_codes(DOWN, 0x7E, scale=254), f"checkpoint key {DOWN} holds Inf"),
+    (_set_codes(EXPERT, 0x7F), f"checkpoint key {EXPERT} (as float32) holds NaN"),
+    (_set_codes(DOWN, 0x7E, scale=254), f"checkpoint key {DOWN} (as float32) holds Inf"),
+    (_set_codes(DOWN, 0x38, scale=127 + 16), f"checkpoint key {DOWN} (as float16) holds Inf"),   # 2^16 > 65504
 ])
 def test_non_finite_weights_are_found_by_key(tmp_path, edit, says):
     write_release_like(tmp_path)
     _rewrite(tmp_path, edit)
     with pytest.raises(ValueError, match=re.escape(says)):
-        m3.from_pretrained(tmp_path)
+        m3.from_pretrained(tmp_path, dtype=torch.float16 if "float16" in says else torch.float32)
 
 
 def _same(a: dict, b: dict) -> None:
@@ -762,8 +763,48 @@ def test_streamed_run_holds_at_most_one_piece(tmp_path):
 def test_broken_shards_fail_before_any_compute(tmp_path, break_it, says):
     write_release_like(tmp_path)
     break_it(tmp_path)
-    with pytest.raises(ValueError, match=re.escape(says)):
+    with pytest.raises(ValueError, match=re.escape(says)) as e:
         m3.stream_forward(tmp_path, {"input_ids": torch.tensor([[1, 2, 3]])})
+    # one line for the file, not one per weight whose scale (or weight) sits in it
+    assert "(1 problem)" in str(e.value), str(e.value)
+
+
+def test_unusual_but_valid_formats_load(tmp_path):
+    """E8M0 scales stored as F8_E8M0 (the same bits), and an MXFP8 conv kernel whose scale counts
+    its C*T*P*P inputs as one row."""
+    from safetensors.torch import load_file, save_file
+    decoded = write_release_like(tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({k: v.view(torch.float8_e8m0fnu) for k, v in t.items()
+                                           if k.endswith("_scale_inv")}))
+    conv = "vision_tower.vision_model.embeddings.patch_embedding.weight"
+    shard = next(f for f in tmp_path.glob("model-*.safetensors") if conv in load_file(f))
+    tensors = load_file(shard)
+    w = tensors[conv]                                                  # [Dv, C, Tp, P, P]
+    q, scale = quantize_mxfp8(w.flatten(1))
+    tensors[conv], tensors[conv + "_scale_inv"] = q.view(w.shape), scale
+    save_file(tensors, shard)
+    index = json.loads((tmp_path / m3.INDEX_FILE).read_text())
+    index["weight_map"][conv + "_scale_inv"] = shard.name
+    (tmp_path / m3.INDEX_FILE).write_text(json.dumps(index))
+    model = m3.from_pretrained(tmp_path)
+    assert torch.equal(model.state_dict()[conv], decode_mxfp8(q, scale).float().view(w.shape))
+    assert torch.equal(model.state_dict()[Q], decoded[Q])
+    assert m3.mx_scale_shape([1280, 3, 2, 14, 14]) == [1280, 37] and m3.mx_scale_shape([70]) == [3]
+
+
+def test_loader_input_errors(tmp_path):
+    write_release_like(tmp_path)
+    with pytest.raises(TypeError, match="mtp_depths must be an int"):
+        m3.from_pretrained(tmp_path, mtp_depths=1.0)
+    index = tmp_path / m3.INDEX_FILE
+    weight_map = json.loads(index.read_text())["weight_map"]
+    index.write_text(json.dumps({"weight_map": list(weight_map)}))
+    with pytest.raises(ValueError, match="weight_map must map each key to a file name"):
+        m3.from_pretrained(tmp_path)
+    index.write_text(json.dumps({"weight_map": {"model." + k.replace("language_model.model.", "language_model."): f
+                                                for k, f in weight_map.items()}}))
+    with pytest.raises(ValueError, match=r"hint: the keys are in transformers' layout"):
+        m3.from_pretrained(tmp_path)
 
 
 def test_non_finite_inputs_and_layer_outputs_are_named(tmp_path):
@@ -802,6 +843,18 @@ def test_run_cli_end_to_end_and_its_outputs_are_a_reference(tmp_path, capsys):
     assert _verify(capsys, "--reference", out, "--outputs", out, "--config", ckpt / "config.json")[0] == V.PASS
     m3.main(run + ["--prompt-ids", "1,2,3", "--mtp-depths", "0"])
     assert "top next tokens" in capsys.readouterr().out
+    labelled = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[5, 6, 7, 8]])}
+    save_file(labelled, tmp_path / "labelled.safetensors")            # no MTP: loss is lm_loss, one tensor
+    m3.main(run + ["--prompt-file", str(tmp_path / "labelled.safetensors"), "--mtp-depths", "0",
+                   "--save-outputs", str(tmp_path / "labelled_out.safetensors")])
+    assert set(V.read_safetensors(tmp_path / "labelled_out.safetensors")) >= {"lm_loss", "loss", "logits"}
+    for bad, says in [(["--prompt-ids", "1,2", "--device", "foo"], "--device 'foo'"),
+                      (["--prompt-ids", "1,2", "--save-outputs", str(tmp_path)], "is a directory"),
+                      (["--prompt-ids", "1,x"], "token ids (int64)"),
+                      (["--prompt-ids", "99999999999999999999"], "token ids (int64)")]:
+        with pytest.raises(SystemExit) as e:
+            m3.main(run + bad)
+        assert e.value.code == 2 and says in capsys.readouterr().err, bad
     inputs["pixel_values"][0, 0] = float("nan")
     save_file(inputs, tmp_path / "inputs.safetensors")
     with pytest.raises(SystemExit) as e:
