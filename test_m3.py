@@ -1,6 +1,7 @@
-"""Tests for m3_reference.py, in the file's order: config, components, model, checkpoint I/O,
-then hypothesis properties of every component (same order), then parity with transformers (an
-independent implementation; skipped where it is absent).
+"""Tests for m3_reference.py, in the file's order: config, components, model, checkpoint I/O, the
+released checkpoint's format (MXFP8, shards, MTP depths) and the streamed forward, then hypothesis
+properties of every component (same order), then parity with transformers (an independent
+implementation; skipped where it is absent), then the golden cases and golden/verify.py.
 
 Hypothesis profiles: "ci" (default; derandomized, few examples, the suite stays well under five
 minutes on 2 cores) and "deep" (HYPOTHESIS_PROFILE=deep: 20x the examples, randomized).
