@@ -3,7 +3,8 @@
 MiniMax M3 (428B total, ~22B active) is a decoder-only MoE language model with a CLIP-style
 vision tower. This file defines the config, then every component, building blocks before what
 is built from them: the text layer's pieces (norm, activation, experts, RoPE, attention and the
-indexer), the decoder layer and MTP depth, the vision tower, projector, merger and splice; then
+indexer), the decoder layer and MTP depth, the image/video preprocessing and prompt expansion,
+the vision tower, projector, merger and splice; then
 the full model and its losses (where the data flow is written out: vision -> splice -> layers ->
 head -> MTP), config.json and checkpoint I/O (MXFP8 included), the golden-tensor generator, the
 streamed forward (a checkpoint larger than the device, one piece at a time) and the CLI. The torch
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -141,6 +143,8 @@ class M3Config:
     vision: VisionConfig | None = field(default_factory=VisionConfig)
     image_token_index: int | None = 200025  # placeholder id replaced by image features
     video_token_index: int | None = 200026  # placeholder id replaced by video features
+    vision_start_token_index: int | None = 200029  # "]<]start of image[>[" before every image and video group
+    vision_end_token_index: int | None = 200030    # "]<]end of image[>[" after it
     projector_hidden_size: int | None = 6144  # hidden width of the projector and the patch merger
 
     def __post_init__(self):
@@ -153,6 +157,7 @@ class M3Config:
         self.sparse_attention_freq = [int(f) for f in self.sparse_attention_freq]
         if self.vision is None:
             self.image_token_index = self.video_token_index = self.projector_hidden_size = None
+            self.vision_start_token_index = self.vision_end_token_index = None
         validate_config(self)
 
     def is_moe(self, i: int) -> bool:
@@ -183,7 +188,8 @@ class M3Config:
             num_mtp_modules=1,
             vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=2, vision_segment_max_frames=2),
-            image_token_index=500, video_token_index=501, projector_hidden_size=64)
+            image_token_index=500, video_token_index=501, vision_start_token_index=502,
+            vision_end_token_index=503, projector_hidden_size=64)
 
     # ---- config.json (the translation lives in its own section, beside checkpoint I/O) ----
     @classmethod
@@ -676,6 +682,197 @@ class LanguageModel(nn.Module):
 
 
 # ============================================================================================
+# Preprocessing: images and videos to patch rows, prompts to placeholder runs
+# ============================================================================================
+# The released processor (checkpoint remote code, vendored by vLLM; transformers' processor is the
+# same algorithm): smart_resize to multiples of 28 within a pixel budget, antialiased bicubic
+# resize of the uint8 pixels, rescale by 1/255 and CLIP normalisation fused into one step, frames
+# padded to the temporal patch size, patches cut in 2x2 merge-window order. The prompt carries one
+# placeholder per image or video, which the processor expands.
+
+@dataclass
+class ProcessorConfig:
+    """The released processor's settings (preprocessor_config.json upstream, not config.json)."""
+    image_min_pixels: int = 4 * 28 * 28           # 3,136: area bounds of a resized image
+    image_max_pixels: int = 672 * 672             # 451,584: at most 24 x 24 = 576 tokens
+    video_min_pixels: int = 4 * 28 * 28           # the same, per video frame
+    video_max_pixels: int = 768 * 28 * 28         # 602,112
+    max_aspect_ratio: float = 200.0               # longer / shorter side, rejected above
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int,
+                 max_ratio: float = 200.0) -> tuple[int, int]:
+    """The resized (height, width): multiples of `factor` (patch size x merge size = 28), near the
+    original aspect ratio, area within [min_pixels, max_pixels].
+
+    Each side rounds to the nearest multiple (Python round: half to even), at least one factor; an
+    area above the maximum scales both sides by beta = sqrt(h*w / max) and floors them, an area
+    below the minimum scales by sqrt(min / (h*w)) and ceils them. (transformers' copy omits the
+    one-factor floor in the first step: the two differ only for a side under 14 pixels.)
+    """
+    if min(height, width) < 1:
+        raise ValueError(f"image size {height}x{width}: both sides must be at least 1 pixel")
+    if max(height, width) / min(height, width) > max_ratio:
+        raise ValueError(f"image size {height}x{width}: aspect ratio {max(height, width) / min(height, width):.1f} "
+                         f"is above the processor's limit {max_ratio:g}")
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def resize_uint8(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bicubic resize of uint8 frames [F, C, H, W] -> [F, C, height, width] uint8.
+
+    This is torch's native uint8 CPU kernel, which torchvision runs for the released processor on
+    a CPU (where transformers and vLLM run it): each separable pass rounds and clamps to uint8. On
+    a GPU torchvision resizes in float32 and rounds once; on noise the two differ by up to ~20 of
+    255 levels in about a quarter of the pixels, so the processor's output depends on its device.
+    An unchanged size is no resize at all.
+    """
+    if tuple(frames.shape[-2:]) == (height, width):
+        return frames
+    return F.interpolate(frames.cpu(), size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+
+
+def normalize_pixels(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - 255 mean) / (255 std) per channel in fp32: the 1/255 rescale folded into the CLIP mean
+    and std as the released processor does (mean and std are fp32, multiplied by 255 in fp32),
+    then one subtraction and one division. frames uint8 [F, C, H, W] -> fp32 [F, C, H, W]."""
+    m = (torch.tensor(mean, dtype=torch.float32) * 255.0).view(-1, 1, 1)
+    s = (torch.tensor(std, dtype=torch.float32) * 255.0).view(-1, 1, 1)
+    return (frames.to(torch.float32) - m) / s
+
+
+def patchify(frames: torch.Tensor, patch: int, temporal: int, merge: int) -> tuple[torch.Tensor, list[int]]:
+    """Normalised frames [F, C, H, W] -> pixel rows [t*h*w, C*Tp*P*P] and the grid [t, h, w].
+
+    The last frame repeats until F is a multiple of Tp (an image is one frame); frames Tp*g ..
+    Tp*g + Tp-1 form temporal group g. Rows run t outermost, then the 2x2 merge windows in raster
+    order, then the m*m patches of a window; each row is laid out (C, Tp, P, P).
+    """
+    pad = -frames.shape[0] % temporal
+    frames = torch.cat([frames, frames[-1:].expand(pad, *frames.shape[1:])]) if pad else frames
+    Fr, C, H, W = frames.shape
+    t, h, w = Fr // temporal, H // patch, W // patch
+    x = frames.reshape(t, temporal, C, h // merge, merge, patch, w // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)                 # [t, h/m, w/m, m, m, C, Tp, P, P]
+    return x.reshape(t * h * w, C * temporal * patch * patch), [t, h, w]
+
+
+def resized_frames(array, cfg: M3Config, video: bool, proc: ProcessorConfig = ProcessorConfig()) -> torch.Tensor:
+    """A uint8 RGB array, [H, W, 3] for an image or [F, H, W, 3] for video frames, as uint8 frames
+    [F, 3, h, w] after smart_resize (image or video bounds) and the uint8 bicubic resize."""
+    t = array if isinstance(array, torch.Tensor) else torch.tensor(array)     # a copy: arrays may be read-only
+    what, want = ("frames", "[F, H, W, 3]") if video else ("image", "[H, W, 3]")
+    if t.dtype != torch.uint8:
+        raise TypeError(f"{what} must be a uint8 array {want} (RGB, 0..255), got {t.dtype}")
+    if t.dim() != (4 if video else 3) or t.shape[-1] != 3 or t.numel() == 0:
+        raise ValueError(f"{what} must be a non-empty RGB array {want}, got shape {list(t.shape)}")
+    frames = (t if video else t[None]).permute(0, 3, 1, 2)
+    v = cfg.vision
+    bounds = (proc.video_min_pixels, proc.video_max_pixels) if video else (proc.image_min_pixels, proc.image_max_pixels)
+    size = smart_resize(*frames.shape[-2:], v.patch_size * v.spatial_merge_size, *bounds, proc.max_aspect_ratio)
+    return resize_uint8(frames, *size)
+
+
+def pixel_rows(frames: torch.Tensor, cfg: M3Config, proc: ProcessorConfig = ProcessorConfig()) -> tuple[torch.Tensor, list[int]]:
+    """Resized uint8 frames [F, 3, h, w] -> normalised patch rows and the grid [t, h, w]."""
+    v = cfg.vision
+    return patchify(normalize_pixels(frames, proc.image_mean, proc.image_std), v.patch_size, v.temporal_patch_size,
+                    v.spatial_merge_size)
+
+
+def preprocess_image(image, cfg: M3Config, proc: ProcessorConfig = ProcessorConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [H, W, 3] -> (pixel_values [h*w, C*Tp*P*P] fp32, grid_thw [1, 3] int64): smart_resize
+    with the image bounds, uint8 bicubic resize, fused rescale + normalisation, patch rows."""
+    rows, grid = pixel_rows(resized_frames(image, cfg, video=False, proc=proc), cfg, proc)
+    return rows, torch.tensor([grid])
+
+
+def preprocess_video(frames, cfg: M3Config, fps: float | None = None, frame_indices: Sequence[int] | None = None,
+                     proc: ProcessorConfig = ProcessorConfig()) -> tuple[torch.Tensor, torch.Tensor, list[float] | None]:
+    """uint8 [F, H, W, 3] (frames already sampled) -> (pixel_values [t*h*w, C*Tp*P*P], grid_thw [1, 3],
+    timestamps). Each frame as an image, with the video bounds; the last frame repeats to a multiple
+    of Tp. With the source `fps`, group g's timestamp is frame_indices[min(Tp*g, F-1)] / fps seconds
+    (frame_indices: the frames' indices in the source, default 0..F-1); without it, None."""
+    video = resized_frames(frames, cfg, video=True, proc=proc)
+    if frame_indices is not None and len(frame_indices) != video.shape[0]:
+        raise ValueError(f"frame_indices has {len(frame_indices)} entries for {video.shape[0]} frames")
+    if fps is not None and not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    rows, grid = pixel_rows(video, cfg, proc)
+    return rows, torch.tensor([grid]), video_timestamps(video.shape[0], grid[0], cfg, fps, frame_indices)
+
+
+def video_timestamps(num_frames: int, groups: int, cfg: M3Config, fps: float | None,
+                     frame_indices: Sequence[int] | None = None) -> list[float] | None:
+    """Seconds of each temporal group's first frame: frame_indices[min(Tp*g, F-1)] / fps (None without fps)."""
+    if fps is None:
+        return None
+    indices = list(range(num_frames)) if frame_indices is None else list(frame_indices)
+    return [indices[min(g * cfg.vision.temporal_patch_size, len(indices) - 1)] / fps for g in range(groups)]
+
+
+def timestamp_text(seconds: float) -> str:
+    """The text before a video group, tokenised like any text: "]<]{seconds:.1f} seconds[>["."""
+    return f"]<]{seconds:.1f} seconds[>["
+
+
+def expand_prompt(input_ids, image_grid_thw=None, video_grid_thw=None,
+                  timestamp_ids: Sequence[Sequence[Sequence[int]]] | None = None, *, cfg: M3Config) -> torch.Tensor:
+    """Each image placeholder -> start + K image ids + end (K = t*h*w / m^2, the image's feature
+    rows); each video placeholder -> per temporal group g: timestamp_ids[video][g] (if given) +
+    start + h*w / m^2 video ids + end (videos use the image start/end ids too).
+
+    input_ids [S] or [1, S] int; grids [n, 3] in placeholder order -> the same rank, longer.
+    """
+    if cfg.vision is None:
+        raise ValueError("expand_prompt needs a vision config: this is a text-only model")
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != 1):
+        raise ValueError(f"input_ids must be [S] or [1, S], got shape {list(ids.shape)}")
+    m2 = cfg.vision.spatial_merge_size ** 2
+    start, end = cfg.vision_start_token_index, cfg.vision_end_token_index
+    for name, i in (("vision_start_token_index", start), ("vision_end_token_index", end)):
+        if not 0 <= i < cfg.vocab_size:        # configs without these keys get the released ids
+            raise ValueError(f"config {name} = {i} is outside the vocabulary [0, {cfg.vocab_size}); set it in config.json")
+    grids = {}
+    for what, grid, token in [("image", image_grid_thw, cfg.image_token_index), ("video", video_grid_thw,
+                                                                                   cfg.video_token_index)]:
+        rows = [] if grid is None else torch.as_tensor(grid).tolist()
+        n = int((ids == token).sum())
+        if n != len(rows):
+            raise ValueError(f"input_ids hold {n} {what} placeholders (id {token}) but {len(rows)} {what} grids "
+                             f"were given; the counts must match")
+        grids[token] = iter(rows)
+    if timestamp_ids is not None and len(timestamp_ids) != int((ids == cfg.video_token_index).sum()):
+        raise ValueError(f"timestamp_ids has {len(timestamp_ids)} entries, one per video is needed")
+    out, video = [], 0
+    for i in ids.flatten().tolist():
+        if i == cfg.image_token_index:
+            t, h, w = next(grids[i])
+            out += [start] + [i] * (t * h * w // m2) + [end]
+        elif i == cfg.video_token_index:
+            t, h, w = next(grids[i])
+            stamps = timestamp_ids[video] if timestamp_ids is not None else [[]] * t
+            if len(stamps) != t:
+                raise ValueError(f"timestamp_ids[{video}] has {len(stamps)} entries for {t} temporal groups")
+            for g in range(t):
+                out += list(stamps[g]) + [start] + [i] * (h * w // m2) + [end]
+            video += 1
+        else:
+            out.append(i)
+    return torch.tensor(out, dtype=torch.int64).reshape((1, -1) if ids.dim() == 2 else (-1,))
+
+
+# ============================================================================================
 # Vision tower: patch embedding, 3D RoPE, encoder layers
 # ============================================================================================
 
@@ -1039,10 +1236,10 @@ def config_from_dict(d: dict) -> M3Config:
     text = _sub(d, "text_config", "config")
     vision = _vision_fields(_sub(d, "vision_config", "config", {}), d)
     top = _Reader(d, "config")
-    # placeholder ids: `*_token_index` upstream, `*_token_id` in transformers
-    return M3Config(**_text_fields(text, "text_config"), vision=vision,
-                    image_token_index=top.int("image_token_index", top.int("image_token_id", 200025)),
-                    video_token_index=top.int("video_token_index", top.int("video_token_id", 200026)),
+    # placeholder and bracket ids: `*_token_index` upstream, `*_token_id` in transformers
+    ids = {f"{name}_token_index": top.int(f"{name}_token_index", top.int(f"{name}_token_id", default))
+           for name, default in [("image", 200025), ("video", 200026), ("vision_start", 200029), ("vision_end", 200030)]}
+    return M3Config(**_text_fields(text, "text_config"), vision=vision, **ids,
                     projector_hidden_size=top.int("projector_hidden_size", 6144))
 
 
@@ -1098,6 +1295,8 @@ def config_to_dict(c: M3Config) -> dict:
             "model_type": "minimax_m3_vl", "text_config": text, "vision_config": vision,
             "image_token_index": c.image_token_index,
             "video_token_index": c.video_token_index,
+            "vision_start_token_index": c.vision_start_token_index,
+            "vision_end_token_index": c.vision_end_token_index,
             "projector_hidden_size": c.projector_hidden_size,
             "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
             "img_token_compression_config": compression}
@@ -1310,6 +1509,10 @@ def validate_config(c: M3Config):
     if c.vision is not None:
         v = c.vision
         need(c.projector_hidden_size >= 1, "projector_hidden_size", f"must be >= 1, got {c.projector_hidden_size}")
+        for name in ("image_token_index", "video_token_index"):
+            need(0 <= getattr(c, name) < c.vocab_size, name,
+                 f"{getattr(c, name)} is outside the vocabulary [0, {c.vocab_size})")
+        need(c.image_token_index != c.video_token_index, "video_token_index", "must differ from image_token_index")
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
                      "vision_segment_max_frames"):
@@ -1645,7 +1848,8 @@ def golden_config(**overrides) -> M3Config:
     return replace(M3Config.tiny(), vocab_size=128, hidden_size=32, head_dim=8, rotary_dim=4,
                    sparse_index_dim=8, sparse_topk_blocks=3, dense_intermediate_size=48,
                    intermediate_size=16, shared_intermediate_size=16, num_local_experts=6,
-                   image_token_index=120, video_token_index=121, projector_hidden_size=32, **overrides)
+                   image_token_index=120, video_token_index=121, vision_start_token_index=122,
+                   vision_end_token_index=123, projector_hidden_size=32, **overrides)
 
 
 class Tracer:
@@ -1792,6 +1996,23 @@ def run_component_case(path: Path, name: str, inputs: dict) -> dict[str, torch.T
             cos, sin = rope_angles(inputs["position_ids"], cfg.rotary_dim, cfg.rope_theta)
             extra = indexer_outputs(attn, inputs["x"], cos, sin, "indexer.") if attn.sparse else {}
             return {**extra, "out": attn(inputs["x"], cos, sin)}
+        if name == "preprocess_image":
+            out, grids = {}, []
+            for i in range(sum(k.startswith("image.") for k in inputs)):
+                frames = resized_frames(inputs[f"image.{i}"], cfg, video=False)
+                rows, grid = pixel_rows(frames, cfg)
+                out.update({f"image.{i}.resized": frames[0].permute(1, 2, 0), f"image.{i}.pixel_values": rows,
+                            f"image.{i}.grid_thw": torch.tensor([grid])})
+                grids.append(grid)
+            return {**out, "expanded_ids": expand_prompt(inputs["input_ids"], grids, None, cfg=cfg)}
+        if name == "preprocess_video":
+            frames = resized_frames(inputs["frames"], cfg, video=True)
+            rows, grid = pixel_rows(frames, cfg)
+            stamps = video_timestamps(frames.shape[0], grid[0], cfg, float(inputs["fps"]), inputs["frame_indices"].tolist())
+            return {"video.resized": frames.permute(0, 2, 3, 1), "video.pixel_values": rows,
+                    "video.grid_thw": torch.tensor([grid]), "video.timestamps": torch.tensor(stamps),
+                    "expanded_ids": expand_prompt(inputs["input_ids"], None, [grid], [inputs["timestamp_ids"].tolist()],
+                                                  cfg=cfg)}
         if name == "vision":
             model = MiniMaxM3(cfg)
             model.load_state_dict({**model.state_dict(), **weights})
@@ -1825,6 +2046,14 @@ def _component_inputs(name: str, cfg: M3Config, seed: int) -> dict[str, torch.Te
     if name == "vision":
         inputs = demo_inputs(cfg, seed, **GOLDEN_MEDIA)
         return {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
+    pixels = lambda *shape: torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    img, vid = cfg.image_token_index, cfg.video_token_index
+    if name == "preprocess_image":       # no resize; 56 up and 112 down; aspect 35 with a short side under 14 px
+        return {"image.0": pixels(56, 56, 3), "image.1": pixels(50, 120, 3), "image.2": pixels(12, 420, 3),
+                "input_ids": torch.tensor([[5, img, 6, 7, img, 8, img, 9]])}
+    if name == "preprocess_video":       # 3 frames (padded to 4); 70 / 28 = 2.5 rounds to 2 (half to even)
+        return {"frames": pixels(3, 45, 70, 3), "fps": torch.tensor(2.5), "frame_indices": torch.tensor([0, 4, 9]),
+                "timestamp_ids": torch.tensor([[100, 110], [101, 110]]), "input_ids": torch.tensor([[5, 6, vid, 7]])}
     raise ValueError(name)
 
 
@@ -1864,6 +2093,16 @@ def golden_cases() -> list[dict]:
                   config=replace(base, **c.get("overrides", {})))
              for c in COMPONENT_CASES]
     cases += [
+        dict(name="preprocess-image", kind="component", component="preprocess_image", dtype="float32", seed=200,
+             config=base, end_results=[f"image.{i}.pixel_values" for i in range(3)] + ["expanded_ids"],
+             description="three images through the processor: 56x56 (no resize), 50x120 (to 56x112: one side "
+                         "rounds up, one down), 12x420 (aspect 35, short side under 14 px: to 28x420); the "
+                         "prompt's three placeholders expanded with start/end ids"),
+        dict(name="preprocess-video", kind="component", component="preprocess_video", dtype="float32", seed=201,
+             config=base, end_results=["video.pixel_values", "expanded_ids"],
+             description="3 frames of 45x70 (to 56x56: 2.5 rounds to 2), padded to 4 frames = 2 temporal groups, "
+                         "source fps 2.5 at frame indices 0, 4, 9 (timestamps 0.0 and 3.6 s); the placeholder "
+                         "expanded with per-group timestamp ids"),
         dict(name="text", kind="model", config=text, dtype="float32", seed=100, batch=2, length=29, media=False,
              description="text-only model, batch of 2, 29 tokens, MTP depth 1, labels with -100"),
         dict(name="vision-language", kind="model", config=base, dtype="float32", seed=101, media=True,
@@ -2161,12 +2400,22 @@ def demo_inputs(cfg: M3Config, seed: int = 0, image_grids=((1, 4, 4), (1, 6, 8))
                 video_grid_thw=video_grid, labels=ids.clone())
 
 
-def demo() -> None:
+def demo(images: Sequence[str] = (), videos: Sequence[str] = (), video_fps: float | None = None) -> None:
+    """The tiny preset with random weights on the demo inputs, or on text around the given image
+    and video files (preprocessed as the released processor does)."""
     cfg = M3Config.tiny()
     t0 = time.perf_counter()
     model = init_random_(MiniMaxM3(cfg), seed=0).eval()
     t1 = time.perf_counter()
-    inputs = demo_inputs(cfg)
+    if images or videos:
+        g = torch.Generator().manual_seed(0)
+        text = lambda n: torch.randint(0, cfg.image_token_index, (n,), generator=g).tolist()
+        ids = text(8) + [x for _ in images for x in [cfg.image_token_index] + text(3)] + \
+            [x for _ in videos for x in [cfg.video_token_index] + text(3)]
+        inputs = add_media({"input_ids": torch.tensor([ids])}, images, videos, video_fps, cfg, encode=None)
+        inputs["labels"] = inputs["input_ids"].clone()
+    else:
+        inputs = demo_inputs(cfg)
     with torch.no_grad():
         out = model(**inputs)
     t2 = time.perf_counter()
@@ -2174,8 +2423,9 @@ def demo() -> None:
     print(f"MiniMax M3 reference demo: tiny preset, random weights, {n_params:,} parameters, torch {torch.__version__}")
     for name, t in inputs.items():
         print(f"  {name:<20} {str(list(t.shape)):<14} {str(t.dtype).removeprefix('torch.')}")
-    print(f"  video grid {inputs['video_grid_thw'][0].tolist()} is cut into segments "
-          f"{video_segments(inputs['video_grid_thw'].tolist(), cfg.vision.vision_segment_max_frames)}")
+    if "video_grid_thw" in inputs:
+        print(f"  video grids {inputs['video_grid_thw'].tolist()} are cut into segments "
+              f"{video_segments(inputs['video_grid_thw'].tolist(), cfg.vision.vision_segment_max_frames)}")
     print(f"  logits {list(out.logits.shape)}  mtp_logits {[list(x.shape) for x in out.mtp_logits]}")
     probs = out.logits[0, -1].float().softmax(-1)
     top = probs.topk(5)
@@ -2270,10 +2520,123 @@ def _size(n: int) -> str:
                 if n >= 2 ** e or e == 0)
 
 
-def read_prompt(prompt_ids: str | None, prompt_file: str | None) -> dict[str, torch.Tensor]:
-    """The inputs of `run`: token ids "1,2,3", or a file: a .safetensors of MiniMaxM3.forward's
-    inputs (the layout of a golden case's inputs.safetensors, media included) or a text file of
-    token ids separated by commas or whitespace."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_image(path: str | os.PathLike) -> "np.ndarray":
+    """An image file as uint8 RGB [H, W, 3], as the released processor converts it: an image with
+    transparency is composited over white, any other mode converted to RGB (Pillow decodes)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            if "A" in image.getbands() or image.info.get("transparency") is not None:
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def sample_frame_indices(num_frames: int, source_fps: float, target_fps: float = 1.0) -> list[int]:
+    """Frames kept from a decoded video (the engines' sampling, not the processor's): frame 0, then
+    each frame at least 1/target_fps - 1e-4 s after the last kept one (frame i is at i / source_fps)."""
+    keep = [0]
+    for i in range(1, num_frames):
+        if i / source_fps - keep[-1] / source_fps >= 1 / target_fps - 1e-4:
+            keep.append(i)
+    return keep
+
+
+def load_video(path: str | os.PathLike, fps: float | None) -> tuple["np.ndarray", float | None, list[int] | None]:
+    """(frames uint8 [F, H, W, 3], source fps, frame indices): a folder of image files (sorted by
+    name) or a .npy array, taken whole with `fps` as given; a video file decoded by PyAV (when it
+    is installed) and sampled at 1 fps, with the stream's fps and the kept indices."""
+    import numpy as np
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        frames = [load_image(f) for f in files]
+        if not frames or len({f.shape for f in frames}) != 1:
+            raise ValueError(f"--video {p}: needs image files of one size, found {sorted({f.shape for f in frames})}")
+        return np.stack(frames), fps, None
+    if p.suffix == ".npy":
+        try:
+            return np.load(p), fps, None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read --video {p}: {e}") from e
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"--video {p}: decoding a video file needs PyAV (pip install av); or give a folder of "
+                         f"frames or a .npy array [F, H, W, 3]") from None
+    try:
+        with av.open(str(p)) as container:
+            stream = container.streams.video[0]
+            source_fps = float(stream.average_rate)
+            decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    except (av.error.FFmpegError, IndexError) as e:
+        raise ValueError(f"cannot decode --video {p}: {e}") from e
+    keep = sample_frame_indices(len(decoded), source_fps)
+    return np.stack([decoded[i] for i in keep]), source_fps, keep
+
+
+def add_media(inputs: dict, images: Sequence[str], videos: Sequence[str], video_fps: float | None,
+              cfg: M3Config, encode=None) -> dict:
+    """The prompt's placeholders expanded for the image and video files, and their pixel rows.
+    `encode` (text -> ids) writes the video timestamps; without it they are left out, with a note."""
+    if not images and not videos:
+        return inputs
+    if cfg.vision is None:
+        raise ValueError("--image / --video given, but the model is text-only")
+    if any(k in inputs for k in ("pixel_values", "pixel_values_videos")):
+        raise ValueError("the prompt file already holds media; give --image / --video with token ids or text")
+    pre_images = [preprocess_image(load_image(p), cfg) for p in images]
+    pre_videos = [preprocess_video(frames, cfg, fps, indices) for frames, fps, indices in
+                  (load_video(p, video_fps) for p in videos)]
+    if encode is None and any(stamps for _, _, stamps in pre_videos):
+        print("note: video timestamps left out (writing them needs tokenizer.json and the tokenizers package)",
+              file=sys.stderr)
+    stamp_ids = [[encode(timestamp_text(s)) for s in stamps] if stamps and encode else [[]] * int(grid[0, 0])
+                 for _, grid, stamps in pre_videos]
+    out = dict(inputs, input_ids=expand_prompt(inputs["input_ids"], [g[0].tolist() for _, g in pre_images] or None,
+                                               [g[0].tolist() for _, g, _ in pre_videos] or None, stamp_ids, cfg=cfg))
+    if pre_images:
+        out.update(pixel_values=torch.cat([r for r, _ in pre_images]), image_grid_thw=torch.cat([g for _, g in pre_images]))
+    if pre_videos:
+        out.update(pixel_values_videos=torch.cat([r for r, _, _ in pre_videos]),
+                   video_grid_thw=torch.cat([g for _, g, _ in pre_videos]))
+    return out
+
+
+def load_tokenizer(directory: str | os.PathLike, required: bool):
+    """text -> token ids from the checkpoint's tokenizer.json (the tokenizers package, optional), no
+    special tokens added and no chat template; None when absent and not required."""
+    path = Path(directory) / "tokenizer.json"
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        if required:
+            raise ValueError("--prompt needs the tokenizers package (pip install tokenizers); or give --prompt-ids") from None
+        return None
+    if not path.exists():
+        if required:
+            raise ValueError(f"--prompt needs {path}; or give --prompt-ids")
+        return None
+    tokenizer = Tokenizer.from_file(str(path))
+    return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def read_prompt(prompt_ids: str | None, prompt_file: str | None, prompt: str | None = None,
+                encode=None) -> dict[str, torch.Tensor]:
+    """The inputs of `run`: text (`prompt`, tokenised by `encode`), token ids "1,2,3", or a file: a
+    .safetensors of MiniMaxM3.forward's inputs (a golden case's inputs.safetensors layout, media
+    included) or a text file of token ids separated by commas or whitespace."""
+    if prompt is not None:
+        ids = encode(prompt)
+        if not ids:
+            raise ValueError("--prompt encodes to no tokens")
+        return {"input_ids": torch.tensor([ids])}
     if prompt_file is not None and prompt_file.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
@@ -2293,7 +2656,10 @@ def read_prompt(prompt_ids: str | None, prompt_file: str | None) -> dict[str, to
 def run_checkpoint(args) -> None:
     """`run`: the streamed forward of a checkpoint on one prompt, its top next tokens and totals."""
     from safetensors.torch import save_file
-    inputs = read_prompt(args.prompt_ids, args.prompt_file)
+    encode = load_tokenizer(args.checkpoint, required=args.prompt is not None)
+    inputs = read_prompt(args.prompt_ids, args.prompt_file, args.prompt, encode)
+    inputs = add_media(inputs, args.image or (), args.video or (), args.video_fps,
+                       M3Config.from_json(Path(args.checkpoint) / "config.json"), encode)
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -2332,7 +2698,14 @@ def run_checkpoint(args) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="MiniMax M3 reference")
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("demo", help="forward of the tiny preset on text, two images and a video (default)")
+    media = argparse.ArgumentParser(add_help=False)
+    media.add_argument("--image", action="append", help="an image file (repeatable), for a placeholder each")
+    media.add_argument("--video", action="append", help="a folder of frames, a .npy [F, H, W, 3], or a video "
+                                                        "file (PyAV) sampled at 1 fps (repeatable)")
+    media.add_argument("--video-fps", type=float, help="the source fps of --video frames given as a folder or "
+                                                       ".npy (for the timestamps)")
+    sub.add_parser("demo", parents=[media], help="forward of the tiny preset on text, two images and a video "
+                                                 "(default), or on --image / --video files")
     b = sub.add_parser("bench", help="long-sequence sparse attention benchmark")
     b.add_argument("--one", nargs=3, metavar=("IMPL", "S", "CKPT"), help=argparse.SUPPRESS)
     g = sub.add_parser("golden", help="regenerate every golden case from fixed seeds")
@@ -2341,12 +2714,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                                       "implementation's outputs: golden/verify.py)")
     v.add_argument("root", help="golden directory")
     v.add_argument("--case", help="verify only this case")
-    r = sub.add_parser("run", help="streamed forward of a checkpoint, one layer resident at a time "
-                                   "(the released model on one GPU)")
+    r = sub.add_parser("run", parents=[media], help="streamed forward of a checkpoint, one layer resident at a time "
+                                                    "(the released model on one GPU)")
     r.add_argument("--checkpoint", required=True, help="directory with config.json and the safetensors")
     prompt = r.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3")
     prompt.add_argument("--prompt-file", help="a .safetensors of forward inputs (media too), or a text file of ids")
+    prompt.add_argument("--prompt", help="text, tokenised by the checkpoint's tokenizer.json (needs the tokenizers "
+                                         "package; no chat template): write ]<]image[>[ / ]<]video[>[ per file")
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     r.add_argument("--mtp-depths", type=int, help="MTP depths to run (default: those the checkpoint ships)")
@@ -2376,7 +2751,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "bench":
         bench()
     else:
-        demo()
+        try:
+            demo(*((args.image or (), args.video or (), args.video_fps) if args.command == "demo" else ()))
+        except (ValueError, TypeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

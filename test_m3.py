@@ -19,10 +19,11 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
 import m3_reference as m3
 
@@ -331,6 +332,169 @@ def test_vision_positions_follow_the_merge_window_order():
     pos = m3.vision_positions([(2, 2, 4)], 2)
     rows, cols = [0, 0, 1, 1, 0, 0, 1, 1], [0, 1, 0, 1, 2, 3, 2, 3]
     assert pos.tolist() == [[t, r, c] for t in range(2) for r, c in zip(rows, cols)]
+
+
+# ============================================================================================
+# Preprocessing: images, videos, prompts
+# ============================================================================================
+
+def hand_rows(image, proc=m3.ProcessorConfig()) -> torch.Tensor:
+    """Pixel rows of an image that needs no resize, built with loops: 2x2 merge windows in raster
+    order, the 4 patches of each, every row (C, Tp, P, P) with the one frame twice, each pixel
+    (x - 255 mean) / (255 std) in fp32."""
+    x = torch.tensor(image).to(torch.float32)                               # [H, W, 3]
+    mean = torch.tensor(proc.image_mean, dtype=torch.float32) * 255.0
+    std = torch.tensor(proc.image_std, dtype=torch.float32) * 255.0
+    rows = []
+    for by in range(x.shape[0] // 28):
+        for bx in range(x.shape[1] // 28):
+            for dy in range(2):
+                for dx in range(2):
+                    py, px = 2 * by + dy, 2 * bx + dx
+                    patch = x[14 * py:14 * py + 14, 14 * px:14 * px + 14]
+                    channels = [(patch[:, :, c] - mean[c]) / std[c] for c in range(3)]
+                    rows.append(torch.cat([torch.stack([ch, ch]).flatten() for ch in channels]))
+    return torch.stack(rows)
+
+
+def test_smart_resize_rules():
+    r = lambda h, w: m3.smart_resize(h, w, 28, 3136, 451584)
+    assert r(56, 84) == (56, 84)                     # already multiples of 28
+    assert r(50, 120) == (56, 112)                   # one side up, one down
+    assert r(45, 70) == (56, 56)                     # 70 / 28 = 2.5 rounds half to even: 2
+    assert r(12, 420) == (28, 420)                   # a side under 14 px keeps one factor (released rule)
+    assert r(20, 30) == (56, 84)                     # under min: x sqrt(3136/600) = 2.29: 45.7, 68.6 ceiled
+    assert r(1000, 2000) == (448, 924)               # over max: / sqrt(2e6/451584) = 2.10: 475.2, 950.3 floored
+    for h, w in [(1, 201), (0, 10)]:
+        with pytest.raises(ValueError, match="aspect ratio|at least 1 pixel"):
+            r(h, w)
+
+
+def test_preprocess_image_equals_hand_built_rows_and_runs_end_to_end():
+    cfg = tiny()
+    image = np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8)     # no resize needed
+    rows, grid = m3.preprocess_image(image, cfg)
+    assert grid.tolist() == [[1, 4, 6]] and torch.equal(rows, hand_rows(image))
+    I, S, E = cfg.image_token_index, cfg.vision_start_token_index, cfg.vision_end_token_index
+    ids = m3.expand_prompt(torch.tensor([[7, I, 8]]), grid, None, cfg=cfg)
+    assert ids.tolist() == [[7, S] + [I] * 6 + [E, 8]]
+    model = model_of(cfg)
+    with torch.no_grad():
+        ours = model(ids, pixel_values=rows, image_grid_thw=grid).logits
+        hand = model(torch.tensor([[7, S] + [I] * 6 + [E, 8]]), pixel_values=hand_rows(image),
+                     image_grid_thw=torch.tensor([[1, 4, 6]])).logits
+    assert torch.equal(ours, hand)
+
+
+def test_preprocess_video_pads_frames_and_writes_timestamps():
+    cfg = tiny()
+    frames = np.random.default_rng(1).integers(0, 256, (3, 56, 56, 3), dtype=np.uint8)
+    rows, grid, stamps = m3.preprocess_video(frames, cfg, fps=2.5, frame_indices=[0, 4, 9])
+    assert grid.tolist() == [[2, 4, 4]] and stamps == [0.0, 9 / 2.5]
+    first, last = hand_rows(frames[0]), hand_rows(frames[2])
+    half = 3 * 2 * 14 * 14 // 2                                     # (C, Tp, P, P): frame 0 then frame 1 per channel
+    pairs = rows.view(2, 16, 3, 2, 196)
+    assert torch.equal(pairs[0, :, :, 0], first.view(16, 3, 2, 196)[:, :, 0])
+    assert torch.equal(pairs[1, :, :, 0], last.view(16, 3, 2, 196)[:, :, 0])
+    assert torch.equal(pairs[1, :, :, 1], pairs[1, :, :, 0]) and half == 588     # frame 2 repeated as frame 3
+    assert m3.preprocess_video(frames, cfg)[2] is None
+    V, S, E = cfg.video_token_index, cfg.vision_start_token_index, cfg.vision_end_token_index
+    ids = m3.expand_prompt([1, V, 2], None, grid, [[[40, 41], [42]]], cfg=cfg)
+    assert ids.tolist() == [1, 40, 41, S] + [V] * 4 + [E, 42, S] + [V] * 4 + [E, 2]
+    assert m3.timestamp_text(3.6) == "]<]3.6 seconds[>["
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda c: m3.preprocess_image(np.zeros((4, 900, 3), np.uint8), c), ValueError, "aspect ratio 225.0"),
+    (lambda c: m3.preprocess_image(np.zeros((0, 10, 3), np.uint8), c), ValueError, "non-empty RGB"),
+    (lambda c: m3.preprocess_image(np.zeros((10, 10, 4), np.uint8), c), ValueError, r"RGB array \[H, W, 3\]"),
+    (lambda c: m3.preprocess_image(np.zeros((10, 10, 3), np.float32), c), TypeError, "uint8"),
+    (lambda c: m3.preprocess_video(np.zeros((10, 10, 3), np.uint8), c), ValueError, r"\[F, H, W, 3\]"),
+    (lambda c: m3.preprocess_video(np.zeros((2, 10, 10, 3), np.uint8), c, frame_indices=[0]), ValueError,
+     "frame_indices has 1 entries for 2 frames"),
+    (lambda c: m3.expand_prompt([1, c.image_token_index], None, None, cfg=c), ValueError,
+     "hold 1 image placeholders .* but 0 image grids"),
+    (lambda c: m3.expand_prompt([1, c.video_token_index], None, [[2, 2, 2]], [[[5]]], cfg=c), ValueError,
+     r"timestamp_ids\[0\] has 1 entries for 2 temporal groups"),
+    (lambda c: m3.expand_prompt([1], None, None, cfg=replace(c, vision_start_token_index=10 ** 6)), ValueError,
+     "vision_start_token_index = 1000000 is outside the vocabulary"),
+])
+def test_preprocessing_rejects_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(tiny())
+
+
+def test_image_and_video_files_through_the_cli(tmp_path, capsys):
+    from PIL import Image
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    rgba = rng.integers(0, 256, (56, 56, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "b.png")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(frames / f"{i:03d}.png")
+    # transparency is composited over white, as the released processor does
+    alpha = rgba[..., 3:].astype(np.float64) / 255
+    assert np.abs(m3.load_image(tmp_path / "b.png").astype(np.float64) - (rgba[..., :3] * alpha + 255 * (1 - alpha))).max() <= 1
+    m3.main(["demo", "--image", str(tmp_path / "a.png"), "--image", str(tmp_path / "b.png"), "--video", str(frames),
+             "--video-fps", "2"])
+    out = capsys.readouterr()
+    # 60x90 -> 56x84 (24 rows), 56x56 (16 rows); frames 40x50 -> 28x56 is under min_pixels -> 56x84, 3 frames -> t = 2
+    assert "pixel_values         [40, 1176]" in out.out and "video grids [[2, 4, 6]]" in out.out
+    assert "video timestamps left out" in out.err
+    with pytest.raises(SystemExit) as e:
+        m3.main(["demo", "--video", str(tmp_path / "clip.mp4")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ("needs PyAV" in err or "cannot decode" in err)
+
+
+def test_run_with_text_prompt_media_and_timestamps(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from PIL import Image
+    cfg = tiny()
+    ckpt = tmp_path / "ckpt"
+    m3.save_pretrained(model_of(cfg), ckpt)
+    run = ["run", "--checkpoint", str(ckpt)]
+    with pytest.raises(SystemExit) as e:
+        m3.main(run + ["--prompt", "hello"])
+    assert e.value.code == 2 and "--prompt needs" in capsys.readouterr().err
+    words = ["[UNK]", "hello", "world", "seconds"]
+    vocab = {w: i for i, w in enumerate(words)}
+    specials = {"]<]image[>[": cfg.image_token_index, "]<]video[>[": cfg.video_token_index}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({**vocab, **specials}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(specials))
+    tok.save(str(ckpt / "tokenizer.json"))
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    np.save(tmp_path / "v.npy", np.random.default_rng(4).integers(0, 256, (3, 56, 56, 3), dtype=np.uint8))
+    out = tmp_path / "out.safetensors"
+    m3.main(run + ["--prompt", "hello ]<]image[>[ world ]<]video[>[", "--image", str(tmp_path / "a.png"),
+                   "--video", str(tmp_path / "v.npy"), "--video-fps", "1", "--save-outputs", str(out)])
+    assert "top next tokens" in capsys.readouterr().out
+    ids = V.read_safetensors(out)["input_ids"][0].tolist()
+    S, E, I, Vt = cfg.vision_start_token_index, cfg.vision_end_token_index, cfg.image_token_index, cfg.video_token_index
+    stamp = tok.encode(m3.timestamp_text(0.0), add_special_tokens=False).ids + [S]
+    assert ids[:2] == [vocab["hello"], S] and ids[2:6] == [I] * 4 and ids[6:8] == [E, vocab["world"]]
+    assert ids[8:8 + len(stamp)] == stamp and ids.count(Vt) == 8 and ids.count(S) == 3
+    with pytest.raises(SystemExit) as e:
+        m3.main(run + ["--prompt-ids", "1,2", "--image", str(tmp_path / "a.png")])
+    assert e.value.code == 2 and "hold 0 image placeholders" in capsys.readouterr().err
+
+
+def test_video_files_decode_through_pyav_and_sample_one_frame_per_second(tmp_path):
+    assert m3.sample_frame_indices(10, 4.0) == [0, 4, 8] and m3.sample_frame_indices(5, 1.0) == [0, 1, 2, 3, 4]
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    frames, fps, indices = m3.load_video(path, None)
+    assert fps == 4.0 and indices == [0, 4, 8] and frames.shape == (3, 48, 64, 3)
 
 
 # ============================================================================================
@@ -1216,6 +1380,83 @@ def test_prop_model(cfg, seed, S, data):
 grids = st.tuples(st.integers(1, 4), st.sampled_from([2, 4]), st.sampled_from([2, 4, 6]))
 
 
+@given(h=st.integers(1, 4000), ratio=st.floats(1 / 200, 200), video=st.booleans())
+@example(h=12, ratio=35.0, video=False)          # a side under 14 px
+@example(h=14, ratio=1.0, video=False)           # 14 / 28 = 0.5 rounds to 0 (half to even), then one factor
+def test_prop_smart_resize(h, ratio, video):
+    # catches: floor/ceil swapped, a missing one-factor floor, area bounds not applied
+    w = max(1, min(int(h * ratio), 200 * h))
+    assume(max(h, w) / min(h, w) <= 200)
+    proc = m3.ProcessorConfig()
+    lo, hi = (proc.video_min_pixels, proc.video_max_pixels) if video else (proc.image_min_pixels, proc.image_max_pixels)
+    rh, rw = m3.smart_resize(h, w, 28, lo, hi)
+    assert rh % 28 == 0 and rw % 28 == 0 and rh >= 28 and rw >= 28
+    assert lo <= rh * rw <= hi
+    if lo <= h * w <= hi and h % 28 == 0 and w % 28 == 0:
+        assert (rh, rw) == (h, w)                    # nothing to change: no resize
+
+
+@given(h=st.sampled_from([56, 84, 112, 196]), w=st.sampled_from([56, 84, 140]), frames=st.integers(1, 5),
+       video=st.booleans())
+@few(8)
+def test_prop_pixel_rows_follow_the_merge_window_order(h, w, frames, video):
+    # an image whose pixels hold their own (row, col) in channels 0 and 1, at a size that needs no resize:
+    # decoding each row's first pixel gives the patch position, which must follow vision_positions
+    # (catches: raster patch order, swapped Tp and C in a row, the last frame not repeated)
+    cfg = tiny()
+    r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    image = np.stack([r, c, np.zeros_like(r)], -1).astype(np.uint8)
+    if video:
+        clip = np.stack([image + np.array([0, 0, 10 * f], np.uint8) for f in range(frames)])
+        rows, grid, _ = m3.preprocess_video(clip, cfg)
+    else:
+        rows, grid = m3.preprocess_image(image, cfg)
+    t, gh, gw = grid[0].tolist()
+    assert grid[0].tolist() == [-(-frames // 2) if video else 1, h // 14, w // 14] and rows.shape[0] == t * gh * gw
+    proc = m3.ProcessorConfig()
+    pix = rows.view(-1, 3, 2, 14, 14)                                                # (C, Tp, P, P)
+    decode = lambda ch, tp: torch.round(pix[:, ch, tp, 0, 0] * proc.image_std[ch] * 255
+                                        + proc.image_mean[ch] * 255).long()
+    positions = m3.vision_positions([(t, gh, gw)], cfg.vision.spatial_merge_size)
+    assert torch.equal(torch.stack([decode(0, 0) // 14, decode(1, 0) // 14], -1), positions[:, 1:])
+    if video:                                        # group g holds frames 2g and 2g+1 (the last one repeated)
+        expected = torch.tensor([[10 * min(2 * g, frames - 1), 10 * min(2 * g + 1, frames - 1)] for g in range(t)])
+        got = torch.stack([decode(2, 0), decode(2, 1)], -1).view(t, gh * gw, 2)
+        assert torch.equal(got, expected[:, None].expand_as(got))
+
+
+@given(seed=seeds, data=st.data())
+def test_prop_expand_then_splice_keeps_every_other_token(seed, data):
+    # catches: a lost or reordered text token, K not t*h*w/4, start/end misplaced, features out of order
+    cfg = tiny()
+    g = torch.Generator().manual_seed(seed)
+    n_img, n_vid = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 2))
+    grids_i = [[1, 2 * data.draw(st.integers(1, 3)), 2 * data.draw(st.integers(1, 3))] for _ in range(n_img)]
+    grids_v = [[data.draw(st.integers(1, 3)), 2, 2 * data.draw(st.integers(1, 2))] for _ in range(n_vid)]
+    marks = [cfg.image_token_index] * n_img + [cfg.video_token_index] * n_vid
+    text = torch.randint(0, 400, (data.draw(st.integers(0, 8)),), generator=g).tolist()
+    slots = sorted(data.draw(st.lists(st.integers(0, len(text)), min_size=len(marks), max_size=len(marks))))
+    ids = list(text)
+    for k, (slot, mark) in enumerate(zip(slots, marks)):
+        ids.insert(slot + k, mark)
+    order = [m for m in ids if m in marks]                                  # placeholders in prompt order
+    gi, gv = iter(grids_i), iter(grids_v)
+    grids_in_order = [(next(gi) if m == cfg.image_token_index else next(gv)) for m in order]
+    image_grids = [gr for m, gr in zip(order, grids_in_order) if m == cfg.image_token_index]
+    video_grids = [gr for m, gr in zip(order, grids_in_order) if m == cfg.video_token_index]
+    out = m3.expand_prompt(torch.tensor(ids), image_grids or None, video_grids or None, cfg=cfg)
+    special = {cfg.image_token_index, cfg.video_token_index, cfg.vision_start_token_index, cfg.vision_end_token_index}
+    assert [i for i in out.tolist() if i not in special] == text
+    assert int((out == cfg.image_token_index).sum()) == sum(t * h * w // 4 for t, h, w in image_grids)
+    assert int((out == cfg.video_token_index).sum()) == sum(t * h * w // 4 for t, h, w in video_grids)
+    assert int((out == cfg.vision_start_token_index).sum()) == n_img + sum(t for t, _, _ in video_grids)
+    emb = torch.randn(1, out.numel(), 8, generator=g)
+    feats = torch.randn(int((out == cfg.image_token_index).sum()), 8, generator=g)
+    spliced = m3.splice(emb, out[None], feats, cfg.image_token_index, "image")
+    keep = out[None] != cfg.image_token_index
+    assert torch.equal(spliced[keep], emb[keep]) and torch.equal(spliced[~keep], feats)
+
+
 @given(t=st.integers(1, 5), h=st.sampled_from([2, 4, 6]), w=st.sampled_from([2, 4]), max_frames=st.integers(1, 3))
 def test_prop_vision_positions_follow_the_merge_window_order(t, h, w, max_frames):
     pos = m3.vision_positions(m3.video_segments([(t, h, w)], max_frames), 2)
@@ -1388,6 +1629,118 @@ def test_mtp_parity_with_a_transformers_decoder_layer(tmp_path):
         expected = hf.lm_head(gemma_norm(x, mtp["final_layernorm.weight"]).float())
         got = ours(ids).mtp_logits[0]
     assert (got - expected).abs().max() <= FP32_LOGITS_TOL
+
+
+# A stand-in `torchvision` for transformers' MiniMax M3 processors: the torchvision builds the
+# registry offers load only beside a CUDA torch. Its resize is what torchvision does on a CPU for
+# bicubic uint8 input (torch's uint8 interpolate kernel; the same size returns the input);
+# normalize is torchvision's (one subtraction, one division in the image's dtype).
+STANDIN_TORCHVISION = {
+    "torchvision-0.28.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n",
+    "torchvision/__init__.py": "__version__ = '0.28.0'\nfrom . import io, transforms  # noqa: E402,F401\n",
+    "torchvision/io.py": "",
+    "torchvision/transforms/__init__.py": """import enum
+
+
+class InterpolationMode(enum.Enum):
+    NEAREST = "nearest"
+    NEAREST_EXACT = "nearest-exact"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    BOX = "box"
+    HAMMING = "hamming"
+    LANCZOS = "lanczos"
+
+
+from . import functional, v2  # noqa: E402,F401
+""",
+    "torchvision/transforms/functional.py": """import numpy as np
+import torch
+
+
+def pil_to_tensor(pic):
+    return torch.from_numpy(np.array(pic)).permute(2, 0, 1).contiguous()
+""",
+    "torchvision/transforms/v2/__init__.py": "from . import functional  # noqa: F401\n",
+    "torchvision/transforms/v2/functional/__init__.py": """import torch
+import torch.nn.functional as F
+
+from torchvision.transforms import InterpolationMode
+
+
+def resize(image, size, interpolation=InterpolationMode.BILINEAR, max_size=None, antialias=True):
+    if list(image.shape[-2:]) == list(size):
+        return image
+    if image.dtype != torch.uint8 or image.device.type != "cpu" or interpolation != InterpolationMode.BICUBIC:
+        raise NotImplementedError("the stand-in resizes uint8 bicubic on the CPU only")
+    shape = image.shape
+    out = F.interpolate(image.reshape(-1, *shape[-3:]), size=list(size), mode="bicubic", align_corners=False,
+                        antialias=antialias)
+    return out.reshape(*shape[:-2], *out.shape[-2:])
+
+
+def normalize(image, mean, std, inplace=False):
+    mean = torch.as_tensor(mean, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+    return (image.sub_(mean) if inplace else image.sub(mean)).div_(std)
+
+
+def grayscale_to_rgb(image):
+    return image.expand(*image.shape[:-3], 3, *image.shape[-2:]) if image.shape[-3] == 1 else image
+""",
+}
+
+PROCESSOR_SCRIPT = """
+import sys
+import torch
+from safetensors.torch import load_file, save_file
+from transformers.models.minimax_m3_vl.image_processing_minimax_m3_vl import MiniMaxM3VLImageProcessor, smart_resize
+from transformers.models.minimax_m3_vl.video_processing_minimax_m3_vl import MiniMaxM3VLVideoProcessor
+media = load_file(sys.argv[1])
+out = {}
+images = MiniMaxM3VLImageProcessor()
+for name in [k for k in media if k.startswith("image.")]:
+    got = images(images=[media[name].numpy()], return_tensors="pt")
+    out[name + ".pixel_values"], out[name + ".grid_thw"] = got["pixel_values"], got["image_grid_thw"]
+videos = MiniMaxM3VLVideoProcessor(vision_segment_max_frames=None)
+for name in [k for k in media if k.startswith("video.")]:
+    got = videos(videos=[media[name].numpy()], return_tensors="pt")
+    out[name + ".pixel_values"], out[name + ".grid_thw"] = got["pixel_values_videos"], got["video_grid_thw"]
+out["smart_resize_12x420"] = torch.tensor(smart_resize(12, 420, 28, 3136, 451584))
+save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[2])
+"""
+
+IMAGE_SIZES = [(56, 56), (50, 120), (45, 70), (300, 500), (1000, 700), (30, 40), (20, 1800), (700, 37)]
+
+
+def test_preprocessing_matches_transformers_processor(tmp_path):
+    """transformers' own MiniMax M3 processors (smart_resize, rescale + normalize, temporal padding,
+    patch permutation), with only the uint8 resize kernel shared through the stand-in torchvision."""
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+    from safetensors.torch import load_file, save_file
+    for rel, text in STANDIN_TORCHVISION.items():
+        (tmp_path / "site" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "site" / rel).write_text(text)
+    rng = np.random.default_rng(5)
+    media = {f"image.{i}": torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+             for i, (h, w) in enumerate(IMAGE_SIZES)}
+    media["video.0"] = torch.from_numpy(rng.integers(0, 256, (5, 100, 150, 3), dtype=np.uint8))
+    media["video.1"] = torch.from_numpy(rng.integers(0, 256, (4, 45, 70, 3), dtype=np.uint8))
+    save_file(media, tmp_path / "media.safetensors")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    proc = subprocess.run([sys.executable, "-c", PROCESSOR_SCRIPT, str(tmp_path / "media.safetensors"),
+                           str(tmp_path / "theirs.safetensors")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs, cfg = load_file(tmp_path / "theirs.safetensors"), m3.M3Config.minimax_m3()
+    for name, pixels in media.items():
+        rows, grid = (m3.preprocess_image(pixels, cfg) if name.startswith("image.")
+                      else m3.preprocess_video(pixels, cfg)[:2])
+        assert torch.equal(grid, theirs[name + ".grid_thw"]), name
+        assert torch.equal(rows, theirs[name + ".pixel_values"]), name                 # bit for bit
+    # the one documented difference: transformers lets a side under 14 px round to 0 first
+    assert theirs["smart_resize_12x420"].tolist() == [28, 336] and m3.smart_resize(12, 420, 28, 3136, 451584) == (28, 420)
 
 
 # ============================================================================================
