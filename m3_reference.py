@@ -710,12 +710,13 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     Each side rounds to the nearest multiple (Python round: half to even), at least one factor; an
     area above the maximum scales both sides by beta = sqrt(h*w / max) and floors them, an area
     below the minimum scales by sqrt(min / (h*w)) and ceils them. (transformers' copy omits the
-    one-factor floor in the first step: the two differ only for a side under 14 pixels.)
+    one-factor floor in the first step: the two differ only for a side of 14 pixels or less, which
+    rounds to 0 there: 14 / 28 = 0.5 rounds to even.)
     """
     if min(height, width) < 1:
-        raise ValueError(f"image size {height}x{width}: both sides must be at least 1 pixel")
+        raise ValueError(f"size {height}x{width}: both sides must be at least 1 pixel")
     if max(height, width) / min(height, width) > max_ratio:
-        raise ValueError(f"image size {height}x{width}: aspect ratio {max(height, width) / min(height, width):.1f} "
+        raise ValueError(f"size {height}x{width}: aspect ratio {max(height, width) / min(height, width):.1f} "
                          f"is above the processor's limit {max_ratio:g}")
     h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
     if h * w > max_pixels:
@@ -724,6 +725,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    if min(h, w) < factor:                   # only custom bounds reach this: the release would crash
+        raise ValueError(f"size {height}x{width}: max_pixels {max_pixels} leaves a side under {factor} pixels")
     return h, w
 
 
@@ -769,7 +772,11 @@ def patchify(frames: torch.Tensor, patch: int, temporal: int, merge: int) -> tup
 def resized_frames(array, cfg: M3Config, video: bool, proc: ProcessorConfig = ProcessorConfig()) -> torch.Tensor:
     """A uint8 RGB array, [H, W, 3] for an image or [F, H, W, 3] for video frames, as uint8 frames
     [F, 3, h, w] after smart_resize (image or video bounds) and the uint8 bicubic resize."""
-    t = array if isinstance(array, torch.Tensor) else torch.tensor(array)     # a copy: arrays may be read-only
+    import numpy as np
+    if cfg.vision is None:
+        raise ValueError("images and videos need a vision config: this is a text-only model")
+    # a contiguous CPU copy: arrays may be read-only or have negative strides; the processor runs on the CPU
+    t = array.cpu() if isinstance(array, torch.Tensor) else torch.from_numpy(np.array(array, copy=True))
     what, want = ("frames", "[F, H, W, 3]") if video else ("image", "[H, W, 3]")
     if t.dtype != torch.uint8:
         raise TypeError(f"{what} must be a uint8 array {want} (RGB, 0..255), got {t.dtype}")
@@ -805,8 +812,8 @@ def preprocess_video(frames, cfg: M3Config, fps: float | None = None, frame_indi
     video = resized_frames(frames, cfg, video=True, proc=proc)
     if frame_indices is not None and len(frame_indices) != video.shape[0]:
         raise ValueError(f"frame_indices has {len(frame_indices)} entries for {video.shape[0]} frames")
-    if fps is not None and not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+    if fps is not None and not 0 < fps < float("inf"):
+        raise ValueError(f"fps must be a finite number > 0, got {fps}")
     rows, grid = pixel_rows(video, cfg, proc)
     return rows, torch.tensor([grid]), video_timestamps(video.shape[0], grid[0], cfg, fps, frame_indices)
 
@@ -820,9 +827,44 @@ def video_timestamps(num_frames: int, groups: int, cfg: M3Config, fps: float | N
     return [indices[min(g * cfg.vision.temporal_patch_size, len(indices) - 1)] / fps for g in range(groups)]
 
 
+IMAGE_TEXT, VIDEO_TEXT = "]<]image[>[", "]<]video[>["                     # the placeholders, as text
+START_TEXT, END_TEXT = "]<]start of image[>[", "]<]end of image[>["        # images and video groups alike
+
+
 def timestamp_text(seconds: float) -> str:
     """The text before a video group, tokenised like any text: "]<]{seconds:.1f} seconds[>["."""
     return f"]<]{seconds:.1f} seconds[>["
+
+
+def expand_prompt_text(text: str, image_grid_thw=None, video_grid_thw=None,
+                       timestamps: Sequence[Sequence[float] | None] | None = None, merge: int = 2) -> str:
+    """The released processor's expansion, on the text before tokenisation: each IMAGE_TEXT becomes
+    START_TEXT + K x IMAGE_TEXT + END_TEXT, each VIDEO_TEXT per temporal group the timestamp text
+    (when known) + START_TEXT + h*w / m^2 x VIDEO_TEXT + END_TEXT. Tokenising the result as one
+    string gives the processor's ids; expand_prompt on ids (as vLLM does) can differ from it where
+    byte-level BPE merges the text before a timestamp with it (a space before the placeholder)."""
+    counts = {IMAGE_TEXT: text.count(IMAGE_TEXT), VIDEO_TEXT: text.count(VIDEO_TEXT)}
+    grids = {IMAGE_TEXT: [] if image_grid_thw is None else torch.as_tensor(image_grid_thw).reshape(-1, 3).tolist(),
+             VIDEO_TEXT: [] if video_grid_thw is None else torch.as_tensor(video_grid_thw).reshape(-1, 3).tolist()}
+    for marker, rows in grids.items():
+        if counts[marker] != len(rows):
+            raise ValueError(f"the prompt holds {counts[marker]} {marker} placeholders but {len(rows)} grids were "
+                             f"given for them; the counts must match")
+    stamps = iter(timestamps if timestamps is not None else [None] * len(grids[VIDEO_TEXT]))
+    rows = {marker: iter(r) for marker, r in grids.items()}
+    out = []
+    for piece in re.split(f"({re.escape(IMAGE_TEXT)}|{re.escape(VIDEO_TEXT)})", text):
+        if piece not in rows:
+            out.append(piece)
+            continue
+        t, h, w = next(rows[piece])
+        if piece == IMAGE_TEXT:
+            out.append(START_TEXT + IMAGE_TEXT * (t * h * w // merge ** 2) + END_TEXT)
+            continue
+        seconds = next(stamps)
+        out += [(timestamp_text(seconds[g]) if seconds else "") + START_TEXT + VIDEO_TEXT * (h * w // merge ** 2)
+                + END_TEXT for g in range(t)]
+    return "".join(out)
 
 
 def expand_prompt(input_ids, image_grid_thw=None, video_grid_thw=None,
@@ -846,14 +888,22 @@ def expand_prompt(input_ids, image_grid_thw=None, video_grid_thw=None,
     grids = {}
     for what, grid, token in [("image", image_grid_thw, cfg.image_token_index), ("video", video_grid_thw,
                                                                                    cfg.video_token_index)]:
-        rows = [] if grid is None else torch.as_tensor(grid).tolist()
+        rows = [] if grid is None else torch.as_tensor(grid).reshape(-1, 3).tolist()
+        if grid is not None and (torch.as_tensor(grid).dim() != 2 or any(min(r) < 1 for r in rows)):
+            raise ValueError(f"{what}_grid_thw must be [n, 3] rows of positive (t, h, w), got {torch.as_tensor(grid).tolist()}")
         n = int((ids == token).sum())
         if n != len(rows):
             raise ValueError(f"input_ids hold {n} {what} placeholders (id {token}) but {len(rows)} {what} grids "
                              f"were given; the counts must match")
         grids[token] = iter(rows)
-    if timestamp_ids is not None and len(timestamp_ids) != int((ids == cfg.video_token_index).sum()):
-        raise ValueError(f"timestamp_ids has {len(timestamp_ids)} entries, one per video is needed")
+    if timestamp_ids is not None:
+        if len(timestamp_ids) != int((ids == cfg.video_token_index).sum()):
+            raise ValueError(f"timestamp_ids has {len(timestamp_ids)} entries, one per video is needed")
+        bad = [i for video in timestamp_ids for group in video for i in group
+               if not 0 <= i < cfg.vocab_size or i in (cfg.image_token_index, cfg.video_token_index)]
+        if bad:
+            raise ValueError(f"timestamp_ids hold {bad[:3]}: ids must be text tokens in [0, {cfg.vocab_size}), "
+                             f"not placeholders")
     out, video = [], 0
     for i in ids.flatten().tolist():
         if i == cfg.image_token_index:
@@ -2524,38 +2574,52 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def load_image(path: str | os.PathLike) -> "np.ndarray":
-    """An image file as uint8 RGB [H, W, 3], as the released processor converts it: an image with
-    transparency is composited over white, any other mode converted to RGB (Pillow decodes)."""
+    """An image file as uint8 RGB [H, W, 3] (Pillow decodes): turned upright by its EXIF orientation
+    (as transformers' image loader does), then converted as the processor converts a PIL image:
+    transparency composited over white, any other mode converted to RGB."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
             if "A" in image.getbands() or image.info.get("transparency") is not None:
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
             return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
+def next_sampled_frame(prev: int | None, source_fps: float, target_fps: float = 1.0) -> int:
+    """The engines' sampling (vLLM's MiniMax M3 video backend; not the processor's): frame 0, then the
+    first frame at least 1/target_fps - 1e-4 s after the last kept one (frame i sits at i / source_fps)."""
+    if prev is None:
+        return 0
+    return max(math.ceil((prev / source_fps + 1 / target_fps - 1e-4) * source_fps), prev + 1)
+
+
 def sample_frame_indices(num_frames: int, source_fps: float, target_fps: float = 1.0) -> list[int]:
-    """Frames kept from a decoded video (the engines' sampling, not the processor's): frame 0, then
-    each frame at least 1/target_fps - 1e-4 s after the last kept one (frame i is at i / source_fps)."""
+    """The kept frames of a video of num_frames: next_sampled_frame from frame 0 while inside the
+    video, then the last frame too when it is more than 1e-4 s after the last kept one."""
     keep = [0]
-    for i in range(1, num_frames):
-        if i / source_fps - keep[-1] / source_fps >= 1 / target_fps - 1e-4:
-            keep.append(i)
+    while (i := next_sampled_frame(keep[-1], source_fps, target_fps)) < num_frames:
+        keep.append(i)
+    if keep[-1] != num_frames - 1 and (num_frames - 1 - keep[-1]) / source_fps > 1e-4:
+        keep.append(num_frames - 1)
     return keep
 
 
 def load_video(path: str | os.PathLike, fps: float | None) -> tuple["np.ndarray", float | None, list[int] | None]:
-    """(frames uint8 [F, H, W, 3], source fps, frame indices): a folder of image files (sorted by
-    name) or a .npy array, taken whole with `fps` as given; a video file decoded by PyAV (when it
-    is installed) and sampled at 1 fps, with the stream's fps and the kept indices."""
+    """(frames uint8 [F, H, W, 3], source fps, frame indices): a folder of image files (in natural
+    name order) or a .npy array, taken whole with `fps` as given; a video file decoded by PyAV (when
+    it is installed) and sampled at 1 fps while decoding, with the stream's fps and the kept indices."""
     import numpy as np
     p = Path(path)
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        raise ValueError(f"--video {p} is an image file; give it as --image, or a folder of frames as --video")
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        natural = lambda f: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", f.name)]   # frame2 before frame10
+        files = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), key=natural)
         frames = [load_image(f) for f in files]
         if not frames or len({f.shape for f in frames}) != 1:
             raise ValueError(f"--video {p}: needs image files of one size, found {sorted({f.shape for f in frames})}")
@@ -2570,23 +2634,41 @@ def load_video(path: str | os.PathLike, fps: float | None) -> tuple["np.ndarray"
     except ImportError:
         raise ValueError(f"--video {p}: decoding a video file needs PyAV (pip install av); or give a folder of "
                          f"frames or a .npy array [F, H, W, 3]") from None
-    try:
+    if fps is not None:
+        raise ValueError(f"--video {p}: --video-fps is for frame folders and .npy arrays; a video file's fps "
+                         f"comes from its stream")
+    kept, indices = [], []
+    try:                                     # keep only the sampled frames (and the latest one) while decoding
         with av.open(str(p)) as container:
             stream = container.streams.video[0]
             source_fps = float(stream.average_rate)
-            decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    except (av.error.FFmpegError, IndexError) as e:
+            for i, frame in enumerate(container.decode(stream)):
+                last = (i, frame.to_ndarray(format="rgb24"))
+                if i == next_sampled_frame(indices[-1] if indices else None, source_fps):
+                    indices.append(i)
+                    kept.append(last[1])
+    except (av.error.FFmpegError, IndexError, TypeError, ZeroDivisionError) as e:
         raise ValueError(f"cannot decode --video {p}: {e}") from e
-    keep = sample_frame_indices(len(decoded), source_fps)
-    return np.stack([decoded[i] for i in keep]), source_fps, keep
+    if not kept:
+        raise ValueError(f"--video {p}: no frames decoded")
+    if last[0] != indices[-1] and (last[0] - indices[-1]) / source_fps > 1e-4:
+        indices.append(last[0])
+        kept.append(last[1])
+    return np.stack(kept), source_fps, indices
 
 
 def add_media(inputs: dict, images: Sequence[str], videos: Sequence[str], video_fps: float | None,
-              cfg: M3Config, encode=None) -> dict:
-    """The prompt's placeholders expanded for the image and video files, and their pixel rows.
-    `encode` (text -> ids) writes the video timestamps; without it they are left out, with a note."""
+              cfg: M3Config, encode=None, text: str | None = None) -> dict:
+    """Forward inputs for a prompt and image / video files: their pixel rows and grids, and the
+    prompt expanded. A text prompt (`text`, with `encode`: text -> ids) is expanded as text and then
+    tokenised, as the released processor does; token ids (inputs["input_ids"]) are expanded at the
+    id level, the timestamps tokenised by `encode` (left out, with a note, without it)."""
+    if text is not None:
+        inputs = {"input_ids": None}
     if not images and not videos:
-        return inputs
+        if video_fps is not None:
+            raise ValueError("--video-fps given without --video")
+        return inputs if text is None else {"input_ids": torch.tensor([encode(text)])}
     if cfg.vision is None:
         raise ValueError("--image / --video given, but the model is text-only")
     if any(k in inputs for k in ("pixel_values", "pixel_values_videos")):
@@ -2594,13 +2676,19 @@ def add_media(inputs: dict, images: Sequence[str], videos: Sequence[str], video_
     pre_images = [preprocess_image(load_image(p), cfg) for p in images]
     pre_videos = [preprocess_video(frames, cfg, fps, indices) for frames, fps, indices in
                   (load_video(p, video_fps) for p in videos)]
-    if encode is None and any(stamps for _, _, stamps in pre_videos):
-        print("note: video timestamps left out (writing them needs tokenizer.json and the tokenizers package)",
-              file=sys.stderr)
-    stamp_ids = [[encode(timestamp_text(s)) for s in stamps] if stamps and encode else [[]] * int(grid[0, 0])
-                 for _, grid, stamps in pre_videos]
-    out = dict(inputs, input_ids=expand_prompt(inputs["input_ids"], [g[0].tolist() for _, g in pre_images] or None,
-                                               [g[0].tolist() for _, g, _ in pre_videos] or None, stamp_ids, cfg=cfg))
+    image_grids = [g[0].tolist() for _, g in pre_images] or None
+    video_grids = [g[0].tolist() for _, g, _ in pre_videos] or None
+    if text is not None:
+        expanded = expand_prompt_text(text, image_grids, video_grids, [s for _, _, s in pre_videos],
+                                      cfg.vision.spatial_merge_size)
+        out = {"input_ids": torch.tensor([encode(expanded)])}
+    else:
+        if encode is None and any(stamps for _, _, stamps in pre_videos):
+            print("note: video timestamps left out (writing them needs tokenizer.json and the tokenizers package)",
+                  file=sys.stderr)
+        stamp_ids = [[encode(timestamp_text(s)) for s in stamps] if stamps and encode else [[]] * int(grid[0, 0])
+                     for _, grid, stamps in pre_videos]
+        out = dict(inputs, input_ids=expand_prompt(inputs["input_ids"], image_grids, video_grids, stamp_ids, cfg=cfg))
     if pre_images:
         out.update(pixel_values=torch.cat([r for r, _ in pre_images]), image_grid_thw=torch.cat([g for _, g in pre_images]))
     if pre_videos:
@@ -2627,16 +2715,10 @@ def load_tokenizer(directory: str | os.PathLike, required: bool):
     return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def read_prompt(prompt_ids: str | None, prompt_file: str | None, prompt: str | None = None,
-                encode=None) -> dict[str, torch.Tensor]:
-    """The inputs of `run`: text (`prompt`, tokenised by `encode`), token ids "1,2,3", or a file: a
-    .safetensors of MiniMaxM3.forward's inputs (a golden case's inputs.safetensors layout, media
-    included) or a text file of token ids separated by commas or whitespace."""
-    if prompt is not None:
-        ids = encode(prompt)
-        if not ids:
-            raise ValueError("--prompt encodes to no tokens")
-        return {"input_ids": torch.tensor([ids])}
+def read_prompt(prompt_ids: str | None, prompt_file: str | None) -> dict[str, torch.Tensor]:
+    """The inputs of `run` given as token ids "1,2,3", or a file: a .safetensors of MiniMaxM3.forward's
+    inputs (a golden case's inputs.safetensors layout, media included) or a text file of token ids
+    separated by commas or whitespace."""
     if prompt_file is not None and prompt_file.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
@@ -2657,9 +2739,11 @@ def run_checkpoint(args) -> None:
     """`run`: the streamed forward of a checkpoint on one prompt, its top next tokens and totals."""
     from safetensors.torch import save_file
     encode = load_tokenizer(args.checkpoint, required=args.prompt is not None)
-    inputs = read_prompt(args.prompt_ids, args.prompt_file, args.prompt, encode)
+    inputs = {} if args.prompt is not None else read_prompt(args.prompt_ids, args.prompt_file)
     inputs = add_media(inputs, args.image or (), args.video or (), args.video_fps,
-                       M3Config.from_json(Path(args.checkpoint) / "config.json"), encode)
+                       M3Config.from_json(Path(args.checkpoint) / "config.json"), encode, args.prompt)
+    if inputs["input_ids"].numel() == 0:
+        raise ValueError("--prompt encodes to no tokens")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:

@@ -418,10 +418,39 @@ def test_preprocess_video_pads_frames_and_writes_timestamps():
      r"timestamp_ids\[0\] has 1 entries for 2 temporal groups"),
     (lambda c: m3.expand_prompt([1], None, None, cfg=replace(c, vision_start_token_index=10 ** 6)), ValueError,
      "vision_start_token_index = 1000000 is outside the vocabulary"),
+    (lambda c: m3.expand_prompt([1, c.image_token_index], [[1, 0, 2]], None, cfg=c), ValueError,
+     "rows of positive"),
+    (lambda c: m3.expand_prompt([1, c.image_token_index], [1, 2, 2], None, cfg=c), ValueError, r"\[n, 3\] rows"),
+    (lambda c: m3.expand_prompt([c.video_token_index], None, [[1, 2, 2]], [[[c.image_token_index]]], cfg=c),
+     ValueError, "not placeholders"),
+    (lambda c: m3.preprocess_video(np.zeros((2, 10, 10, 3), np.uint8), c, fps=float("inf")), ValueError,
+     "finite number > 0"),
+    (lambda c: m3.preprocess_image(np.zeros((10, 10, 3), np.uint8), replace(c, vision=None)), ValueError,
+     "text-only model"),
+    (lambda c: m3.smart_resize(30, 3000, 28, 28, 20000), ValueError, "leaves a side under 28"),
+    (lambda c: m3.expand_prompt_text(m3.IMAGE_TEXT, None, None), ValueError, "holds 1 .* placeholders but 0 grids"),
 ])
 def test_preprocessing_rejects_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call(tiny())
+
+
+def test_image_loading_orientation_strides_and_frame_order(tmp_path):
+    from PIL import Image
+    pixels = np.random.default_rng(6).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                            # "rotate 90 degrees clockwise to view"
+    Image.fromarray(pixels).save(tmp_path / "turned.png", exif=exif)
+    assert m3.load_image(tmp_path / "turned.png").shape == (50, 30, 3)
+    flipped = pixels[:, ::-1]                                   # negative strides (BGR<->RGB views alike)
+    assert torch.equal(m3.preprocess_image(flipped, tiny())[0], m3.preprocess_image(flipped.copy(), tiny())[0])
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in (2, 10, 1):
+        Image.fromarray(np.full((28, 28, 3), i, np.uint8)).save(frames / f"f{i}.png")
+    assert m3.load_video(frames, None)[0][:, 0, 0, 0].tolist() == [1, 2, 10]        # natural order, not f1 f10 f2
+    with pytest.raises(ValueError, match="is an image file; give it as --image"):
+        m3.load_video(tmp_path / "turned.png", None)
 
 
 def test_image_and_video_files_through_the_cli(tmp_path, capsys):
@@ -461,7 +490,8 @@ def test_run_with_text_prompt_media_and_timestamps(tmp_path, capsys):
     assert e.value.code == 2 and "--prompt needs" in capsys.readouterr().err
     words = ["[UNK]", "hello", "world", "seconds"]
     vocab = {w: i for i, w in enumerate(words)}
-    specials = {"]<]image[>[": cfg.image_token_index, "]<]video[>[": cfg.video_token_index}
+    specials = {m3.IMAGE_TEXT: cfg.image_token_index, m3.VIDEO_TEXT: cfg.video_token_index,
+                m3.START_TEXT: cfg.vision_start_token_index, m3.END_TEXT: cfg.vision_end_token_index}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({**vocab, **specials}, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.add_special_tokens(list(specials))
@@ -483,7 +513,9 @@ def test_run_with_text_prompt_media_and_timestamps(tmp_path, capsys):
 
 
 def test_video_files_decode_through_pyav_and_sample_one_frame_per_second(tmp_path):
-    assert m3.sample_frame_indices(10, 4.0) == [0, 4, 8] and m3.sample_frame_indices(5, 1.0) == [0, 1, 2, 3, 4]
+    # 1 s apart (less 1e-4 s), then the last frame when it is later than the last kept one
+    assert m3.sample_frame_indices(10, 4.0) == [0, 4, 8, 9] and m3.sample_frame_indices(5, 1.0) == [0, 1, 2, 3, 4]
+    assert m3.sample_frame_indices(30, 29.97) == [0, 29] and m3.sample_frame_indices(7, 2.0) == [0, 2, 4, 6]
     av = pytest.importorskip("av")
     path = tmp_path / "clip.mp4"
     with av.open(str(path), "w") as container:
@@ -494,7 +526,10 @@ def test_video_files_decode_through_pyav_and_sample_one_frame_per_second(tmp_pat
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     frames, fps, indices = m3.load_video(path, None)
-    assert fps == 4.0 and indices == [0, 4, 8] and frames.shape == (3, 48, 64, 3)
+    assert fps == 4.0 and indices == [0, 4, 8, 9] and frames.shape == (4, 48, 64, 3)
+    assert frames[3].mean() > frames[2].mean() > frames[1].mean() > frames[0].mean()     # frames 9, 8, 4, 0
+    with pytest.raises(ValueError, match="--video-fps is for frame folders"):
+        m3.load_video(path, 2.0)
 
 
 # ============================================================================================
@@ -1741,6 +1776,33 @@ def test_preprocessing_matches_transformers_processor(tmp_path):
         assert torch.equal(rows, theirs[name + ".pixel_values"]), name                 # bit for bit
     # the one documented difference: transformers lets a side under 14 px round to 0 first
     assert theirs["smart_resize_12x420"].tolist() == [28, 336] and m3.smart_resize(12, 420, 28, 3136, 451584) == (28, 420)
+
+
+def test_prompt_expansion_matches_transformers_text():
+    """expand_prompt_text against transformers' MiniMaxM3VLProcessor.replace_image_token /
+    replace_video_token (called on a stand-in self: they read only the merge and temporal sizes),
+    with timestamps from VideoMetadata."""
+    processing = pytest.importorskip("transformers.models.minimax_m3_vl.processing_minimax_m3_vl")
+    from transformers.video_utils import VideoMetadata
+    import types
+    P = processing.MiniMaxM3VLProcessor
+    stub = types.SimpleNamespace(image_processor=types.SimpleNamespace(merge_size=2),
+                                 video_processor=types.SimpleNamespace(merge_size=2, temporal_patch_size=2),
+                                 **{k: getattr(P, k) for k in ("IMAGE_TOKEN", "VIDEO_TOKEN", "VISION_START_TOKEN",
+                                                               "VISION_END_TOKEN")})
+    images, videos = [[1, 4, 6], [1, 2, 2]], [[3, 4, 4], [5, 2, 6]]           # t = 3: one group past a segment of 2
+    metadata = [VideoMetadata(total_num_frames=60, fps=10.0, frames_indices=[0, 7, 13, 20, 26, 33]),
+                VideoMetadata(total_num_frames=9, fps=None, frames_indices=None)]
+    expected = "a" + P.replace_image_token(stub, {"image_grid_thw": torch.tensor(images)}, 0) + " b"
+    for v, (grid, md) in enumerate(zip(videos, metadata)):
+        chunks = [[min(2, grid[0] - s), grid[1], grid[2]] for s in range(0, grid[0], 2)]      # transformers' rows
+        expected += P.replace_video_token(stub, {"video_grid_thw": torch.tensor(chunks), "num_chunks_per_video":
+                                                 [len(chunks)], "video_metadata": [md]}, 0) + "\n"
+    expected += P.replace_image_token(stub, {"image_grid_thw": torch.tensor(images)}, 1)
+    cfg = tiny()
+    stamps = [m3.video_timestamps(6, 3, cfg, 10.0, [0, 7, 13, 20, 26, 33]), None]
+    prompt = f"a{m3.IMAGE_TEXT} b{m3.VIDEO_TEXT}\n{m3.VIDEO_TEXT}\n{m3.IMAGE_TEXT}"
+    assert m3.expand_prompt_text(prompt, images, videos, stamps) == expected
 
 
 # ============================================================================================
