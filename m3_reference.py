@@ -1,14 +1,15 @@
 """MiniMax M3 reference: the whole vision-language MoE in one readable PyTorch file.
 
 MiniMax M3 (428B total, ~22B active) is a decoder-only MoE language model with a CLIP-style
-vision tower. This file defines the config, then every component, building blocks before what
-is built from them: the text layer's pieces (norm, activation, experts, RoPE, attention and the
-indexer), the decoder layer and MTP depth, the image/video preprocessing and prompt expansion,
-the vision tower, projector, merger and splice; then
-the full model and its losses (where the data flow is written out: vision -> splice -> layers ->
-head -> MTP), config.json and checkpoint I/O (MXFP8 included), the golden-tensor generator, the
-streamed forward (a checkpoint larger than the device, one piece at a time) and the CLI. The torch
-code here is the specification.
+vision tower. This file defines the config and the kernel flag, then every component, building
+blocks before what is built from them: the text layer's pieces (norm, activation, experts, RoPE,
+attention and the indexer), the decoder layer and MTP depth, the image/video preprocessing and
+prompt expansion, the vision tower, projector, merger and splice; then the full model and its
+losses (where the data flow is written out: vision -> splice -> layers -> head -> MTP),
+config.json and checkpoint I/O (MXFP8 included), the golden-tensor generator, the streamed
+forward (a checkpoint larger than the device, one piece at a time) and the CLI. The torch code
+here is the specification; the functions marked @kernel_twin have Triton twins in kernels.py,
+used only when the flag asks (M3_KERNELS=triton, set_kernels("triton"), --kernels triton).
 
 Notable features
   - Gemma RMSNorm everywhere in the text model: y = x * rsqrt(mean(x^2) + eps) * (1 + w), fp32.
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -204,18 +206,72 @@ class M3Config:
         return config_to_dict(self)
 
 # ============================================================================================
+# Kernel flag: the torch functions are the specification; kernels.py holds their Triton twins
+# ============================================================================================
+
+_kernels = None        # kernels.py, loaded when M3_KERNELS=triton, set_kernels("triton") or --kernels triton
+
+
+def load_kernels():
+    """kernels.py as a module (imported once, from beside this file). Triton runs on a CUDA device,
+    or on the CPU under its interpreter (TRITON_INTERPRET=1, slow: for tests); with neither, or
+    without the triton package, this is a ValueError, never a silent fallback to torch."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("kernels 'triton' need a CUDA device, or TRITON_INTERPRET=1 (set before the first "
+                         "import) to run them on the CPU through Triton's interpreter, slowly")
+    if "m3_kernels" not in sys.modules:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("m3_kernels", Path(__file__).resolve().parent / "kernels.py")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except ImportError as e:
+            raise ValueError(f"kernels 'triton' need the triton package (requirements.txt): {e}") from e
+        sys.modules["m3_kernels"] = module
+    return sys.modules["m3_kernels"]
+
+
+def set_kernels(name: str) -> None:
+    """Route every function marked @kernel_twin through its Triton twin in kernels.py ("triton"),
+    or keep the torch specification ("torch", the default)."""
+    global _kernels
+    if name not in ("torch", "triton"):
+        raise ValueError(f"kernels must be 'torch' or 'triton', got {name!r}")
+    _kernels = load_kernels() if name == "triton" else None
+
+
+def kernel_twin(fn):
+    """Marks a function that kernels.py mirrors under the same name and signature: calls go to the
+    twin while the flag says "triton". `fn.torch` is always this specification itself."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return (fn if _kernels is None else getattr(_kernels, fn.__name__))(*args, **kwargs)
+    call.torch = fn
+    return call
+
+
+set_kernels(os.environ.get("M3_KERNELS", "torch"))
+
+
+# ============================================================================================
 # Gemma RMSNorm
 # ============================================================================================
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+@kernel_twin
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """y = x * rsqrt(mean(x^2) + eps) * (1 + w), over the last dim.
 
     x [..., D] any float dtype, weight [D] (stored as the offset from 1, zero-initialised).
-    Computed in fp32 (input, weight and the +1) and cast back to x.dtype once.
+    Computed in fp32 (input, weight and the +1) and cast back to x.dtype once. With `residual`
+    [..., D], x is first replaced by x + residual (in x's dtype, as any residual add) and the pair
+    (y, x + residual) is returned: the post-attention norm fused with the residual add.
     """
+    if residual is not None:
+        x = x + residual
     x32 = x.float()
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * (1.0 + weight.float())).to(x.dtype)
+    y = (y * (1.0 + weight.float())).to(x.dtype)
+    return y if residual is None else (y, x)
 
 
 class GemmaRMSNorm(nn.Module):
@@ -224,14 +280,15 @@ class GemmaRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 # ============================================================================================
 # SwiGLU-OAI, dense MLP
 # ============================================================================================
 
+@kernel_twin
 def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """out = g * sigmoid(alpha * g) * (u + 1), with g = min(gate, limit), u = clamp(up, -limit, limit).
 
@@ -262,20 +319,22 @@ class MLP(nn.Module):
 # Router, routed experts, shared expert, MoE block
 # ============================================================================================
 
+@kernel_twin
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
           scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmoid router with an aux-free correction bias.
 
     p = sigmoid(x @ W^T)                        [T, E]  fp32 (x and W upcast)
-    ids = topk(p + bias, k)                     [T, K]  int64, biased score descending
+    ids = topk(p + bias, k)                     [T, K]  int64, biased score descending, ties to the lower id
     w = p[ids] / sum(p[ids]) * scaling          [T, K]  fp32: the bias picks, never weights
     """
     p = torch.sigmoid(F.linear(x.float(), weight.float()))
-    ids = torch.topk(p + bias.float(), top_k, dim=-1).indices
+    ids = torch.sort(p + bias.float(), dim=-1, descending=True, stable=True).indices[..., :top_k]
     w = p.gather(-1, ids)
     return w / w.sum(-1, keepdim=True) * scaling, ids
 
 
+@kernel_twin
 def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                    w1: Sequence[torch.Tensor], w2: Sequence[torch.Tensor], w3: Sequence[torch.Tensor],
                    alpha: float, limit: float) -> torch.Tensor:
@@ -367,6 +426,7 @@ def _rotate(x32: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
 
 
+@kernel_twin
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Partial NeoX RoPE in fp32, cast back once: for i < R/2, (x_i, x_{i+R/2}) becomes
     (x_i cos - x_{i+R/2} sin, x_{i+R/2} cos + x_i sin); channels >= R pass through.
@@ -374,6 +434,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return _rotate(x.float(), cos, sin).to(x.dtype)
 
 
+@kernel_twin
 def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               eps: float) -> torch.Tensor:
     """Per-head Gemma RMSNorm then partial NeoX RoPE, fp32 throughout, rounded once.
@@ -404,6 +465,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return o.transpose(1, 2).to(q.dtype)
 
 
+@kernel_twin
 def index_block_scores(iq: torch.Tensor, ik: torch.Tensor, q_start: int, block_size: int) -> torch.Tensor:
     """Block scores of one query chunk: score[b,h,i,n] = max_{j in block n, j <= q_start+i} <iq[b,i,h], ik[b,j]>.
 
@@ -426,6 +488,7 @@ def index_block_scores(iq: torch.Tensor, ik: torch.Tensor, q_start: int, block_s
     return s.unflatten(-1, (nb, block_size)).amax(-1)                            # [B, Hi, Sc, nb]
 
 
+@kernel_twin
 def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, topk: int,
                   init_blocks: int, local_blocks: int) -> torch.Tensor:
     """Top-k key blocks per (index head, query), forced blocks inside the budget.
@@ -481,6 +544,7 @@ def lightning_indexer(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk:
     return torch.cat(out, dim=2)
 
 
+@kernel_twin
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor,
                      block_size: int, scale: float, q_start: int = 0,
                      query_chunk: int | None = None) -> torch.Tensor:
@@ -580,7 +644,8 @@ class Attention(nn.Module):
 
 class DecoderLayer(nn.Module):
     """h += attn(input_layernorm(h)); h += ffn(post_attention_layernorm(h)). [B, S, D] -> [B, S, D].
-    The FFN is the dense MLP (`mlp`) or the MoE block (`block_sparse_moe`), as the checkpoint names them."""
+    The FFN is the dense MLP (`mlp`) or the MoE block (`block_sparse_moe`), as the checkpoint names them;
+    the first residual add is fused into post_attention_layernorm (rms_norm's `residual`)."""
 
     def __init__(self, cfg: M3Config, layer_idx: int):
         super().__init__()
@@ -596,8 +661,8 @@ class DecoderLayer(nn.Module):
         return self.block_sparse_moe(x) if hasattr(self, "block_sparse_moe") else self.mlp(x)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
-        return h + self.ffn(self.post_attention_layernorm(h))
+        x, h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cos, sin), residual=h)
+        return h + self.ffn(x)
 
 
 def mtp_input_ids(input_ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -2470,7 +2535,8 @@ def demo(images: Sequence[str] = (), videos: Sequence[str] = (), video_fps: floa
         out = model(**inputs)
     t2 = time.perf_counter()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"MiniMax M3 reference demo: tiny preset, random weights, {n_params:,} parameters, torch {torch.__version__}")
+    print(f"MiniMax M3 reference demo: tiny preset, random weights, {n_params:,} parameters, torch {torch.__version__}, "
+          f"{'torch' if _kernels is None else 'triton'} kernels")
     for name, t in inputs.items():
         print(f"  {name:<20} {str(list(t.shape)):<14} {str(t.dtype).removeprefix('torch.')}")
     if "video_grid_thw" in inputs:
@@ -2781,6 +2847,9 @@ def run_checkpoint(args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="MiniMax M3 reference")
+    parser.add_argument("--kernels", choices=["torch", "triton"],
+                        help="run the hot functions through kernels.py (needs a GPU or TRITON_INTERPRET=1); "
+                             "default: $M3_KERNELS or torch")
     sub = parser.add_subparsers(dest="command")
     media = argparse.ArgumentParser(add_help=False)
     media.add_argument("--image", action="append", help="an image file (repeatable), for a placeholder each")
@@ -2812,6 +2881,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--save-outputs", help="write the inputs and outputs under the golden names (.safetensors)")
     r.add_argument("--trace", action="store_true", help="with --save-outputs: every golden intermediate too")
     args = parser.parse_args(argv)
+    if args.kernels:
+        try:
+            set_kernels(args.kernels)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     if args.command == "golden":
         print(f"generating golden cases into {args.out}")
         generate_golden(args.out)

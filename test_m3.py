@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")    # kernels.py on the CPU: Triton reads this when kernels load
 import m3_reference as m3
 
 FP32_LOGITS_TOL = 1e-4        # see module docstring
@@ -1550,6 +1552,208 @@ def test_prop_checkpoint_round_trip(cfg, seed, shard):
         loaded = m3.from_pretrained(tmp)
     assert loaded.config == cfg
     _assert_same_weights(model, loaded)
+
+
+# ============================================================================================
+# Triton kernels (kernels.py) against their torch twins: under the interpreter on a CPU (small
+# shapes: it runs one program at a time), on the GPU where there is one
+# ============================================================================================
+
+KDEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+# the interpreter computes sigmoid with numpy's exp, which warns when it (rightly) overflows to inf
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+# fp32: the kernels sum in another order (tiles, trees): ~1e-7 relative per term, 1e-5 covers it.
+# bf16: both sides round the same fp32 values at the same points, so they agree unless a value sits
+# on a rounding boundary, where they differ by one bf16 ulp (2^-7 relative); 2^-6 allows two such.
+KERNEL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -6}
+kernel_dtypes = st.sampled_from([torch.float32, torch.bfloat16])
+
+
+def kernels_module():
+    return m3.load_kernels()
+
+
+def kr(seed, *shape, scale=1.0, dtype=torch.float32):
+    return (randn(seed, *shape, scale=scale)).to(dtype).to(KDEV)
+
+
+def assert_twins(got, want, dtype):
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        tol = KERNEL_TOL[dtype] if a.is_floating_point() else 0
+        torch.testing.assert_close(a.cpu().double(), b.cpu().double(), rtol=tol, atol=tol * max(1.0, float(b.abs().max())),
+                                   equal_nan=True)
+
+
+def test_each_kernel_twin_has_the_same_signature():
+    import inspect
+    K = kernels_module()
+    twins = [n for n, f in vars(m3).items() if callable(f) and hasattr(f, "torch")]
+    assert sorted(twins) == sorted(["rms_norm", "swiglu_oai", "norm_rope", "rope", "route", "routed_experts",
+                                    "index_block_scores", "select_blocks", "sparse_attention"])
+    for name in twins:
+        assert list(inspect.signature(getattr(m3, name).torch).parameters) == \
+            list(inspect.signature(getattr(K, name)).parameters), name
+
+
+@given(seed=seeds, rows=st.integers(1, 9), D=st.integers(1, 70), residual=st.booleans(), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_rms_norm(seed, rows, D, residual, dtype):
+    x, w = kr(seed, rows, D, scale=3.0, dtype=dtype), kr(seed + 1, D, scale=0.1, dtype=dtype)
+    res = kr(seed + 2, rows, D, dtype=dtype) if residual else None
+    assert_twins(kernels_module().rms_norm(x, w, 1e-6, res), m3.rms_norm.torch(x, w, 1e-6, res), dtype)
+
+
+@given(seed=seeds, n=st.integers(1, 300), scale=st.sampled_from([1.0, 4.0, 1e4]), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_swiglu_oai(seed, n, scale, dtype):
+    g, u = kr(seed, n, scale=scale, dtype=dtype), kr(seed + 1, n, scale=scale, dtype=dtype)
+    assert_twins(kernels_module().swiglu_oai(g, u, 1.702, 7.0), m3.swiglu_oai.torch(g, u, 1.702, 7.0), dtype)
+
+
+@given(seed=seeds, B=st.integers(1, 2), S=st.integers(1, 9), H=st.integers(1, 4), dims=st.sampled_from(
+    [(8, 4), (16, 8), (20, 6), (6, 6)]), vision=st.booleans(), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_norm_rope_and_rope(seed, B, S, H, dims, vision, dtype):
+    Dh, R = dims
+    K = kernels_module()
+    if vision:                                            # 3D RoPE angles of a video's patches
+        positions = m3.vision_positions([(2, 2, 2 * S)], 2)
+        cos, sin = m3.vision_rope_angles(positions, Dh, 10000.0)
+        x = kr(seed, positions.shape[0], H, Dh, dtype=dtype)
+        assert_twins(K.rope(x, cos.to(KDEV), sin.to(KDEV)), m3.rope.torch(x, cos.to(KDEV), sin.to(KDEV)), dtype)
+        return
+    cos, sin = m3.rope_angles(torch.arange(S).expand(B, S) * 7, R, 10000.0)
+    x, w = kr(seed, B, S, H, Dh, scale=2.0, dtype=dtype), kr(seed + 1, Dh, scale=0.1, dtype=dtype)
+    cos, sin = cos.to(KDEV), sin.to(KDEV)
+    assert_twins(K.norm_rope(x, w, cos, sin, 1e-6), m3.norm_rope.torch(x, w, cos, sin, 1e-6), dtype)
+    assert_twins(K.rope(x, cos, sin), m3.rope.torch(x, cos, sin), dtype)
+
+
+def assert_same_choices(name: str, want: torch.Tensor, got: torch.Tensor, scores: torch.Tensor, dtype) -> None:
+    """Choices compared as sets per row with the golden suite's near-tie rule (golden/verify.py)."""
+    rules = V.Rules([{"name": name, "shape": list(want.shape), "compare": "set"}], [name],
+                    V.tie_tolerance(str(dtype).removeprefix("torch.")), None, "float32")
+    ref = {name: want.cpu().numpy(), name.removesuffix("ids") + "scores": scores.cpu().numpy()}
+    row = V.compare(rules, ref, {name: got.cpu().numpy()})[0]
+    assert row["status"] in ("pass", "near tie"), row
+
+
+@given(seed=seeds, T=st.integers(1, 20), E=st.integers(2, 12), D=st.integers(1, 40), data=st.data(), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_route(seed, T, E, D, data, dtype):
+    k = data.draw(st.integers(1, min(4, E)))
+    x, w, b = kr(seed, T, D, dtype=dtype), kr(seed + 1, E, D, scale=D ** -0.5), kr(seed + 2, E, scale=0.1)
+    (wk, ik), (wt, it) = kernels_module().route(x, w, b, k, 2.0), m3.route.torch(x, w, b, k, 2.0)
+    scores = torch.sigmoid(F.linear(x.float(), w)) + b
+    assert_same_choices("router.ids", it, ik, scores, dtype)
+    same = (ik == it).all(-1)                                    # weights compared where the choice agrees
+    assert_twins(wk[same], wt[same], torch.float32)
+
+
+@given(seed=seeds, T=st.integers(1, 13), E=st.integers(2, 6), D=st.integers(8, 40), I=st.integers(4, 24),
+       data=st.data(), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_routed_experts(seed, T, E, D, I, data, dtype):
+    k = data.draw(st.integers(1, min(2, E)))
+    x = kr(seed, T, D, dtype=dtype)
+    weights, ids = m3.route.torch(x, kr(seed + 1, E, D), torch.zeros(E, device=KDEV), k, 2.0)
+    w1 = [kr(seed + 10 + e, I, D, scale=D ** -0.5, dtype=dtype) for e in range(E)]
+    w2 = [kr(seed + 30 + e, D, I, scale=I ** -0.5, dtype=dtype) for e in range(E)]
+    w3 = [kr(seed + 50 + e, I, D, scale=D ** -0.5, dtype=dtype) for e in range(E)]
+    assert_twins(kernels_module().routed_experts(x, ids, weights, w1, w2, w3, 1.702, 7.0),
+                 m3.routed_experts.torch(x, ids, weights, w1, w2, w3, 1.702, 7.0), dtype)
+
+
+@given(seed=seeds, B=st.integers(1, 2), Sc=st.integers(1, 20), q_start=st.sampled_from([0, 0, 5, 17]),
+       Hi=st.integers(1, 2), Di=st.sampled_from([4, 8, 16]), bs=st.integers(1, 9), data=st.data(), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_indexer(seed, B, Sc, q_start, Hi, Di, bs, data, dtype):
+    Sk = q_start + Sc + data.draw(st.integers(0, 3))           # cached keys before the chunk (decode), maybe more after
+    iq, ik = kr(seed, B, Sc, Hi, Di, dtype=dtype), kr(seed + 1, B, Sk, Di, dtype=dtype)
+    K = kernels_module()
+    scores = m3.index_block_scores.torch(iq, ik, q_start, bs)
+    assert_twins(K.index_block_scores(iq, ik, q_start, bs), scores, torch.float32)
+    topk, init, local = data.draw(st.integers(1, 6)), data.draw(st.integers(0, 2)), data.draw(st.integers(0, 2))
+    assert torch.equal(K.select_blocks(scores, q_start, bs, topk, init, local),
+                       m3.select_blocks.torch(scores, q_start, bs, topk, init, local))
+
+
+@given(seed=seeds, B=st.integers(1, 2), S=st.integers(1, 12), q_start=st.sampled_from([0, 0, 9]),
+       Hkv=st.sampled_from([1, 2]), group=st.integers(1, 3), Dh=st.sampled_from([8, 16]), bs=st.integers(1, 8),
+       topk=st.integers(1, 4), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_sparse_attention(seed, B, S, q_start, Hkv, group, Dh, bs, topk, dtype):
+    Sk = q_start + S                                            # q_start > 0: new queries against cached keys
+    q = kr(seed, B, S, Hkv * group, Dh, dtype=dtype)
+    k, v = kr(seed + 1, B, Sk, Hkv, Dh, dtype=dtype), kr(seed + 2, B, Sk, Hkv, Dh, dtype=dtype)
+    scores = m3.index_block_scores.torch(kr(seed + 3, B, S, Hkv, 8), kr(seed + 4, B, Sk, 8), q_start, bs)
+    ids = m3.select_blocks.torch(scores, q_start, bs, topk, 1, 1)
+    assert_twins(kernels_module().sparse_attention(q, k, v, ids, bs, Dh ** -0.5, q_start),
+                 m3.sparse_attention.torch(q, k, v, ids, bs, Dh ** -0.5, q_start), dtype)
+
+
+def test_the_flag_routes_the_whole_model_and_torch_imports_no_kernels(monkeypatch):
+    import subprocess
+    import sys
+    probe = ("import sys, torch, m3_reference as m3; cfg = m3.M3Config.tiny(); "
+             "m3.init_random_(m3.MiniMaxM3(cfg)).eval()(**m3.demo_inputs(cfg)); print('m3_kernels' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "M3_KERNELS"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=Path(m3.__file__).parent)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr      # the torch path is the spec alone
+    with pytest.raises(ValueError, match="must be 'torch' or 'triton'"):
+        m3.set_kernels("cuda")
+    cfg = tiny()
+    model = model_of(cfg).to(KDEV)
+    inputs = {k: v.to(KDEV) for k, v in m3.demo_inputs(cfg).items()}
+    K, calls = kernels_module(), set()
+    for name in ("rms_norm", "norm_rope", "rope", "route", "routed_experts", "index_block_scores", "select_blocks",
+                 "sparse_attention", "swiglu_oai"):
+        monkeypatch.setattr(K, name, lambda *a, _f=getattr(K, name), _n=name, **kw: calls.add(_n) or _f(*a, **kw))
+    with torch.no_grad():
+        want = model(**inputs)
+        try:
+            m3.set_kernels("triton")
+            got = model(**inputs)
+        finally:
+            m3.set_kernels("torch")
+    assert len(calls) == 9                                        # every twin ran as its kernel
+    torch.testing.assert_close(got.logits, want.logits, rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
+    torch.testing.assert_close(got.loss, want.loss, rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
+
+
+def test_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="need a CUDA device, or TRITON_INTERPRET=1"):
+        m3.set_kernels("triton")
+    assert m3._kernels is None
+
+
+def test_golden_cases_pass_through_the_triton_kernels(capsys):
+    try:
+        m3.set_kernels("triton")
+        status = m3.verify_golden(GOLDEN)
+    finally:
+        m3.set_kernels("torch")
+    out = capsys.readouterr().out
+    assert status == V.PASS and out.count("PASS (exit 0)") == len(V.load_manifest(GOLDEN)["cases"]), out[-2000:]
+
+
+def test_kernel_benchmark_runs_its_cases_and_says_when_there_is_no_gpu(capsys):
+    K = kernels_module()
+    small = dict(D=64, H=4, Hkv=2, Dh=16, R=8, E=8, K=2, I=32, Hi=2, Di=16, bs=8, topk=4)
+    for kernel, label, (twin, mine), args, _, _ in K.bench_cases(small, (40,), (1, 3), torch.device(KDEV), torch.float32):
+        got, want = mine(*args), twin(*args)
+        if kernel == "route":                                    # choices may differ on near ties: weights here
+            got, want = got[0], want[0]
+        if kernel == "index_block_scores":
+            got, want = got.nan_to_num(neginf=0.0), want.nan_to_num(neginf=0.0)
+        assert_twins(got, want, torch.float32)
+    if not torch.cuda.is_available():
+        K.bench()
+        assert "needs a CUDA device" in capsys.readouterr().out
 
 
 # ============================================================================================

@@ -1,0 +1,628 @@
+"""Triton twins of the hot functions of m3_reference.py: one kernel and its launch wrapper per torch
+function, under the same name and with the same signature and math. m3_reference.set_kernels
+("triton") (or M3_KERNELS=triton, or --kernels triton) routes the model through them; the torch
+functions stay the specification, and test_m3.py compares every pair.
+
+    rms_norm            Gemma RMSNorm, optionally fused with the residual add before it
+    swiglu_oai          the clamped SwiGLU-OAI activation
+    norm_rope, rope     per-head q/k Gemma norm + partial NeoX RoPE; RoPE alone (vision 3D RoPE)
+    route               sigmoid router, bias-corrected top-k (ties to the lower id), weights
+    routed_experts      grouped MoE: rows sorted by expert, gate/up + SwiGLU-OAI and down as grouped
+                        GEMMs over a table of per-expert weight pointers, fp32 combination
+    index_block_scores  lightning-indexer scores, causal mask and block max-pool fused (no [S, S])
+    select_blocks       forced-block top-k selection: ascending ids, -1 padding, ties to the lower id
+    sparse_attention    flash-style block-sparse attention over the selected key blocks (prefill,
+                        and a few new queries against cached keys)
+
+Kernels run on a CUDA device, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set
+before this module is imported): the interpreter runs one program at a time in numpy, for tests at
+small shapes only. It cannot do bf16 arithmetic or bf16 tl.dot, so tiles are upcast to fp32 after
+loading; on a GPU the tl.dot operands stay in the model dtype (bf16 products are exact in fp32)
+and every dot accumulates in fp32, with fp32 operands in full precision (no TF32).
+
+    python kernels.py bench        # torch vs Triton at the released per-layer shapes (on a GPU)
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _p2(n: int, least: int = 1) -> int:
+    return max(triton.next_power_of_2(max(int(n), 1)), least)
+
+
+def _rows_per_program(width: int) -> int:
+    """Rows a row-wise kernel takes at once: about 4k elements per program."""
+    return max(1, 4096 // _p2(width))
+
+
+def _on_device(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cuda" and not INTERPRET:
+            raise ValueError(f"kernels.py runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                             f"got a tensor on {t.device}")
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr):
+    """fp32 x in `dtype`, rounded to nearest even as torch rounds. The interpreter truncates fp32 ->
+    bf16, so for bf16 the rounding is done on the bits first (the same value on a GPU)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32: operands upcast under the interpreter, native on a GPU; never TF32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+# ---- Gemma RMSNorm (+ the residual add) -----------------------------------------------------
+
+@triton.jit
+def _rms_norm_kernel(X, R, W, Y, H, rows, D, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+    """ROWS rows of D per program."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs = tl.arange(0, BLOCK)
+    mask = (r[:, None] < rows) & (offs[None, :] < D)
+    at = r[:, None].to(tl.int64) * D + offs[None, :]
+    x = tl.load(X + at, mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        x = x + tl.load(R + at, mask=mask, other=0.0).to(tl.float32)
+        x = _to(x, H.dtype.element_ty)               # the residual sum rounds to the model dtype, as torch's add
+        tl.store(H + at, x, mask=mask)
+        x = x.to(tl.float32)
+    w = tl.load(W + offs, mask=offs < D, other=0.0).to(tl.float32)
+    inv = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    tl.store(Y + at, _to(x * inv[:, None] * (1.0 + w[None, :]), Y.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """m3_reference.rms_norm: one program per row of D. x, residual [..., D] (same shape and dtype)."""
+    _on_device(x, weight)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()
+    y = torch.empty_like(x2)
+    h = torch.empty_like(x2) if residual is not None else y
+    r = residual.reshape(-1, D).contiguous() if residual is not None else x2
+    rows = _rows_per_program(D)
+    _rms_norm_kernel[(triton.cdiv(x2.shape[0], rows),)](x2, r, weight.contiguous(), y, h, x2.shape[0], D, eps,
+                                                        ROWS=rows, BLOCK=_p2(D), RESIDUAL=residual is not None)
+    return y.view(x.shape) if residual is None else (y.view(x.shape), h.view(x.shape))
+
+
+# ---- SwiGLU-OAI -------------------------------------------------------------------------------
+
+@triton.jit
+def _swiglu_kernel(G, U, O, N, alpha, limit, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.minimum(tl.load(G + offs, mask=mask, other=0.0).to(tl.float32), limit)
+    u = tl.minimum(tl.maximum(tl.load(U + offs, mask=mask, other=0.0).to(tl.float32), -limit), limit)
+    tl.store(O + offs, _to(g * tl.sigmoid(alpha * g) * (u + 1.0), O.dtype.element_ty), mask=mask)
+
+
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """m3_reference.swiglu_oai, elementwise over blocks of 1024."""
+    _on_device(gate, up)
+    g, u = gate.contiguous(), up.to(gate.dtype).contiguous()
+    out = torch.empty_like(g)
+    _swiglu_kernel[(triton.cdiv(g.numel(), 1024),)](g, u, out, g.numel(), alpha, limit, BLOCK=1024)
+    return out
+
+
+# ---- per-head Gemma norm + partial NeoX RoPE; RoPE alone --------------------------------------
+
+@triton.jit
+def _rope_kernel(X, W, COS, SIN, Y, rows, heads, Dh, half, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                 NORM: tl.constexpr):
+    """ROWS (token, head) rows per program. Channel i < half pairs with i + half, both rotate by angle
+    i; channels past 2*half pass through. The partner is loaded from memory (no register shuffle)."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    token = (r // heads).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = (r[:, None] < rows) & (offs[None, :] < Dh)
+    first, rotated = offs < half, offs < 2 * half
+    partner = tl.where(first, offs + half, tl.where(rotated, offs - half, offs))
+    base = r[:, None].to(tl.int64) * Dh
+    x = tl.load(X + base + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(X + base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        inv = tl.rsqrt(tl.sum(x * x, axis=1) / Dh + eps)[:, None]
+        x = x * inv * (1.0 + tl.load(W + offs, mask=offs < Dh, other=0.0).to(tl.float32))[None, :]
+        xp = xp * inv * (1.0 + tl.load(W + partner, mask=offs < Dh, other=0.0).to(tl.float32))[None, :]
+    angle = token[:, None] * half + tl.where(first, offs, offs - half)[None, :]
+    c = tl.load(COS + angle, mask=mask & rotated[None, :], other=1.0)
+    s = tl.load(SIN + angle, mask=mask & rotated[None, :], other=0.0)
+    y = tl.where(rotated[None, :], x * c + tl.where(first[None, :], -xp, xp) * s, x)      # x1 c - x2 s | x2 c + x1 s
+    tl.store(Y + base + offs[None, :], _to(y, Y.dtype.element_ty), mask=mask)
+
+
+def _rope_launch(x, weight, cos, sin, eps, norm: bool):
+    _on_device(x, cos, sin)
+    half = cos.shape[-1]
+    cs = [t.float().expand(*x.shape[:-2], half).contiguous() for t in (cos, sin)]    # one angle row per token
+    x2 = x.contiguous()
+    y = torch.empty_like(x2)
+    rows, per = x2.numel() // x.shape[-1], _rows_per_program(x.shape[-1])
+    _rope_kernel[(triton.cdiv(rows, per),)](x2, weight if norm else x2, cs[0], cs[1], y, rows, x.shape[-2],
+                                            x.shape[-1], half, eps, ROWS=per, BLOCK=_p2(x.shape[-1]), NORM=norm)
+    return y
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """m3_reference.rope. x [..., H, Dh], cos/sin [..., R/2] (text partial RoPE or the vision 3D angles)."""
+    return _rope_launch(x, None, cos, sin, 0.0, norm=False)
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              eps: float) -> torch.Tensor:
+    """m3_reference.norm_rope. x [B, S, H, Dh], weight [Dh], cos/sin [B, S, R/2]."""
+    return _rope_launch(x, weight.contiguous(), cos, sin, eps, norm=True)
+
+
+# ---- router -----------------------------------------------------------------------------------
+
+@triton.jit
+def _route_kernel(X, W, BIAS, WOUT, IDS, T, D, E, scaling, TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """BLOCK_T tokens per program: fp32 logits by tl.dot over D, sigmoid, then TOPK rounds of argmax
+    over the biased scores (ties to the lowest id), each choice masked out for the next round."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)
+    tmask, emask = t < T, e < E
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(X + t[:, None].to(tl.int64) * D + d[None, :], mask=tmask[:, None] & (d[None, :] < D), other=0.0)
+        w = tl.load(W + e[None, :] * D + d[:, None], mask=emask[None, :] & (d[:, None] < D), other=0.0)
+        acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    p = tl.sigmoid(acc)
+    score = tl.where(emask[None, :], p + tl.load(BIAS + e, mask=emask, other=0.0).to(tl.float32)[None, :],
+                     float("-inf"))
+    k = tl.arange(0, BLOCK_K)
+    chosen_p = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    chosen_id = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int64)
+    for j in tl.static_range(TOPK):
+        best = tl.argmax(score, axis=1, tie_break_left=True)                     # [BLOCK_T]
+        hit = e[None, :] == best[:, None]
+        chosen_p = tl.where(k[None, :] == j, tl.sum(tl.where(hit, p, 0.0), axis=1)[:, None], chosen_p)
+        chosen_id = tl.where(k[None, :] == j, best[:, None].to(tl.int64), chosen_id)
+        score = tl.where(hit, float("-inf"), score)
+    w = chosen_p / tl.sum(chosen_p, axis=1)[:, None] * scaling
+    out = t[:, None].to(tl.int64) * TOPK + k[None, :]
+    tl.store(WOUT + out, w, mask=tmask[:, None] & (k[None, :] < TOPK))
+    tl.store(IDS + out, chosen_id, mask=tmask[:, None] & (k[None, :] < TOPK))
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
+          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """m3_reference.route. x [T, D], weight [E, D] (fp32), bias [E] -> (weights [T, K] fp32, ids [T, K] int64)."""
+    _on_device(x, weight, bias)
+    T, D = x.shape
+    E = weight.shape[0]
+    w = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
+    block_t = 16 if INTERPRET else 64
+    _route_kernel[(triton.cdiv(T, block_t),)](x.contiguous(), weight.float().contiguous(), bias.float().contiguous(),
+                                              w, ids, T, D, E, scaling, TOPK=top_k, BLOCK_K=_p2(top_k), BLOCK_T=block_t,
+                                              BLOCK_E=_p2(E, 16), BLOCK_D=32 if INTERPRET else 64)
+    return w, ids
+
+
+# ---- grouped MoE ------------------------------------------------------------------------------
+
+@triton.jit
+def _expert_weights(PTRS, e, REF):
+    """Expert e's weight matrix, from a table of per-expert base addresses (the checkpoint keeps one
+    tensor per expert; the table avoids stacking them)."""
+    return tl.load(PTRS + e).to(tl.pointer_type(REF.dtype.element_ty))
+
+
+@triton.jit
+def _moe_up_kernel(X, TOKEN, TILES, W1P, W3P, WREF, ACT, D, I, alpha, limit, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """act[r] = swiglu_oai(x[token[r]] W1_e^T, x[token[r]] W3_e^T) for the rows r of one tile (one
+    expert e), BLOCK_N columns of I. Like the torch twin, each projection rounds to the model dtype
+    and the activation is computed in fp32 and rounded once."""
+    tile, col = tl.program_id(0), tl.program_id(1)
+    e, start, count = tl.load(TILES + tile * 3), tl.load(TILES + tile * 3 + 1), tl.load(TILES + tile * 3 + 2)
+    m = tl.arange(0, BLOCK_M)
+    rows = start + m
+    tok = tl.load(TOKEN + rows, mask=m < count, other=0).to(tl.int64)
+    n = col * BLOCK_N + tl.arange(0, BLOCK_N)
+    w1, w3 = _expert_weights(W1P, e, WREF), _expert_weights(W3P, e, WREF)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + tok[:, None] * D + k[None, :], mask=(m[:, None] < count) & (k[None, :] < D), other=0.0)
+        wmask = (n[None, :] < I) & (k[:, None] < D)
+        acc_g = _dot(x, tl.load(w1 + n[None, :].to(tl.int64) * D + k[:, None], mask=wmask, other=0.0), acc_g, UPCAST)
+        acc_u = _dot(x, tl.load(w3 + n[None, :].to(tl.int64) * D + k[:, None], mask=wmask, other=0.0), acc_u, UPCAST)
+    g = tl.minimum(_to(acc_g, ACT.dtype.element_ty).to(tl.float32), limit)
+    u = tl.minimum(tl.maximum(_to(acc_u, ACT.dtype.element_ty).to(tl.float32), -limit), limit)
+    act = _to(g * tl.sigmoid(alpha * g) * (u + 1.0), ACT.dtype.element_ty)
+    tl.store(ACT + rows[:, None].to(tl.int64) * I + n[None, :], act, mask=(m[:, None] < count) & (n[None, :] < I))
+
+
+@triton.jit
+def _moe_down_kernel(ACT, TILES, W2P, WREF, Y, D, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """y[r] = act[r] W2_e^T for one tile's rows, BLOCK_N columns of D, rounded to the model dtype."""
+    tile, col = tl.program_id(0), tl.program_id(1)
+    e, start, count = tl.load(TILES + tile * 3), tl.load(TILES + tile * 3 + 1), tl.load(TILES + tile * 3 + 2)
+    m = tl.arange(0, BLOCK_M)
+    rows = (start + m).to(tl.int64)
+    n = col * BLOCK_N + tl.arange(0, BLOCK_N)
+    w2 = _expert_weights(W2P, e, WREF)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(ACT + rows[:, None] * I + k[None, :], mask=(m[:, None] < count) & (k[None, :] < I), other=0.0)
+        w = tl.load(w2 + n[None, :].to(tl.int64) * I + k[:, None], mask=(n[None, :] < D) & (k[:, None] < I), other=0.0)
+        acc = _dot(a, w, acc, UPCAST)
+    tl.store(Y + rows[:, None] * D + n[None, :], _to(acc, Y.dtype.element_ty), mask=(m[:, None] < count) & (n[None, :] < D))
+
+
+@triton.jit
+def _moe_combine_kernel(Y, ROW, WEIGHT, OUT, D, K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum_k w[t,k] * y[row[t,k]] in fp32, slots in ascending expert order (the torch
+    twin's accumulation order), starting from 0."""
+    t, col = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    d = col * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(K):
+        r = tl.load(ROW + t * K + j).to(tl.int64)
+        acc += tl.load(Y + r * D + d, mask=d < D, other=0.0).to(tl.float32) * tl.load(WEIGHT + t * K + j)
+    tl.store(OUT + t * D + d, acc, mask=d < D)
+
+
+def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1, w2, w3,
+                   alpha: float, limit: float) -> torch.Tensor:
+    """m3_reference.routed_experts as grouped GEMMs. x [T, D]; ids [T, K]; weights [T, K] fp32;
+    w1/w3 per expert [I, D], w2 [D, I] (contiguous, one dtype) -> [T, D] fp32.
+
+    The T*K (token, slot) rows are sorted by expert (stably), cut into tiles that never span two
+    experts, and run as one launch for gate/up + SwiGLU-OAI and one for down over all the tiles;
+    the combination then sums each token's slots in ascending expert order.
+    """
+    _on_device(x, ids, weights)
+    T, D = x.shape
+    K, E, I = ids.shape[1], len(w1), w1[0].shape[0]
+    ws = [w.contiguous() for w in (*w1, *w2, *w3)]
+    if any(w.dtype != x.dtype for w in ws):
+        raise ValueError(f"expert weights must be in the activations' dtype {x.dtype}")
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)                                     # rows sorted by expert
+    token = (order // K).to(torch.int32)
+    counts = torch.bincount(flat, minlength=E).tolist()
+    block_m = 16 if INTERPRET else 64
+    tiles, start = [], 0
+    for e, n in enumerate(counts):
+        tiles += [(e, start + m0, min(block_m, n - m0)) for m0 in range(0, n, block_m)]
+        start += n
+    tiles = torch.tensor(tiles, dtype=torch.int32, device=x.device).reshape(-1, 3)
+    ptrs = [torch.tensor([w.data_ptr() for w in ws[i * E:(i + 1) * E]], dtype=torch.int64, device=x.device)
+            for i in range(3)]
+    block_n, block_k = (32, 32) if INTERPRET else (128, 64)
+    act = torch.empty(T * K, I, dtype=x.dtype, device=x.device)
+    y = torch.empty(T * K, D, dtype=x.dtype, device=x.device)
+    if len(tiles):
+        _moe_up_kernel[(len(tiles), triton.cdiv(I, block_n))](x.contiguous(), token, tiles, ptrs[0], ptrs[2], ws[0],
+                                                              act, D, I, alpha, limit, BLOCK_M=block_m,
+                                                              BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET)
+        _moe_down_kernel[(len(tiles), triton.cdiv(D, block_n))](act, tiles, ptrs[1], ws[0], y, D, I, BLOCK_M=block_m,
+                                                                BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET)
+    slot = torch.argsort(ids, dim=1, stable=True)                                # each token's slots by expert
+    row = torch.empty_like(order)
+    row[order] = torch.arange(order.numel(), device=x.device)                    # (token, slot) -> sorted row
+    out = torch.empty(T, D, dtype=torch.float32, device=x.device)
+    _moe_combine_kernel[(T, triton.cdiv(D, 256))](y, row.view(T, K).gather(1, slot).contiguous(),
+                                                  weights.float().gather(1, slot).contiguous(), out, D, K=K,
+                                                  BLOCK=256)
+    return out
+
+
+# ---- lightning indexer: block scores and selection --------------------------------------------
+
+@triton.jit
+def _index_scores_kernel(IQ, IK, OUT, Sc, Sk, heads, Di, q_start, bs, nb, kv_len,
+                         BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """out[b, h, i, n] = max over keys j of block n with j <= q_start + i of <iq[b, i, h], ik[b, j]>:
+    one program per (b, h, BLOCK_Q queries), one tl.dot per key block, masked before the max."""
+    bh, qt = tl.program_id(0), tl.program_id(1)
+    b, h = bh // heads, bh % heads
+    i = qt * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(IQ + ((b * Sc + i[:, None]).to(tl.int64) * heads + h) * Di + d[None, :],
+                mask=(i[:, None] < Sc) & (d[None, :] < Di), other=0.0)
+    q_slot = q_start + i
+    last = tl.minimum((q_start + qt * BLOCK_Q + BLOCK_Q - 1) // bs + 1, nb)       # blocks past it: no causal key
+    j = tl.arange(0, BLOCK_S)
+    for n in range(0, nb):
+        best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        if n < last:
+            slot = n * bs + j
+            k = tl.load(IK + (b * Sk + slot[:, None]).to(tl.int64) * Di + d[None, :],
+                        mask=(j[:, None] < bs) & (slot[:, None] < kv_len) & (d[None, :] < Di), other=0.0)
+            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_Q, BLOCK_S], dtype=tl.float32), UPCAST)
+            keep = (j[None, :] < bs) & (slot[None, :] < kv_len) & (slot[None, :] <= q_slot[:, None])
+            best = tl.max(tl.where(keep, s, float("-inf")), axis=1)
+        tl.store(OUT + ((b * heads + h) * Sc + i).to(tl.int64) * nb + n, best, mask=i < Sc)
+
+
+def index_block_scores(iq: torch.Tensor, ik: torch.Tensor, q_start: int, block_size: int) -> torch.Tensor:
+    """m3_reference.index_block_scores. iq [B, Sc, Hi, Di], ik [B, Sk, Di] -> [B, Hi, Sc, nb] fp32."""
+    _on_device(iq, ik)
+    B, Sc, Hi, Di = iq.shape
+    Sk = ik.shape[1]
+    kv_len = min(Sk, q_start + Sc)
+    nb = -(-kv_len // block_size)
+    out = torch.empty(B, Hi, Sc, nb, dtype=torch.float32, device=iq.device)
+    block_q = 16 if INTERPRET else 64
+    _index_scores_kernel[(B * Hi, triton.cdiv(Sc, block_q))](
+        iq.contiguous(), ik.to(iq.dtype).contiguous(), out, Sc, Sk, Hi, Di, q_start, block_size, nb, kv_len,
+        BLOCK_Q=block_q, BLOCK_S=_p2(block_size, 16), BLOCK_D=_p2(Di, 16), UPCAST=INTERPRET)
+    return out
+
+
+@triton.jit
+def _select_kernel(SCORES, OUT, rows, Sc, nb, q_start, bs, topk, init_blocks, local_blocks,
+                   ROWS: tl.constexpr, NB: tl.constexpr, TOPK: tl.constexpr):
+    """ROWS (b, h, query) rows per program: the forced blocks first (init by ascending id, then local
+    from the own block back), then the best scores (ties to the lower id), k = min(topk, c + 1) per
+    row; written ascending, then -1."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    c = (q_start + r % Sc) // bs                                                 # [ROWS]
+    n = tl.arange(0, NB)
+    causal = n[None, :] <= c[:, None]                                            # [ROWS, NB]
+    init = causal & (n[None, :] < init_blocks)
+    local = causal & (n[None, :] > c[:, None] - local_blocks)
+    forced = init | local
+    priority = tl.where(init, init_blocks + local_blocks - n[None, :],
+                        tl.where(local, local_blocks - (c[:, None] - n[None, :]), 0)).to(tl.float32)
+    score = tl.load(SCORES + r[:, None].to(tl.int64) * nb + n[None, :], mask=(r[:, None] < rows) & (n[None, :] < nb),
+                    other=float("-inf"))
+    k = tl.minimum(topk, c + 1)                                                  # [ROWS]
+    chosen = causal & ~causal
+    for j in range(0, topk):
+        pri = tl.where(forced & ~chosen, priority, 0.0)
+        cand = tl.where(causal & ~forced & ~chosen, score, float("-inf"))
+        pick = tl.where(tl.max(pri, axis=1) > 0, tl.argmax(pri, axis=1, tie_break_left=True),
+                        tl.argmax(cand, axis=1, tie_break_left=True))
+        chosen = chosen | ((n[None, :] == pick[:, None]) & (j < k)[:, None])
+    # slot s holds the chosen block whose rank among the chosen (ascending) is s, else -1: built in
+    # registers and stored once, so no two stores race for a slot
+    rank = tl.cumsum(chosen.to(tl.int32), axis=1) - 1                            # [ROWS, NB]
+    slots = tl.arange(0, TOPK)
+    hit = chosen[:, None, :] & (rank[:, None, :] == slots[None, :, None])        # [ROWS, TOPK, NB]
+    ids = tl.where(slots[None, :] < k[:, None], tl.sum(tl.where(hit, n[None, None, :], 0), axis=2), -1)
+    tl.store(OUT + r[:, None].to(tl.int64) * topk + slots[None, :], ids.to(tl.int32),
+             mask=(r[:, None] < rows) & (slots[None, :] < topk))
+
+
+def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, topk: int,
+                  init_blocks: int, local_blocks: int) -> torch.Tensor:
+    """m3_reference.select_blocks. block_scores [B, Hi, Sc, nb] -> int32 [B, Hi, Sc, topk]."""
+    _on_device(block_scores)
+    B, Hi, Sc, nb = block_scores.shape
+    out = torch.empty(B, Hi, Sc, topk, dtype=torch.int32, device=block_scores.device)
+    rows, per = B * Hi * Sc, max(1, 2048 // (_p2(nb) * _p2(topk)))
+    _select_kernel[(triton.cdiv(rows, per),)](block_scores.float().contiguous(), out, rows, Sc, nb, q_start,
+                                              block_size, topk, init_blocks, local_blocks, ROWS=_p2(per),
+                                              NB=_p2(nb), TOPK=_p2(topk))
+    return out
+
+
+# ---- block-sparse attention -------------------------------------------------------------------
+
+@triton.jit
+def _pv(p, v, acc, UPCAST: tl.constexpr):
+    """acc + p @ v with p fp32 as the torch twin keeps it: for 16-bit v, p is split into a rounded
+    head and the rounded rest (p = hi + lo to ~2^-16), two tensor-core dots instead of one in fp32."""
+    if v.dtype == tl.float32:
+        return _dot(p, v, acc, UPCAST)
+    hi = _to(p, v.dtype)
+    lo = _to(p - hi.to(tl.float32), v.dtype)
+    return _dot(lo, v, _dot(hi, v, acc, UPCAST), UPCAST)
+
+
+@triton.jit
+def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_start, scale,
+                             BLOCK_Q: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                             TOPK: tl.constexpr, UPCAST: tl.constexpr):
+    """One program per (b, KV head, BLOCK_Q queries); its rows are the (query, head) pairs of the
+    KV group. It walks the key blocks up to the tile's last causal one, skips those no query of the
+    tile selected, and runs an fp32 online softmax (flash style) where each row sees only the keys
+    of its query's selected blocks that are not after the query."""
+    bh, qt = tl.program_id(0), tl.program_id(1)
+    b, h = bh // Hkv, bh % Hkv
+    group = H // Hkv
+    qi = qt * BLOCK_Q + tl.arange(0, BLOCK_Q * G) // G                           # rows: (query, head) pairs
+    hd = tl.arange(0, BLOCK_Q * G) % G
+    d = tl.arange(0, BLOCK_D)
+    j = tl.arange(0, BLOCK_S)
+    row_ok = (qi < S) & (hd < group)
+    q = tl.load(Q + ((b * S + qi[:, None]).to(tl.int64) * H + h * group + hd[:, None]) * Dh + d[None, :],
+                mask=row_ok[:, None] & (d[None, :] < Dh), other=0.0)
+    t = tl.arange(0, TOPK)
+    ids = tl.load(IDS + ((b * Hkv + h) * S + qi[:, None]).to(tl.int64) * topk + t[None, :],
+                  mask=row_ok[:, None] & (t[None, :] < topk), other=-1)          # [rows, TOPK]
+    q_slot = q_start + qi
+    m = tl.full([BLOCK_Q * G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_Q * G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * G, BLOCK_D], dtype=tl.float32)
+    last = (q_start + tl.minimum(qt * BLOCK_Q + BLOCK_Q, S) - 1) // bs
+    for n in range(0, last + 1):
+        picked = tl.sum((ids == n).to(tl.int32), axis=1) > 0                    # [rows]
+        if tl.max(picked.to(tl.int32), axis=0) > 0:
+            slot = n * bs + j
+            valid = (j < bs) & (slot < Sk)
+            kv = ((b * Sk + slot[:, None]).to(tl.int64) * Hkv + h) * Dh + d[None, :]
+            k = tl.load(K + kv, mask=valid[:, None] & (d[None, :] < Dh), other=0.0)
+            v = tl.load(V + kv, mask=valid[:, None] & (d[None, :] < Dh), other=0.0)
+            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_Q * G, BLOCK_S], dtype=tl.float32), UPCAST) * scale
+            keep = picked[:, None] & valid[None, :] & (slot[None, :] <= q_slot[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)        # no key yet: keep exp() finite
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = _pv(p, v, acc * alpha[:, None], UPCAST)
+            m = m_new
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    tl.store(O + ((b * S + qi[:, None]).to(tl.int64) * H + h * group + hd[:, None]) * Dh + d[None, :],
+             _to(out, O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < Dh))
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor,
+                     block_size: int, scale: float, q_start: int = 0,
+                     query_chunk: int | None = None) -> torch.Tensor:
+    """m3_reference.sparse_attention. q [B, S, H, Dh]; k/v [B, Sk, Hkv, Dh]; block_ids int32
+    [B, Hkv, S, topk] -> [B, S, H, Dh]. query_chunk bounds the torch twin's memory and has no
+    meaning here (nothing is gathered); q_start > 0 is the decode case against cached keys."""
+    _on_device(q, k, v, block_ids)
+    B, S, H, Dh = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    group = _p2(H // Hkv)
+    block_q = max(1, (16 if INTERPRET else 64) // group)                          # >= 16 rows for tl.dot
+    topk = block_ids.shape[-1]
+    _sparse_attention_kernel[(B * Hkv, triton.cdiv(S, block_q))](
+        q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(), block_ids.contiguous(), out, S, Sk, H,
+        Hkv, Dh, topk, block_size, q_start, scale, BLOCK_Q=block_q, G=group, BLOCK_S=_p2(block_size, 16),
+        BLOCK_D=_p2(Dh, 16), TOPK=_p2(topk), UPCAST=INTERPRET)
+    return out
+
+
+# ---- benchmark --------------------------------------------------------------------------------
+
+RELEASED = dict(D=6144, H=64, Hkv=4, Dh=128, R=64, E=128, K=4, I=3072, Hi=4, Di=128, bs=128, topk=16)
+# peak bf16 dense tensor-core FLOP/s and HBM bytes/s of the devices the targets were set for
+PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+TARGETS = {"rms_norm": "HBM >= 70%", "swiglu_oai": "HBM >= 70%", "norm_rope": "HBM >= 70%",
+           "rope": "HBM >= 70%", "routed_experts": ">= 2x torch at 4k", "index_block_scores": ">= 5x torch at 32k",
+           "sparse_attention": ">= 5x torch at 32k, >= 30% of peak FLOP/s"}
+
+
+def _time(fn, device) -> float:
+    """Median seconds of fn() over a few runs after a warm-up (CUDA events on a GPU)."""
+    fn()
+    times = []
+    for _ in range(5):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_cases(c: dict, lengths, decode, device, dtype):
+    """(kernel, label, torch twin call, Triton call, bytes moved, FLOPs) at the shapes of c."""
+    import m3_reference as m3
+    r = lambda *shape, scale=1.0: (torch.randn(*shape, device=device) * scale).to(dtype)
+    cases = []
+    for S in lengths:
+        x = r(S, c["D"])
+        cases.append(("rms_norm", f"S={S}", (m3.rms_norm.torch, rms_norm), (x, r(c["D"], scale=0.1), 1e-6, r(S, c["D"])),
+                      x.numel() * x.element_size() * 4, 0))
+        g = r(S * c["K"], c["I"], scale=4.0)
+        cases.append(("swiglu_oai", f"T={S * c['K']}", (m3.swiglu_oai.torch, swiglu_oai), (g, r(*g.shape, scale=4.0), 1.702, 7.0),
+                      g.numel() * g.element_size() * 3, 0))
+        q = r(1, S, c["H"], c["Dh"])
+        cos, sin = m3.rope_angles(torch.arange(S, device=device)[None], c["R"], 5e6)
+        cases.append(("norm_rope", f"S={S}", (m3.norm_rope.torch, norm_rope), (q, r(c["Dh"], scale=0.1), cos, sin, 1e-6),
+                      q.numel() * q.element_size() * 2, 0))
+        cases.append(("rope", f"S={S}", (m3.rope.torch, rope), (q, cos, sin), q.numel() * q.element_size() * 2, 0))
+        w = torch.randn(c["E"], c["D"], device=device) * c["D"] ** -0.5
+        cases.append(("route", f"S={S}", (m3.route.torch, route), (x, w, torch.zeros(c["E"], device=device), c["K"], 2.0),
+                      0, 2 * S * c["E"] * c["D"]))
+        iq, ik = r(1, S, c["Hi"], c["Di"]), r(1, S, c["Di"])
+        cases.append(("index_block_scores", f"S={S}", (m3.index_block_scores.torch, index_block_scores),
+                      (iq, ik, 0, c["bs"]), 0, S * S * c["Hi"] * c["Di"]))
+        scores = m3.index_block_scores.torch(iq[:, :2048], ik[:, :2048], 0, c["bs"])
+        cases.append(("select_blocks", f"S={min(S, 2048)}", (m3.select_blocks.torch, select_blocks),
+                      (scores, 0, c["bs"], c["topk"], 0, 1), 0, 0))
+        q, k, v = r(1, S, c["H"], c["Dh"]), r(1, S, c["Hkv"], c["Dh"]), r(1, S, c["Hkv"], c["Dh"])
+        ids = _bench_selection(S, c, device)
+        cases.append(("sparse_attention", f"S={S}", (m3.sparse_attention.torch, sparse_attention),
+                      (q, k, v, ids, c["bs"], c["Dh"] ** -0.5), 0, 4 * S * c["H"] * min(S, c["topk"] * c["bs"]) * c["Dh"]))
+    for n in decode:
+        Sk = lengths[-1]
+        q, k, v = r(1, n, c["H"], c["Dh"]), r(1, Sk, c["Hkv"], c["Dh"]), r(1, Sk, c["Hkv"], c["Dh"])
+        ids = _bench_selection(Sk, c, device)[:, :, -n:]
+        cases.append(("sparse_attention", f"decode {n} of {Sk}", (m3.sparse_attention.torch, sparse_attention),
+                      (q, k, v, ids, c["bs"], c["Dh"] ** -0.5, Sk - n), 0, 4 * n * c["H"] * c["topk"] * c["bs"] * c["Dh"]))
+    T = min(lengths[0], 4096)
+    x = r(T, c["D"])
+    weights, ids = m3.route.torch(x, torch.randn(c["E"], c["D"], device=device) * c["D"] ** -0.5,
+                                  torch.zeros(c["E"], device=device), c["K"], 2.0)
+    experts = [[r(*shape, scale=shape[1] ** -0.5) for _ in range(c["E"])] for shape in
+               ((c["I"], c["D"]), (c["D"], c["I"]), (c["I"], c["D"]))]
+    cases.append(("routed_experts", f"T={T}", (m3.routed_experts.torch, routed_experts),
+                  (x, ids, weights, *experts, 1.702, 7.0), 0, 2 * T * c["K"] * 3 * c["I"] * c["D"]))
+    return cases
+
+
+def _bench_selection(S: int, c: dict, device) -> torch.Tensor:
+    """A valid selection for every query: its own block and random earlier ones, ascending, -1 padded.
+    -> int32 [1, Hkv, S, topk]"""
+    nb = -(-S // c["bs"])
+    own = torch.arange(S, device=device) // c["bs"]
+    key = torch.rand(c["Hkv"], S, nb, device=device).masked_fill(torch.arange(nb, device=device) > own[:, None], -1.0)
+    key.scatter_(-1, own[None, :, None].expand(c["Hkv"], S, 1), 2.0)
+    top = key.topk(min(c["topk"], nb), dim=-1)
+    ids = torch.where(top.values >= 0, top.indices, nb).sort(-1).values       # unused slots (nb) sort last
+    ids = torch.nn.functional.pad(torch.where(ids == nb, -1, ids), (0, c["topk"] - ids.shape[-1]), value=-1)
+    return ids[None].to(torch.int32)
+
+
+def bench(config: dict = RELEASED, lengths=(4096, 16384, 32768, 65536), decode=(1, 4)) -> None:
+    """Per kernel: torch twin vs Triton time, the Triton GB/s or TFLOP/s and its share of the peak."""
+    if not torch.cuda.is_available():
+        print("kernels.py bench needs a CUDA device: none is visible here, so nothing was measured "
+              "(the interpreter, TRITON_INTERPRET=1, checks correctness, not speed)")
+        return
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    flops_peak, bytes_peak = next((v for k, v in PEAKS.items() if k in name), (None, None))
+    print(f"{name}, bf16, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"{'kernel':<20}{'shape':<22}{'torch ms':>10}{'triton ms':>11}{'speed-up':>9}{'achieved':>16}{'of peak':>9}  target")
+    for kernel, label, (twin, mine), args, nbytes, flops in bench_cases(config, lengths, decode, device, torch.bfloat16):
+        t_torch = _time(lambda: twin(*args), device)
+        t_mine = _time(lambda: mine(*args), device)
+        rate, peak = (nbytes / t_mine, bytes_peak) if nbytes else (flops / t_mine, flops_peak)
+        unit = "GB/s" if nbytes else "TFLOP/s"
+        shown = rate / (1e9 if nbytes else 1e12) if rate else 0.0
+        share = f"{rate / peak:8.0%}" if peak and rate else f"{'-':>8}"
+        print(f"{kernel:<20}{label:<22}{1e3 * t_torch:>10.3f}{1e3 * t_mine:>11.3f}{t_torch / t_mine:>8.1f}x"
+              f"{shown:>10.1f} {unit:<7}{share} {TARGETS.get(kernel, '')}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["bench"]:
+        sys.exit("usage: python kernels.py bench")
+    bench()
