@@ -29,6 +29,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -37,6 +38,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def _p2(n: int, least: int = 1) -> int:
     return max(triton.next_power_of_2(max(int(n), 1)), least)
+
+
+def _common(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors in one dtype, contiguous: theirs when they agree, else fp32 (the twins upcast)."""
+    dtype = tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float32
+    return [t.to(dtype).contiguous() for t in tensors]
 
 
 def _rows_per_program(width: int) -> int:
@@ -57,7 +64,8 @@ def _to(x, dtype: tl.constexpr):
     bf16, so for bf16 the rounding is done on the bits first (the same value on a GPU)."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        x = tl.where(x == x, rounded, x)                  # NaN stays NaN (its bits could carry into the sign)
     return x.to(dtype)
 
 
@@ -108,21 +116,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 # ---- SwiGLU-OAI -------------------------------------------------------------------------------
 
 @triton.jit
+def _swiglu(g, u, alpha, limit):
+    """g * sigmoid(alpha g) * (u + 1) with g = min(g, limit), u = clamp(u, -limit, limit), in fp32;
+    the clamps keep NaN, as torch's do (a GPU's plain min/max would drop it)."""
+    g = tl.minimum(g, limit, propagate_nan=tl.PropagateNan.ALL)
+    u = tl.minimum(tl.maximum(u, -limit, propagate_nan=tl.PropagateNan.ALL), limit, propagate_nan=tl.PropagateNan.ALL)
+    return g * tl.sigmoid(alpha * g) * (u + 1.0)
+
+
+@triton.jit
 def _swiglu_kernel(G, U, O, N, alpha, limit, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    g = tl.minimum(tl.load(G + offs, mask=mask, other=0.0).to(tl.float32), limit)
-    u = tl.minimum(tl.maximum(tl.load(U + offs, mask=mask, other=0.0).to(tl.float32), -limit), limit)
-    tl.store(O + offs, _to(g * tl.sigmoid(alpha * g) * (u + 1.0), O.dtype.element_ty), mask=mask)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(O + offs, _to(_swiglu(g, u, alpha, limit), O.dtype.element_ty), mask=mask)
 
 
 def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """m3_reference.swiglu_oai, elementwise over blocks of 1024."""
     _on_device(gate, up)
-    g, u = gate.contiguous(), up.to(gate.dtype).contiguous()
+    g, u = _common(gate, up)
     out = torch.empty_like(g)
     _swiglu_kernel[(triton.cdiv(g.numel(), 1024),)](g, u, out, g.numel(), alpha, limit, BLOCK=1024)
-    return out
+    return out.to(gate.dtype)
 
 
 # ---- per-head Gemma norm + partial NeoX RoPE; RoPE alone --------------------------------------
@@ -172,6 +189,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               eps: float) -> torch.Tensor:
     """m3_reference.norm_rope. x [B, S, H, Dh], weight [Dh], cos/sin [B, S, R/2]."""
+    _on_device(weight)
     return _rope_launch(x, weight.contiguous(), cos, sin, eps, norm=True)
 
 
@@ -215,6 +233,8 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
     _on_device(x, weight, bias)
     T, D = x.shape
     E = weight.shape[0]
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, {E}] (the number of experts), got {top_k}")
     w = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
     block_t = 16 if INTERPRET else 64
@@ -227,15 +247,19 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
 # ---- grouped MoE ------------------------------------------------------------------------------
 
 @triton.jit
-def _expert_weights(PTRS, e, REF):
-    """Expert e's weight matrix, from a table of per-expert base addresses (the checkpoint keeps one
-    tensor per expert; the table avoids stacking them)."""
-    return tl.load(PTRS + e).to(tl.pointer_type(REF.dtype.element_ty))
+def _expert_weights(OFFS, e, REF, ALIGNED: tl.constexpr):
+    """Expert e's weight matrix: REF (expert 0's tensor) plus a table of per-expert element offsets
+    (the checkpoint keeps one tensor per expert; the table avoids stacking them). When every weight
+    is 32-byte aligned the offsets are multiples of 16 elements, which keeps the loads vectorised."""
+    offset = tl.load(OFFS + e)
+    if ALIGNED:
+        offset = tl.multiple_of(offset, 16)
+    return REF + offset
 
 
 @triton.jit
 def _moe_up_kernel(X, TOKEN, TILES, W1P, W3P, WREF, ACT, D, I, alpha, limit, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr):
     """act[r] = swiglu_oai(x[token[r]] W1_e^T, x[token[r]] W3_e^T) for the rows r of one tile (one
     expert e), BLOCK_N columns of I. Like the torch twin, each projection rounds to the model dtype
     and the activation is computed in fp32 and rounded once."""
@@ -245,7 +269,7 @@ def _moe_up_kernel(X, TOKEN, TILES, W1P, W3P, WREF, ACT, D, I, alpha, limit, BLO
     rows = start + m
     tok = tl.load(TOKEN + rows, mask=m < count, other=0).to(tl.int64)
     n = col * BLOCK_N + tl.arange(0, BLOCK_N)
-    w1, w3 = _expert_weights(W1P, e, WREF), _expert_weights(W3P, e, WREF)
+    w1, w3 = _expert_weights(W1P, e, WREF, ALIGNED), _expert_weights(W3P, e, WREF, ALIGNED)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -254,22 +278,22 @@ def _moe_up_kernel(X, TOKEN, TILES, W1P, W3P, WREF, ACT, D, I, alpha, limit, BLO
         wmask = (n[None, :] < I) & (k[:, None] < D)
         acc_g = _dot(x, tl.load(w1 + n[None, :].to(tl.int64) * D + k[:, None], mask=wmask, other=0.0), acc_g, UPCAST)
         acc_u = _dot(x, tl.load(w3 + n[None, :].to(tl.int64) * D + k[:, None], mask=wmask, other=0.0), acc_u, UPCAST)
-    g = tl.minimum(_to(acc_g, ACT.dtype.element_ty).to(tl.float32), limit)
-    u = tl.minimum(tl.maximum(_to(acc_u, ACT.dtype.element_ty).to(tl.float32), -limit), limit)
-    act = _to(g * tl.sigmoid(alpha * g) * (u + 1.0), ACT.dtype.element_ty)
+    g = _to(acc_g, ACT.dtype.element_ty).to(tl.float32)
+    u = _to(acc_u, ACT.dtype.element_ty).to(tl.float32)
+    act = _to(_swiglu(g, u, alpha, limit), ACT.dtype.element_ty)
     tl.store(ACT + rows[:, None].to(tl.int64) * I + n[None, :], act, mask=(m[:, None] < count) & (n[None, :] < I))
 
 
 @triton.jit
 def _moe_down_kernel(ACT, TILES, W2P, WREF, Y, D, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr):
     """y[r] = act[r] W2_e^T for one tile's rows, BLOCK_N columns of D, rounded to the model dtype."""
     tile, col = tl.program_id(0), tl.program_id(1)
     e, start, count = tl.load(TILES + tile * 3), tl.load(TILES + tile * 3 + 1), tl.load(TILES + tile * 3 + 2)
     m = tl.arange(0, BLOCK_M)
     rows = (start + m).to(tl.int64)
     n = col * BLOCK_N + tl.arange(0, BLOCK_N)
-    w2 = _expert_weights(W2P, e, WREF)
+    w2 = _expert_weights(W2P, e, WREF, ALIGNED)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -317,17 +341,23 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
         tiles += [(e, start + m0, min(block_m, n - m0)) for m0 in range(0, n, block_m)]
         start += n
     tiles = torch.tensor(tiles, dtype=torch.int32, device=x.device).reshape(-1, 3)
-    ptrs = [torch.tensor([w.data_ptr() for w in ws[i * E:(i + 1) * E]], dtype=torch.int64, device=x.device)
-            for i in range(3)]
+    if any(w.device != x.device for w in ws):
+        raise ValueError(f"expert weights must sit on the activations' device {x.device}")
+    size = ws[0].element_size()
+    aligned = all(w.data_ptr() % 32 == 0 for w in ws)
+    ptrs = [torch.tensor([(w.data_ptr() - ws[0].data_ptr()) // size for w in ws[i * E:(i + 1) * E]],
+                         dtype=torch.int64, device=x.device) for i in range(3)]
     block_n, block_k = (32, 32) if INTERPRET else (128, 64)
     act = torch.empty(T * K, I, dtype=x.dtype, device=x.device)
     y = torch.empty(T * K, D, dtype=x.dtype, device=x.device)
     if len(tiles):
         _moe_up_kernel[(len(tiles), triton.cdiv(I, block_n))](x.contiguous(), token, tiles, ptrs[0], ptrs[2], ws[0],
                                                               act, D, I, alpha, limit, BLOCK_M=block_m,
-                                                              BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET)
+                                                              BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET,
+                                                              ALIGNED=aligned)
         _moe_down_kernel[(len(tiles), triton.cdiv(D, block_n))](act, tiles, ptrs[1], ws[0], y, D, I, BLOCK_M=block_m,
-                                                                BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET)
+                                                                BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET,
+                                                                ALIGNED=aligned)
     slot = torch.argsort(ids, dim=1, stable=True)                                # each token's slots by expert
     row = torch.empty_like(order)
     row[order] = torch.arange(order.numel(), device=x.device)                    # (token, slot) -> sorted row
@@ -344,8 +374,8 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
 def _index_scores_kernel(IQ, IK, OUT, Sc, Sk, heads, Di, q_start, bs, nb, kv_len,
                          BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     """out[b, h, i, n] = max over keys j of block n with j <= q_start + i of <iq[b, i, h], ik[b, j]>:
-    one program per (b, h, BLOCK_Q queries), one tl.dot per key block, masked before the max."""
-    bh, qt = tl.program_id(0), tl.program_id(1)
+    one program per (BLOCK_Q queries, b, h), one tl.dot per key block, masked before the max."""
+    qt, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // heads, bh % heads
     i = qt * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
@@ -375,8 +405,9 @@ def index_block_scores(iq: torch.Tensor, ik: torch.Tensor, q_start: int, block_s
     nb = -(-kv_len // block_size)
     out = torch.empty(B, Hi, Sc, nb, dtype=torch.float32, device=iq.device)
     block_q = 16 if INTERPRET else 64
-    _index_scores_kernel[(B * Hi, triton.cdiv(Sc, block_q))](
-        iq.contiguous(), ik.to(iq.dtype).contiguous(), out, Sc, Sk, Hi, Di, q_start, block_size, nb, kv_len,
+    iq, ik = _common(iq, ik)
+    _index_scores_kernel[(triton.cdiv(Sc, block_q), B * Hi)](
+        iq, ik, out, Sc, Sk, Hi, Di, q_start, block_size, nb, kv_len,
         BLOCK_Q=block_q, BLOCK_S=_p2(block_size, 16), BLOCK_D=_p2(Di, 16), UPCAST=INTERPRET)
     return out
 
@@ -390,7 +421,7 @@ def _select_kernel(SCORES, OUT, rows, Sc, nb, q_start, bs, topk, init_blocks, lo
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     c = (q_start + r % Sc) // bs                                                 # [ROWS]
     n = tl.arange(0, NB)
-    causal = n[None, :] <= c[:, None]                                            # [ROWS, NB]
+    causal = (n[None, :] <= c[:, None]) & (n[None, :] < nb)                      # [ROWS, NB]
     init = causal & (n[None, :] < init_blocks)
     local = causal & (n[None, :] > c[:, None] - local_blocks)
     forced = init | local
@@ -398,13 +429,16 @@ def _select_kernel(SCORES, OUT, rows, Sc, nb, q_start, bs, topk, init_blocks, lo
                         tl.where(local, local_blocks - (c[:, None] - n[None, :]), 0)).to(tl.float32)
     score = tl.load(SCORES + r[:, None].to(tl.int64) * nb + n[None, :], mask=(r[:, None] < rows) & (n[None, :] < nb),
                     other=float("-inf"))
-    k = tl.minimum(topk, c + 1)                                                  # [ROWS]
+    k = tl.minimum(tl.minimum(topk, c + 1), nb)                                  # [ROWS]
     chosen = causal & ~causal
     for j in range(0, topk):
         pri = tl.where(forced & ~chosen, priority, 0.0)
-        cand = tl.where(causal & ~forced & ~chosen, score, float("-inf"))
-        pick = tl.where(tl.max(pri, axis=1) > 0, tl.argmax(pri, axis=1, tie_break_left=True),
-                        tl.argmax(cand, axis=1, tie_break_left=True))
+        open_ = causal & ~forced & ~chosen
+        cand = tl.where(open_, score, float("-inf"))
+        # by score, ties to the lower id; when the best left is -inf, the lowest open block
+        by_score = tl.where(tl.max(cand, axis=1) > float("-inf"), tl.argmax(cand, axis=1, tie_break_left=True),
+                            tl.argmax(open_.to(tl.int32), axis=1, tie_break_left=True))
+        pick = tl.where(tl.max(pri, axis=1) > 0, tl.argmax(pri, axis=1, tie_break_left=True), by_score)
         chosen = chosen | ((n[None, :] == pick[:, None]) & (j < k)[:, None])
     # slot s holds the chosen block whose rank among the chosen (ascending) is s, else -1: built in
     # registers and stored once, so no two stores race for a slot
@@ -449,8 +483,9 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_sta
     """One program per (b, KV head, BLOCK_Q queries); its rows are the (query, head) pairs of the
     KV group. It walks the key blocks up to the tile's last causal one, skips those no query of the
     tile selected, and runs an fp32 online softmax (flash style) where each row sees only the keys
-    of its query's selected blocks that are not after the query."""
-    bh, qt = tl.program_id(0), tl.program_id(1)
+    of its query's selected blocks that are not after the query. The ids of a row are unique, as
+    select_blocks gives them (the twin would count a repeated block twice)."""
+    qt, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // Hkv, bh % Hkv
     group = H // Hkv
     qi = qt * BLOCK_Q + tl.arange(0, BLOCK_Q * G) // G                           # rows: (query, head) pairs
@@ -486,7 +521,7 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_sta
             l = l * alpha + tl.sum(p, axis=1)
             acc = _pv(p, v, acc * alpha[:, None], UPCAST)
             m = m_new
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    out = acc / tl.where(row_ok, l, 1.0)[:, None]        # no selected key: 0 / 0 = NaN, as the twin's softmax
     tl.store(O + ((b * S + qi[:, None]).to(tl.int64) * H + h * group + hd[:, None]) * Dh + d[None, :],
              _to(out, O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < Dh))
 
@@ -500,15 +535,15 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     _on_device(q, k, v, block_ids)
     B, S, H, Dh = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
-    out = torch.empty_like(q)
     group = _p2(H // Hkv)
     block_q = max(1, (16 if INTERPRET else 64) // group)                          # >= 16 rows for tl.dot
     topk = block_ids.shape[-1]
-    _sparse_attention_kernel[(B * Hkv, triton.cdiv(S, block_q))](
-        q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(), block_ids.contiguous(), out, S, Sk, H,
-        Hkv, Dh, topk, block_size, q_start, scale, BLOCK_Q=block_q, G=group, BLOCK_S=_p2(block_size, 16),
-        BLOCK_D=_p2(Dh, 16), TOPK=_p2(topk), UPCAST=INTERPRET)
-    return out
+    qc, k, v = _common(q, k, v)
+    out = torch.empty_like(qc)
+    _sparse_attention_kernel[(triton.cdiv(S, block_q), B * Hkv)](
+        qc, k, v, block_ids.contiguous(), out, S, Sk, H, Hkv, Dh, topk, block_size, q_start, scale,
+        BLOCK_Q=block_q, G=group, BLOCK_S=_p2(block_size, 16), BLOCK_D=_p2(Dh, 16), TOPK=_p2(topk), UPCAST=INTERPRET)
+    return out.to(q.dtype)
 
 
 # ---- benchmark --------------------------------------------------------------------------------
@@ -541,50 +576,56 @@ def _time(fn, device) -> float:
 
 
 def bench_cases(c: dict, lengths, decode, device, dtype):
-    """(kernel, label, torch twin call, Triton call, bytes moved, FLOPs) at the shapes of c."""
+    """Yields (kernel, label, torch twin call, Triton call, bytes moved, FLOPs) at the shapes of c,
+    building each case's inputs only when it is reached (the 64k ones are large)."""
     import m3_reference as m3
     r = lambda *shape, scale=1.0: (torch.randn(*shape, device=device) * scale).to(dtype)
-    cases = []
+
+    def chunked(iq, ik, q_start, bs):              # the model's way: query chunks, each against its causal keys
+        parts = [m3.index_block_scores.torch(iq[:, i:i + 1024], ik, q_start + i, bs) for i in range(0, iq.shape[1], 1024)]
+        nb = parts[-1].shape[-1]
+        return torch.cat([F.pad(p, (0, nb - p.shape[-1]), value=float("-inf")) for p in parts], dim=2)
     for S in lengths:
         x = r(S, c["D"])
-        cases.append(("rms_norm", f"S={S}", (m3.rms_norm.torch, rms_norm), (x, r(c["D"], scale=0.1), 1e-6, r(S, c["D"])),
-                      x.numel() * x.element_size() * 4, 0))
+        yield ("rms_norm", f"S={S}", (m3.rms_norm.torch, rms_norm), (x, r(c["D"], scale=0.1), 1e-6, r(S, c["D"])),
+               x.numel() * x.element_size() * 4, 0)
         g = r(S * c["K"], c["I"], scale=4.0)
-        cases.append(("swiglu_oai", f"T={S * c['K']}", (m3.swiglu_oai.torch, swiglu_oai), (g, r(*g.shape, scale=4.0), 1.702, 7.0),
-                      g.numel() * g.element_size() * 3, 0))
+        yield ("swiglu_oai", f"T={S * c['K']}", (m3.swiglu_oai.torch, swiglu_oai), (g, r(*g.shape, scale=4.0), 1.702, 7.0),
+               g.numel() * g.element_size() * 3, 0)
         q = r(1, S, c["H"], c["Dh"])
         cos, sin = m3.rope_angles(torch.arange(S, device=device)[None], c["R"], 5e6)
-        cases.append(("norm_rope", f"S={S}", (m3.norm_rope.torch, norm_rope), (q, r(c["Dh"], scale=0.1), cos, sin, 1e-6),
-                      q.numel() * q.element_size() * 2, 0))
-        cases.append(("rope", f"S={S}", (m3.rope.torch, rope), (q, cos, sin), q.numel() * q.element_size() * 2, 0))
+        yield ("norm_rope", f"S={S}", (m3.norm_rope.torch, norm_rope), (q, r(c["Dh"], scale=0.1), cos, sin, 1e-6),
+               q.numel() * q.element_size() * 2, 0)
+        yield ("rope", f"S={S}", (m3.rope.torch, rope), (q, cos, sin), q.numel() * q.element_size() * 2, 0)
         w = torch.randn(c["E"], c["D"], device=device) * c["D"] ** -0.5
-        cases.append(("route", f"S={S}", (m3.route.torch, route), (x, w, torch.zeros(c["E"], device=device), c["K"], 2.0),
-                      0, 2 * S * c["E"] * c["D"]))
+        yield ("route", f"S={S}", (m3.route.torch, route), (x, w, torch.zeros(c["E"], device=device), c["K"], 2.0),
+               0, 2 * S * c["E"] * c["D"])
         iq, ik = r(1, S, c["Hi"], c["Di"]), r(1, S, c["Di"])
-        cases.append(("index_block_scores", f"S={S}", (m3.index_block_scores.torch, index_block_scores),
-                      (iq, ik, 0, c["bs"]), 0, S * S * c["Hi"] * c["Di"]))
-        scores = m3.index_block_scores.torch(iq[:, :2048], ik[:, :2048], 0, c["bs"])
-        cases.append(("select_blocks", f"S={min(S, 2048)}", (m3.select_blocks.torch, select_blocks),
-                      (scores, 0, c["bs"], c["topk"], 0, 1), 0, 0))
+        # the torch twin runs in query chunks of 1024, as the model does (one chunk would be [S, S])
+        yield ("index_block_scores", f"S={S}", (chunked, index_block_scores), (iq, ik, 0, c["bs"]), 0,
+               S * S * c["Hi"] * c["Di"])
         q, k, v = r(1, S, c["H"], c["Dh"]), r(1, S, c["Hkv"], c["Dh"]), r(1, S, c["Hkv"], c["Dh"])
-        ids = _bench_selection(S, c, device)
-        cases.append(("sparse_attention", f"S={S}", (m3.sparse_attention.torch, sparse_attention),
-                      (q, k, v, ids, c["bs"], c["Dh"] ** -0.5), 0, 4 * S * c["H"] * min(S, c["topk"] * c["bs"]) * c["Dh"]))
+        L = min(S, c["topk"] * c["bs"])                            # keys a query sees: causal, then capped
+        yield ("sparse_attention", f"S={S}", (m3.sparse_attention.torch, sparse_attention),
+               (q, k, v, _bench_selection(S, c, device), c["bs"], c["Dh"] ** -0.5), 0,
+               4 * c["H"] * c["Dh"] * (L * (L + 1) // 2 + (S - L) * L))
+    S = min(lengths[-1], 2048)
+    scores = m3.index_block_scores.torch(r(1, S, c["Hi"], c["Di"]), r(1, S, c["Di"]), 0, c["bs"])
+    yield ("select_blocks", f"S={S}", (m3.select_blocks.torch, select_blocks), (scores, 0, c["bs"], c["topk"], 0, 1), 0, 0)
     for n in decode:
         Sk = lengths[-1]
         q, k, v = r(1, n, c["H"], c["Dh"]), r(1, Sk, c["Hkv"], c["Dh"]), r(1, Sk, c["Hkv"], c["Dh"])
-        ids = _bench_selection(Sk, c, device)[:, :, -n:]
-        cases.append(("sparse_attention", f"decode {n} of {Sk}", (m3.sparse_attention.torch, sparse_attention),
-                      (q, k, v, ids, c["bs"], c["Dh"] ** -0.5, Sk - n), 0, 4 * n * c["H"] * c["topk"] * c["bs"] * c["Dh"]))
+        ids = _bench_selection(Sk, c, device)[:, :, -n:].contiguous()
+        yield ("sparse_attention", f"decode {n} of {Sk}", (m3.sparse_attention.torch, sparse_attention),
+               (q, k, v, ids, c["bs"], c["Dh"] ** -0.5, Sk - n), 0, 4 * n * c["H"] * c["topk"] * c["bs"] * c["Dh"])
     T = min(lengths[0], 4096)
     x = r(T, c["D"])
     weights, ids = m3.route.torch(x, torch.randn(c["E"], c["D"], device=device) * c["D"] ** -0.5,
                                   torch.zeros(c["E"], device=device), c["K"], 2.0)
     experts = [[r(*shape, scale=shape[1] ** -0.5) for _ in range(c["E"])] for shape in
                ((c["I"], c["D"]), (c["D"], c["I"]), (c["I"], c["D"]))]
-    cases.append(("routed_experts", f"T={T}", (m3.routed_experts.torch, routed_experts),
-                  (x, ids, weights, *experts, 1.702, 7.0), 0, 2 * T * c["K"] * 3 * c["I"] * c["D"]))
-    return cases
+    yield ("routed_experts", f"T={T}", (m3.routed_experts.torch, routed_experts),
+           (x, ids, weights, *experts, 1.702, 7.0), 0, 2 * T * c["K"] * 3 * c["I"] * c["D"])
 
 
 def _bench_selection(S: int, c: dict, device) -> torch.Tensor:
@@ -612,9 +653,16 @@ def bench(config: dict = RELEASED, lengths=(4096, 16384, 32768, 65536), decode=(
     print(f"{name}, bf16, torch {torch.__version__}, triton {triton.__version__}")
     print(f"{'kernel':<20}{'shape':<22}{'torch ms':>10}{'triton ms':>11}{'speed-up':>9}{'achieved':>16}{'of peak':>9}  target")
     for kernel, label, (twin, mine), args, nbytes, flops in bench_cases(config, lengths, decode, device, torch.bfloat16):
-        t_torch = _time(lambda: twin(*args), device)
-        t_mine = _time(lambda: mine(*args), device)
-        rate, peak = (nbytes / t_mine, bytes_peak) if nbytes else (flops / t_mine, flops_peak)
+        try:
+            t_torch = _time(lambda: twin(*args), device)
+            t_mine = _time(lambda: mine(*args), device)
+        except torch.OutOfMemoryError:
+            print(f"{kernel:<20}{label:<22}out of memory on this device")
+            del args
+            torch.cuda.empty_cache()
+            continue
+        # route runs in fp32 on CUDA cores: no tensor-core peak to compare with
+        rate, peak = (nbytes / t_mine, bytes_peak) if nbytes else (flops / t_mine, None if kernel == "route" else flops_peak)
         unit = "GB/s" if nbytes else "TFLOP/s"
         shown = rate / (1e9 if nbytes else 1e12) if rate else 0.0
         share = f"{rate / peak:8.0%}" if peak and rate else f"{'-':>8}"

@@ -536,7 +536,8 @@ def lightning_indexer(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk:
     buffer at [B, Hi, Sc, Sk] (cache-sized) instead of [B, Hi, S, Sk]; the chunk size never changes the result.
     """
     B, S, Hi, _ = iq.shape
-    Sc = query_chunk or max(1, (1 << 21) // (Hi * max(ik.shape[1], 1)))  # ~8 MB of scores
+    # ~8 MB of torch scores per chunk; the Triton kernel keeps no [Sc, Sk] scores, so one chunk
+    Sc = query_chunk or (S if _kernels is not None else max(1, (1 << 21) // (Hi * max(ik.shape[1], 1))))
     out = []
     for s0 in range(0, S, Sc):
         scores = index_block_scores(iq[:, s0:s0 + Sc], ik, q_start + s0, block_size)

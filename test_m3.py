@@ -1694,6 +1694,38 @@ def test_kernel_sparse_attention(seed, B, S, q_start, Hkv, group, Dh, bs, topk, 
                  m3.sparse_attention.torch(q, k, v, ids, bs, Dh ** -0.5, q_start), dtype)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")    # the 0/0 under test
+def test_kernels_at_the_edges_of_their_contracts():
+    K = kernels_module()
+    scores = torch.tensor([[[[0.5, float("-inf"), 0.2, float("-inf"), 1.0, 3.0]]]], device=KDEV).expand(1, 1, 3, 6)
+    for q_start in (40, 60):                    # a causal block scored -inf; queries past the last scored block
+        for args in [(8, 5, 1, 0), (8, 3, 0, 0), (8, 6, 2, 2)]:
+            assert torch.equal(K.select_blocks(scores.contiguous(), q_start, *args),
+                               m3.select_blocks.torch(scores, q_start, *args)), (q_start, args)
+    q, k, v = kr(1, 1, 3, 2, 8), kr(2, 1, 3, 1, 8), kr(3, 1, 3, 1, 8)
+    ids = torch.tensor([[[[0], [-1], [0]]]], dtype=torch.int32, device=KDEV)        # query 1 selects nothing
+    assert_twins(K.sparse_attention(q, k, v, ids, 2, 0.3), m3.sparse_attention.torch(q, k, v, ids, 2, 0.3), torch.float32)
+    assert bool(K.sparse_attention(q, k, v, ids, 2, 0.3)[0, 1].isnan().all())
+    iq, ik = kr(4, 1, 5, 1, 8, dtype=torch.bfloat16), kr(5, 1, 5, 8)                # mixed dtypes: fp32, as the twin
+    assert_twins(K.index_block_scores(iq, ik, 0, 2), m3.index_block_scores.torch(iq, ik, 0, 2), torch.float32)
+    g, u = kr(6, 7, dtype=torch.bfloat16), kr(7, 7)
+    assert_twins(K.swiglu_oai(g, u, 1.702, 7.0), m3.swiglu_oai.torch(g, u, 1.702, 7.0), torch.bfloat16)
+    x, w = kr(8, 2, 16, dtype=torch.bfloat16), kr(9, 16, dtype=torch.bfloat16)
+    x[0, 3] = float("nan")                                                          # NaN stays NaN through bf16 rounding
+    assert_twins(K.rms_norm(x, w, 1e-6), m3.rms_norm.torch(x, w, 1e-6), torch.bfloat16)
+    gate = torch.tensor([float("nan"), 1.0], device=KDEV)
+    assert bool(K.swiglu_oai(gate, torch.tensor([1.0, float("nan")], device=KDEV), 1.702, 7.0).isnan().all())
+    xe = kr(10, 5, 32)
+    weights, ids = m3.route.torch(xe, kr(11, 3, 32), torch.zeros(3, device=KDEV), 2, 2.0)
+    storage = torch.empty(3 * 16 * 32 + 3, device=KDEV)                             # expert weights 4 bytes off 32
+    w1 = [storage[3 + e * 512:3 + (e + 1) * 512].view(16, 32).copy_(kr(20 + e, 16, 32)) for e in range(3)]
+    w2 = [kr(30 + e, 32, 16) for e in range(3)]
+    assert_twins(K.routed_experts(xe, ids, weights, w1, w2, w1, 1.702, 7.0),
+                 m3.routed_experts.torch(xe, ids, weights, w1, w2, w1, 1.702, 7.0), torch.float32)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        K.route(kr(12, 2, 8), kr(13, 3, 8), kr(14, 3), 4, 2.0)
+
+
 def test_the_flag_routes_the_whole_model_and_torch_imports_no_kernels(monkeypatch):
     import subprocess
     import sys
