@@ -5,7 +5,8 @@ vision tower. This file defines the config and the kernel flag, then every compo
 blocks before what is built from them: the text layer's pieces (norm, activation, experts, RoPE,
 attention and the indexer), the decoder layer and MTP depth, the image/video preprocessing and
 prompt expansion, the vision tower, projector, merger and splice; then the full model and its
-losses (where the data flow is written out: vision -> splice -> layers -> head -> MTP),
+losses (where the data flow is written out: vision -> splice -> layers -> head -> MTP), decoding
+(the KV and index-key cache, padded batches, greedy and MTP speculative generation),
 config.json and checkpoint I/O (MXFP8 included), the golden-tensor generator, the streamed
 forward (a checkpoint larger than the device, one piece at a time) and the CLI. The torch code
 here is the specification; the functions marked @kernel_twin have Triton twins in kernels.py,
@@ -35,6 +36,7 @@ noted where it applies.
     python m3_reference.py golden --out golden  # regenerate the golden cases (fixed seeds)
     python m3_reference.py verify golden/       # re-run the reference on every golden case
     python m3_reference.py run --checkpoint DIR --prompt-ids 1,2,3   # streamed forward, one layer resident
+    python m3_reference.py generate --mtp       # greedy decoding with MTP drafts (tiny preset)
     python golden/verify.py --case text --outputs theirs.safetensors   # another stack, numpy only
 
 Shape letters (one meaning each): B batch; S query positions; Sk key positions; Sc a chunk of
@@ -450,18 +452,23 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
 # Attention: dense causal GQA, lightning indexer, block-sparse attention
 # ============================================================================================
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_start: int = 0) -> torch.Tensor:
     """softmax(q k^T * scale + causal) v with GQA: query head j reads KV head j // (H / Hkv).
-    M3 uses scale = Dh^-0.5.
+    M3 uses scale = Dh^-0.5. Query i sits at slot q_start + i and sees keys 0..q_start + i.
 
-    q [B, S, H, Dh], k/v [B, S, Hkv, Dh] -> [B, S, H, Dh]; fp32 softmax and accumulation.
-    SDPA's fused CPU/GPU kernels keep memory linear in S.
+    q [B, S, H, Dh], k/v [B, Sk, Hkv, Dh] -> [B, S, H, Dh]; fp32 softmax and accumulation.
+    SDPA's fused CPU/GPU kernels keep memory linear in S (a cache adds an [S, Sk] mask).
     """
     group = q.shape[2] // k.shape[2]
     qt = q.transpose(1, 2).float()                                         # [B, H, S, Dh]
-    kt = k.transpose(1, 2).float().repeat_interleave(group, dim=1)         # [B, H, S, Dh]
+    kt = k.transpose(1, 2).float().repeat_interleave(group, dim=1)         # [B, H, Sk, Dh]
     vt = v.transpose(1, 2).float().repeat_interleave(group, dim=1)
-    o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    if q_start == 0 and q.shape[1] == k.shape[1]:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    else:
+        seen = torch.arange(k.shape[1], device=q.device)[None, :] <= \
+            torch.arange(q_start, q_start + q.shape[1], device=q.device)[:, None]        # [S, Sk]
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=seen, scale=scale)
     return o.transpose(1, 2).to(q.dtype)
 
 
@@ -585,12 +592,42 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     return out
 
 
+@dataclass
+class LayerCache:
+    """What one attention layer keeps between calls, in the model dtype: k, v [B, Sk, Hkv, Dh] and,
+    in a sparse layer, the normed, roped index keys ik [B, Sk, Di], which the indexer ranks new
+    queries against. Sk grows by every call's tokens; truncate() rolls back."""
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    ik: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+    def extend(self, **new: torch.Tensor) -> list[torch.Tensor]:
+        """Append the new positions (dim 1) and return the whole of each."""
+        for name, t in new.items():
+            old = getattr(self, name)
+            setattr(self, name, t if old is None else torch.cat([old, t], dim=1))
+        return [getattr(self, name) for name in new]
+
+    def truncate(self, length: int) -> None:
+        for name in ("k", "v", "ik"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[:, :length])
+
+
 class Attention(nn.Module):
     """q/k/v projections, per-head q/k Gemma norm + partial RoPE, causal GQA with scale
     head_dim^-0.5 (no other factor), o projection.
 
     Sparse layers add the lightning indexer (index_q/k_proj + index_q/k_norm, same RoPE table)
     and attend only to the selected key blocks. x [B, S, D] -> [B, S, D]; no biases.
+    With a `cache`, the new positions follow the cached ones (queries at slots Sk_past..). With
+    `spans` (padded rows), row b's tokens are the slots [start, end) of its whole history: each row
+    attends and selects within its own tokens only, blocks anchored at its first token, as if the
+    row ran alone; pad positions get a zero attention output.
     """
 
     def __init__(self, cfg: M3Config, sparse: bool):
@@ -622,20 +659,36 @@ class Attention(nn.Module):
                        self.index_k_norm.weight, cos, sin, self.eps)
         return iq, ik[:, :, 0]
 
-    def select(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The indexer's block ids for this layer: int32 [B, Hi, S, topk] (ascending, -1 padded)."""
-        iq, ik = self.index_qk(x, cos, sin)
-        return lightning_indexer(iq, ik, self.block_size, self.topk, self.init_blocks, self.local_blocks)
+    def attend(self, q, k, v, iq, ik, q_start: int) -> torch.Tensor:
+        """New queries at slots q_start.. against keys at slots 0..: the selected blocks (sparse
+        layers, ranked against every index key) or all causal keys. -> [B, S, H, Dh]"""
+        if self.sparse:
+            ids = lightning_indexer(iq, ik, self.block_size, self.topk, self.init_blocks, self.local_blocks, q_start)
+            return sparse_attention(q, k, v, ids, self.block_size, self.scale, q_start)
+        return causal_attention(q, k, v, self.scale, q_start)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
+                spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         q = norm_rope(self.q_proj(x).view(B, S, self.n_heads, self.head_dim), self.q_norm.weight, cos, sin, self.eps)
         k = norm_rope(self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim), self.k_norm.weight, cos, sin, self.eps)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
-        if self.sparse:
-            o = sparse_attention(q, k, v, self.select(x, cos, sin), self.block_size, self.scale)
+        iq, ik = self.index_qk(x, cos, sin) if self.sparse else (None, None)
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.extend(k=k, v=v)
+            ik = cache.extend(ik=ik)[0] if self.sparse else None
+        if spans is None:
+            o = self.attend(q, k, v, iq, ik, past)
         else:
-            o = causal_attention(q, k, v, self.scale)
+            o = torch.zeros_like(q)
+            for b, (start, end) in enumerate(spans):
+                lo, hi = max(past, start), min(past + S, end)                     # this row's new tokens
+                if hi > lo:
+                    new, seen = slice(lo - past, hi - past), slice(start, hi)
+                    o[b:b + 1, new] = self.attend(q[b:b + 1, new], k[b:b + 1, seen], v[b:b + 1, seen],
+                                                  iq[b:b + 1, new] if self.sparse else None,
+                                                  ik[b:b + 1, seen] if self.sparse else None, lo - start)
         return self.o_proj(o.reshape(B, S, -1))
 
 
@@ -661,8 +714,10 @@ class DecoderLayer(nn.Module):
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_sparse_moe(x) if hasattr(self, "block_sparse_moe") else self.mlp(x)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x, h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cos, sin), residual=h)
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
+                spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(h), cos, sin, cache, spans)
+        x, h = self.post_attention_layernorm(a, residual=h)
         return h + self.ffn(x)
 
 
@@ -689,9 +744,15 @@ class MTPDepth(nn.Module):
         self.transformer_layer = DecoderLayer(cfg, cfg.num_hidden_layers - 1)
         self.final_layernorm = GemmaRMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def hidden(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: LayerCache | None = None, spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """The depth's output before final_layernorm (what a drafter passes on, see generate)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.final_layernorm(self.transformer_layer(x, cos, sin))
+        return self.transformer_layer(x, cos, sin, cache, spans)
+
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        return self.final_layernorm(self.hidden(h_prev, emb, cos, sin, spans=spans))
 
 
 def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -721,19 +782,24 @@ class TextModel(nn.Module):
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_angles(position_ids, self.cfg.rotary_dim, self.cfg.rope_theta)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[LayerCache] | None = None,
+                spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
-            h = check_finite(layer(h, cos, sin), f"layer {i} output")
+            h = check_finite(layer(h, cos, sin, None if caches is None else caches[i], spans), f"layer {i} output")
         return self.norm(h)
 
-    def mtp_hidden(self, h: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor) -> list[torch.Tensor]:
-        """h_1..h_M: depth k embeds the ids shifted left by k (tail filled with id 0) and takes
-        h_{k-1} (h_0 = the main output after `norm`); positions are not shifted."""
+    def mtp_hidden(self, h: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   spans: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """h_1..h_M: depth k embeds the ids shifted left by k (tail filled with id 0: also past the
+        end of a padded row's tokens) and takes h_{k-1} (h_0 = the main output after `norm`);
+        positions are not shifted."""
         out = []
         for k, depth in enumerate(self.mtp["layers"] if self.cfg.num_mtp_modules else [], start=1):
-            h = check_finite(depth(h, self.embed_tokens(mtp_input_ids(input_ids, k)), cos, sin),
-                             f"MTP depth {k} output")
+            ids = mtp_input_ids(input_ids, k)
+            if spans is not None:
+                ends = torch.tensor([end for _, end in spans], device=ids.device)[:, None]
+                ids = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device) + k >= ends, 0)
+            h = check_finite(depth(h, self.embed_tokens(ids), cos, sin, spans), f"MTP depth {k} output")
             out.append(h)
         return out
 
@@ -1159,31 +1225,40 @@ def splice(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor
 @dataclass
 class M3Output:
     logits: torch.Tensor                 # [B, S, V]
-    mtp_logits: list[torch.Tensor]       # one [B, S, V] per MTP depth
+    mtp_logits: list[torch.Tensor]       # one [B, S, V] per MTP depth (none with a cache)
     loss: torch.Tensor | None = None     # lm_loss + mtp_loss
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None   # [B, S, D] the text model's output after the final norm
 
 
-def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
     """mean over valid i of CE(logits[:, i], labels[:, i + shift]), in fp32.
 
-    Positions whose target falls past the end or is -100 are ignored; with no valid target the
-    loss is 0. logits [B, S, V], labels [B, S] (labels = input ids, the shift happens here).
+    Positions whose target falls past the end or is -100 are ignored, and with `mask` [B, S] (0 =
+    pad) so are pad positions; with no valid target the loss is 0. logits [B, S, V], labels [B, S]
+    (labels = input ids, the shift happens here).
     """
     target = F.pad(labels[:, shift:], (0, min(shift, labels.shape[1])), value=-100)
     valid = target != -100
+    if mask is not None:
+        valid &= mask.bool()
     ce = F.cross_entropy(logits.float().flatten(0, 1), target.clamp(min=0).flatten(), reduction="none")
     return (ce * valid.flatten()).sum() / valid.sum().clamp(min=1)
 
 
-def add_losses(out: M3Output, labels: torch.Tensor | None, mtp_loss_weight: float) -> M3Output:
-    """Fill lm_loss, mtp_loss and loss from the logits (nothing without labels); see MiniMaxM3."""
+def add_losses(out: M3Output, labels: torch.Tensor | None, mtp_loss_weight: float,
+               mask: torch.Tensor | None = None) -> M3Output:
+    """Fill lm_loss, mtp_loss and loss from the logits (nothing without labels; pads never count);
+    see MiniMaxM3."""
     if labels is not None:
-        out.lm_loss = out.loss = shifted_cross_entropy(out.logits, labels, 1)
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, -100)
+        out.lm_loss = out.loss = shifted_cross_entropy(out.logits, labels, 1, mask)
         if out.mtp_logits:
             M = len(out.mtp_logits)
-            out.mtp_loss = mtp_loss_weight / M * sum(shifted_cross_entropy(lg, labels, 1 + k)
+            out.mtp_loss = mtp_loss_weight / M * sum(shifted_cross_entropy(lg, labels, 1 + k, mask)
                                                      for k, lg in enumerate(out.mtp_logits, start=1))
             out.loss = out.lm_loss + out.mtp_loss
     return out
@@ -1193,8 +1268,12 @@ class MiniMaxM3(nn.Module):
     """Vision tower + projector + patch merger + text model + lm_head + MTP.
 
     forward(input_ids [B, S], pixel_values [N, C*Tp*P*P], image_grid_thw [n, 3], the same for
-    videos, position_ids [B, S] (default arange), labels [B, S]) -> M3Output. Position ids drive
-    RoPE only; causality and sparse blocks follow each token's index in its row.
+    videos, position_ids [B, S], labels [B, S], attention_mask [B, S], cache) -> M3Output. Position
+    ids drive RoPE only (default: each row's tokens counted from 0, pads not counted); causality and
+    sparse blocks follow each token's place among its row's tokens. attention_mask (1 token, 0 pad)
+    pads rows on the left or right: a padded row's outputs equal the row run alone. With a `cache`
+    (new_cache()), the tokens follow those of earlier calls and only their logits come back (no MTP
+    logits: generate() runs the MTP depths as a drafter).
 
     With labels (= the input ids; -100 ignored), CE_k(i) = CE(logits_k[:, i], labels[:, i + 1 + k])
     with logits_0 the main head and logits_k the MTP depth k = 1..M, each averaged over its own
@@ -1239,20 +1318,49 @@ class MiniMaxM3(nn.Module):
         return h
 
     def forward(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, position_ids=None, labels=None) -> M3Output:
+                pixel_values_videos=None, video_grid_thw=None, position_ids=None, labels=None,
+                attention_mask=None, cache: "Cache | None" = None, inputs_embeds=None) -> M3Output:
+        """-> logits [B, S, V] (for the new tokens only when a cache is given), the MTP logits
+        (none with a cache), the final hidden state and, with labels, the losses. inputs_embeds
+        [B, S, D] replaces embed(): generate passes the token embeddings of generated tokens, which
+        are text even where a model emits a media placeholder id."""
         cfg = self.config
-        _check_ids(input_ids, labels, position_ids, cfg.vocab_size)
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        _check_ids(input_ids, labels, position_ids, cfg.vocab_size, attention_mask)
+        mask, spans, positions = token_layout(input_ids, attention_mask, cache)
         text = self.language_model.model
-        cos, sin = text.rope(position_ids)
-        h = text(self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw), cos, sin)
+        cos, sin = text.rope(positions if position_ids is None else position_ids)
+        if inputs_embeds is not None:
+            _check_embeds(inputs_embeds, input_ids, cfg.hidden_size, pixel_values, pixel_values_videos)
+        else:
+            inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        if cache is None:
+            h = text(inputs_embeds, cos, sin, None, spans)
+        else:
+            past = cache.length
+            try:
+                h = text(inputs_embeds, cos, sin, cache.layers, spans)
+            except BaseException:                   # a failed call leaves the cache as it was
+                cache.truncate(past)
+                raise
         lm_head = self.language_model.lm_head
-        out = M3Output(logits=lm_head(h), mtp_logits=[lm_head(hk) for hk in text.mtp_hidden(h, input_ids, cos, sin)])
-        return add_losses(out, labels, cfg.mtp_loss_weight)
+        if cache is not None:
+            cache.mask = mask
+            return add_losses(M3Output(logits=lm_head(h), mtp_logits=[], hidden=h), labels, cfg.mtp_loss_weight,
+                              attention_mask)
+        out = M3Output(logits=lm_head(h), hidden=h,
+                       mtp_logits=[lm_head(hk) for hk in text.mtp_hidden(h, input_ids, cos, sin, spans)])
+        return add_losses(out, labels, cfg.mtp_loss_weight, attention_mask)
+
+    def new_cache(self) -> "Cache":
+        """An empty cache for forward(..., cache=) and generate (see the Decoding section)."""
+        return Cache.empty(self.config)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> tuple[torch.Tensor, dict]:
+        """Greedy decoding, optionally with MTP speculative decoding: see generate() below."""
+        return generate(self, input_ids, max_new_tokens, **kwargs)
 
 
-def _check_ids(input_ids, labels, position_ids, vocab_size: int):
+def _check_ids(input_ids, labels, position_ids, vocab_size: int, attention_mask=None):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"input_ids must be an int64 tensor [B, S], got "
                         f"{input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
@@ -1274,6 +1382,23 @@ def _check_ids(input_ids, labels, position_ids, vocab_size: int):
             raise ValueError(f"labels hold {int(bad[0])}: allowed are -100 (ignore) or ids in [0, {vocab_size})")
     if position_ids is not None and bool((position_ids < 0).any()):
         raise ValueError("position_ids must be >= 0")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                             f"got {got!r}")
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold 1 (token) and 0 (pad) only")
+
+
+def _check_embeds(inputs_embeds, input_ids, hidden_size: int, pixel_values, pixel_values_videos):
+    if pixel_values is not None or pixel_values_videos is not None:
+        raise ValueError("pass either inputs_embeds or pixel values: media are spliced into embed()'s output only")
+    want = (*input_ids.shape, hidden_size)
+    if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+        raise TypeError(f"inputs_embeds must be a floating-point tensor {want}")
+    if tuple(inputs_embeds.shape) != want:
+        raise ValueError(f"inputs_embeds shape {tuple(inputs_embeds.shape)} must be [B, S, hidden_size] = {want}")
 
 
 def _check_media(cfg: M3Config, pixels, grid, pix_name: str, grid_name: str):
@@ -1313,6 +1438,194 @@ def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
             std = 1.0 if "embed_tokens" in name else (t[0].numel() ** -0.5 if t.dim() >= 2 else 0.1)
             t.copy_(torch.randn(t.shape, generator=g) * std)
     return model
+
+
+# ============================================================================================
+# Decoding: the cache, padded batches, greedy generation, MTP speculative decoding
+# ============================================================================================
+# A serving engine runs M3 a few tokens at a time. The cache holds, per attention layer (and per
+# MTP depth), the keys and values and, in sparse layers, the normed and roped index keys of every
+# processed position; new queries sit after the cached positions, and a sparse layer ranks them
+# against all cached index keys with the prefill rules (forced init and local blocks inside the
+# top-k budget, anchored at the row's first token). Padded rows keep their pads in the cache;
+# each row attends, selects and counts positions within its own tokens only.
+
+@dataclass
+class Cache:
+    """Everything kept between forward calls: a LayerCache per decoder layer and per MTP depth,
+    and the attention mask of every cached position, mask [B, Sk] (1 token, 0 pad)."""
+    layers: list[LayerCache]
+    mtp: list[LayerCache]
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, cfg: M3Config) -> "Cache":
+        return cls([LayerCache() for _ in range(cfg.num_hidden_layers)],
+                   [LayerCache() for _ in range(cfg.num_mtp_modules)])
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def truncate(self, length: int) -> None:
+        """Roll the decoder layers back to their first `length` positions (the MTP depths roll
+        back on their own, see generate)."""
+        for layer in self.layers:
+            layer.truncate(length)
+        self.mask = None if self.mask is None else self.mask[:, :length]
+
+
+def row_spans(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each row's tokens in a mask [B, Sk]; they must be one run (pads on the left
+    and/or right only)."""
+    spans = []
+    for b, row in enumerate(mask.bool()):
+        at = row.nonzero()[:, 0]
+        if at.numel() == 0:
+            raise ValueError(f"attention_mask row {b} holds no token")
+        start, end = int(at[0]), int(at[-1]) + 1
+        if end - start != at.numel():
+            raise ValueError(f"attention_mask row {b} has pads between its tokens: pad rows on the left or the right "
+                             f"only (and on the left to generate)")
+        spans.append((start, end))
+    return spans
+
+
+def token_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None):
+    """(the mask of the whole history [B, Sk], each row's token span or None when nothing is
+    padded, the new tokens' default positions [B, S]: their place among the row's tokens)."""
+    new = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+    if cache is not None and cache.mask is not None:
+        if cache.mask.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"input_ids have {input_ids.shape[0]} rows but the cache holds {cache.mask.shape[0]}")
+        new = torch.cat([cache.mask, new], dim=1)
+    positions = (new.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+    return new, (None if bool(new.all()) else row_spans(new)), positions
+
+
+def mtp_pass(model: MiniMaxM3, layer: LayerCache, depth: int, ids: torch.Tensor, h_prev: torch.Tensor,
+             positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One MTP depth as vLLM's drafter runs it, over S new slots after those in its cache `layer`:
+    slot p fuses the embedding of ids[p] with h_prev[p] at positions[p]; `mask` [B, cached + S]
+    marks the depth's tokens and pads. As vLLM does at inference only, the embedding is zero at
+    position 0. Returns the depth's output before final_layernorm [B, S, D]."""
+    text = model.language_model.model
+    cos, sin = text.rope(positions)
+    emb = text.embed_tokens(ids).masked_fill((positions == 0)[..., None], 0.0)
+    spans = None if bool(mask.all()) else row_spans(mask)
+    return text.mtp["layers"][depth].hidden(h_prev, emb, cos, sin, layer, spans)
+
+
+def mtp_logits(model: MiniMaxM3, depth: int, h: torch.Tensor) -> torch.Tensor:
+    text = model.language_model.model
+    return model.language_model.lm_head(text.mtp["layers"][depth].final_layernorm(h))
+
+
+def generate(model: MiniMaxM3, input_ids: torch.Tensor, max_new_tokens: int, pixel_values=None,
+             image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, attention_mask=None,
+             mtp: bool = False, draft_tokens: int | None = None, eos_token_id: int | None = None
+             ) -> tuple[torch.Tensor, dict]:
+    """Greedy decoding: -> (tokens [B, S + max_new_tokens], stats). Rows may be left-padded
+    (attention_mask); after a row's eos_token_id, its tokens are eos_token_id, and generation stops
+    once every row has one.
+
+    With mtp=True each step drafts `draft_tokens` (default: the number of MTP depths) tokens the
+    way vLLM's drafter does, then verifies them with one forward of the main model:
+      - first pass: MTP depth 0 runs over every slot the main model has just verified (the whole
+        prompt at first): slot p fuses the embedding of the token at p + 1 (the newest sampled
+        token at the last slot) with the main model's post-norm hidden state h_p, at p's
+        position, with the embedding zeroed at position 0; its last slot's logits give draft 1.
+        This is the training alignment of depth 1 (MTPDepth), except the position-0 zero.
+      - later drafts j = 2..n use depth (j - 1) % M with one slot each: the previous draft's
+        embedding, the previous MTP output *before* final_layernorm (training passes the
+        post-norm h_k on), the next position. M3 ships one depth, which drafts every token.
+        A depth other than 0 starts each step with an empty cache (vLLM passes no step index,
+        so only depth 0 ever runs there).
+      - the main model takes [newest token, draft 1..n] in one forward; a row accepts the longest
+        prefix of drafts equal to its own greedy predictions; all rows keep the shortest such
+        prefix a, plus the main model's token after it; every cache rolls back to drop the rest
+        (the main model to the verified slots, MTP depth 0 to where its drafts began, then its
+        first pass over the verified slots).
+    Greedy verification makes the tokens those of plain greedy decoding. stats: steps (forward
+    calls after the prefill), drafted, accepted, acceptance (accepted / drafted).
+    """
+    cfg = model.config
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if mtp and not cfg.num_mtp_modules:
+        raise ValueError("mtp=True needs MTP depths, and this model has none")
+    n_draft = draft_tokens if draft_tokens is not None else max(cfg.num_mtp_modules, 1)
+    if mtp and (not isinstance(n_draft, int) or n_draft < 1):
+        raise ValueError(f"draft_tokens must be an int >= 1, got {draft_tokens!r}")
+    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate needs left padding: every row's last prompt position must be a token")
+    cache = model.new_cache()
+    stats = {"steps": 0, "drafted": 0, "accepted": 0}
+    with torch.no_grad():
+        out = model(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                    attention_mask=attention_mask, cache=cache)
+        new = [out.logits[:, -1].argmax(-1)]                                      # [B] each
+        if mtp:
+            h_draft = _first_pass(model, cache, torch.cat([input_ids[:, 1:], new[-1][:, None]], 1), out.hidden)
+        while len(new) < max_new_tokens and not _all_ended(new, eos_token_id):
+            stats["steps"] += 1
+            if not mtp:
+                new.append(_step(model, new[-1][:, None], cache).logits[:, -1].argmax(-1))
+                continue
+            drafts = _draft(model, cache, h_draft, n_draft)              # [B, n]
+            past = cache.length
+            check = _step(model, torch.cat([new[-1][:, None], drafts], 1), cache)
+            preds = check.logits.argmax(-1)                                       # [B, n + 1]
+            a = int((drafts == preds[:, :-1]).long().cumprod(-1).sum(-1).min())   # accepted by every row
+            stats["drafted"] += n_draft * drafts.shape[0]
+            stats["accepted"] += a * drafts.shape[0]
+            cache.truncate(past + a + 1)
+            cache.mtp[0].truncate(past)
+            for later in cache.mtp[1:]:
+                later.truncate(0)
+            verified = torch.cat([drafts[:, :a], preds[:, a:a + 1]], 1)
+            h_draft = _first_pass(model, cache, verified, check.hidden[:, :a + 1])
+            new += list(verified.unbind(1))
+    tokens = torch.stack(new[:max_new_tokens], 1) if max_new_tokens else input_ids[:, :0]
+    if eos_token_id is not None:                                                 # eos repeats once reached
+        ended = (tokens == eos_token_id).long().cumsum(1) > 0
+        tokens = tokens.masked_fill(ended & ~F.pad(ended, (1, 0))[:, :-1], eos_token_id)
+    stats["acceptance"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else None
+    return torch.cat([input_ids, tokens], 1), stats
+
+
+def _step(model: MiniMaxM3, ids: torch.Tensor, cache: Cache) -> M3Output:
+    """The main model over generated tokens ids [B, n] after the cache, embedded as text."""
+    return model(ids, cache=cache, inputs_embeds=model.language_model.model.embed_tokens(ids))
+
+
+def _all_ended(new: list[torch.Tensor], eos_token_id: int | None) -> bool:
+    return eos_token_id is not None and bool((torch.stack(new, 1) == eos_token_id).any(1).all())
+
+
+def _first_pass(model: MiniMaxM3, cache: Cache, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Depth 0 over the S slots the main model has just verified (the last S of cache.mask), at
+    their positions: -> the last slot's output [B, 1, D], pre-norm."""
+    positions = (cache.mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+    return mtp_pass(model, cache.mtp[0], 0, ids, hidden, positions, cache.mask)[:, -1:]
+
+
+def _draft(model: MiniMaxM3, cache: Cache, h_draft: torch.Tensor, n: int) -> torch.Tensor:
+    """n draft tokens [B, n]: the first from the first pass's last slot (h_draft, pre-norm), draft
+    j + 1 from one slot of depth j % M at position (row's cached tokens) + j - 1, fed the previous
+    draft and MTP output. Depth 0 attends its cache of verified slots; other depths only the
+    slots they ran this step."""
+    M = model.config.num_mtp_modules
+    count = cache.mask.sum(-1, keepdim=True)                                     # [B, 1]
+    drafts = [mtp_logits(model, 0, h_draft)[:, -1].argmax(-1)]
+    for j in range(1, n):
+        depth = j % M
+        layer = cache.mtp[depth]
+        history = cache.mask if depth == 0 else cache.mask[:, :0]
+        mask = F.pad(history, (0, layer.length + 1 - history.shape[1]), value=1)
+        h_draft = mtp_pass(model, layer, depth, drafts[-1][:, None], h_draft, count + j - 1, mask)
+        drafts.append(mtp_logits(model, depth, h_draft)[:, -1].argmax(-1))
+    return torch.stack(drafts, 1)
 
 
 # ============================================================================================
@@ -1960,7 +2273,7 @@ GOLDEN_MEDIA = dict(image_grids=((1, 2, 2), (1, 2, 4)), video_hw=(2, 2))   # 24 
 
 
 def golden_config(**overrides) -> M3Config:
-    """The models behind the golden cases: the tiny preset made smaller so golden/ stays ~4 MB."""
+    """The models behind the golden cases: the tiny preset made smaller so golden/ stays under 6 MB."""
     return replace(M3Config.tiny(), vocab_size=128, hidden_size=32, head_dim=8, rotary_dim=4,
                    sparse_index_dim=8, sparse_topk_blocks=3, dense_intermediate_size=48,
                    intermediate_size=16, shared_intermediate_size=16, num_local_experts=6,
@@ -1979,8 +2292,9 @@ class Tracer:
     `mtp.{d}.layer.router.*`, `mtp.{d}.hidden`.
     """
 
-    def __init__(self, model: MiniMaxM3, media: list[str]):
+    def __init__(self, model: MiniMaxM3, media: list[str], prefix: str = ""):
         self.out: dict[str, torch.Tensor] = {}
+        self.prefix = prefix
         self.handles = []
         text = model.language_model.model
         # hooks on the pieces themselves (not on TextModel.forward), so a streamed run is traced alike
@@ -2006,15 +2320,19 @@ class Tracer:
         self.handles.append(module.register_forward_hook(lambda m, args, y: fn(y)))
 
     def _put(self, name: str, t: torch.Tensor):
-        self.out[name] = t.detach().clone()
+        self.out[self.prefix + name] = t.detach().clone()
+
+    def _update(self, named: dict[str, torch.Tensor]):
+        for name, t in named.items():
+            self._put(name, t)
 
     def _layer(self, layer: DecoderLayer, prefix: str):
         attn = layer.self_attn
         if attn.sparse:
-            self._pre(attn, lambda a: self.out.update(indexer_outputs(attn, *a, prefix + "indexer.")))
+            self._pre(attn, lambda a: self._update(indexer_outputs(attn, *a[:3], prefix + "indexer.", *a[3:5])))
         if hasattr(layer, "block_sparse_moe"):
             moe = layer.block_sparse_moe
-            self._pre(moe, lambda a: self.out.update(router_outputs(moe, a[0], prefix + "router.")))
+            self._pre(moe, lambda a: self._update(router_outputs(moe, a[0], prefix + "router.")))
 
     def close(self):
         for h in self.handles:
@@ -2032,12 +2350,24 @@ def router_outputs(moe: MoE, x: torch.Tensor, prefix: str) -> dict[str, torch.Te
             prefix + "weights": w.gather(-1, order)}
 
 
-def indexer_outputs(attn: Attention, x, cos, sin, prefix: str) -> dict[str, torch.Tensor]:
+def indexer_outputs(attn: Attention, x, cos, sin, prefix: str, cache: LayerCache | None = None,
+                    spans: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
     """block_scores: unscaled fp32 block scores before forcing [B, Hi, S, nb] (-inf: no causal key);
-    block_ids: the selection [B, Hi, S, topk] int32, ascending, -1 padded."""
+    block_ids: the selection [B, Hi, S, topk] int32, ascending, -1 padded. With a cache (before this
+    call's keys join it), the new queries sit after the cached slots and rank all index keys. With
+    padded rows (spans, no cache), each row's own tokens as if it ran alone, `row.{b}.` + prefix."""
+    if spans is not None:
+        if cache is not None and cache.length:
+            raise ValueError("indexer_outputs traces padded rows in one call without a cache only")
+        return {f"row.{b}.{name}": t for b, (lo, hi) in enumerate(spans)
+                for name, t in indexer_outputs(attn, x[b:b + 1, lo:hi], cos[b:b + 1, lo:hi], sin[b:b + 1, lo:hi],
+                                               prefix).items()}
     iq, ik = attn.index_qk(x, cos, sin)
-    scores = index_block_scores(iq, ik, 0, attn.block_size)
-    ids = select_blocks(scores, 0, attn.block_size, attn.topk, attn.init_blocks, attn.local_blocks)
+    past = 0 if cache is None else cache.length
+    if past:
+        ik = torch.cat([cache.ik, ik], dim=1)
+    scores = index_block_scores(iq, ik, past, attn.block_size)
+    ids = select_blocks(scores, past, attn.block_size, attn.topk, attn.init_blocks, attn.local_blocks)
     return {prefix + "block_scores": scores, prefix + "block_ids": ids}
 
 
@@ -2235,6 +2565,18 @@ def golden_cases() -> list[dict]:
              batch=2, length=23, media=False, description="two MTP depths, pinning the recursion h_1 -> h_2"),
         dict(name="bf16", kind="model", config=base, dtype="bfloat16", seed=101, media=True,
              description="the vision-language case with bf16 weights and activations"),
+        dict(name="decode", kind="decode", config=replace(text, sparse_block_size=4, num_mtp_modules=0),
+             dtype="float32", seed=105, steps=[37, 1, 1, 3, 1, 2], end_results=[f"step.{s}.logits" for s in range(6)],
+             description="a cached forward (no MTP depth: a cached call runs none): a 37-token prefill, then calls "
+                         "of 1, 1, 3, 1 and 2 tokens (input `steps`); block 4, top-3 with 1 init + 1 local block, "
+                         "so from the fourth block on new queries drop blocks of the cached history; per call s, "
+                         "`step.{s}.*`: the traced forward, q_start (cached positions before it) and cache_length "
+                         "(after it)"),
+        dict(name="padded-batch", kind="padded", config=text, dtype="float32", seed=106, lengths=[41, 12, 30],
+             max_new_tokens=5, end_results=[f"row.{b}.logits" for b in range(3)] + ["generated"],
+             description="three left-padded rows of 41, 12 and 30 tokens (attention_mask); per row b, `row.{b}.*`: "
+                         "its indexer outputs and logits over its own tokens, which equal the row run alone (block "
+                         "8, top-3: row 0 drops blocks); `generated`: greedy decoding of max_new_tokens tokens"),
     ]
     return [dict(c, end_results=c.get("end_results", ["logits"])) for c in cases]
 
@@ -2243,7 +2585,69 @@ def run_case(path: Path, case: dict, inputs: dict) -> dict[str, torch.Tensor]:
     """The reference's outputs of one case (a golden_cases() dict or a manifest entry)."""
     if case["kind"] == "component":
         return run_component_case(path, case["component"], inputs)
-    return run_model_case(path, getattr(torch, case["dtype"]), inputs)
+    run = {"model": run_model_case, "decode": run_decode_case, "padded": run_padded_case}[case["kind"]]
+    return run(path, getattr(torch, case["dtype"]), inputs)
+
+
+def _case_inputs(case: dict) -> dict[str, torch.Tensor]:
+    cfg, seed = case["config"], case["seed"]
+    if case["kind"] == "model":
+        return _model_inputs(cfg, seed, case.get("batch", 1), case.get("length", 0), case["media"])
+    g = torch.Generator().manual_seed(seed)
+    if case["kind"] == "decode":
+        steps = torch.tensor(case["steps"])
+        return dict(input_ids=torch.randint(0, cfg.vocab_size, (1, int(steps.sum())), generator=g), steps=steps)
+    S = max(case["lengths"])
+    mask = torch.stack([(torch.arange(S) >= S - n).long() for n in case["lengths"]])
+    ids = torch.randint(0, cfg.vocab_size, mask.shape, generator=g) * mask
+    return dict(input_ids=ids, attention_mask=mask, max_new_tokens=torch.tensor([case["max_new_tokens"]]))
+
+
+def run_decode_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
+    """Cached calls of inputs["steps"] tokens each over input_ids [1, S]; call s traced as
+    `step.{s}.*` (its layers' indexer, router and hidden; hidden; logits of its tokens), with
+    q_start (positions cached before the call) and cache_length (after it)."""
+    model = from_pretrained(path, dtype=dtype)
+    ids, steps = inputs["input_ids"], inputs["steps"].tolist()
+    if sum(steps) != ids.shape[1]:
+        raise ValueError(f"steps {steps} must add up to the {ids.shape[1]} input_ids")
+    cache, out, start = model.new_cache(), {}, 0
+    for s, n in enumerate(steps):
+        out[f"step.{s}.q_start"] = torch.tensor([start])
+        tracer = Tracer(model, [], f"step.{s}.")
+        with torch.no_grad():
+            logits = model(ids[:, start:start + n], cache=cache).logits
+        tracer.close()
+        out.update(tracer.out)
+        out.update({f"step.{s}.logits": logits, f"step.{s}.cache_length": torch.tensor([cache.length])})
+        start += n
+    return out
+
+
+def run_padded_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
+    """A left-padded batch: per row b, `row.{b}.*` over the row's own tokens (its indexer outputs,
+    logits and MTP logits), then `generated`: greedy decoding of max_new_tokens [1] tokens."""
+    model = from_pretrained(path, dtype=dtype)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    tracer = Tracer(model, [])
+    with torch.no_grad():
+        res = model(ids, attention_mask=mask)
+    tracer.close()
+    out = {k: v for k, v in tracer.out.items() if k.startswith("row.")}
+    for b, (lo, hi) in enumerate(row_spans(mask)):
+        out[f"row.{b}.logits"] = res.logits[b:b + 1, lo:hi]
+        out.update({f"row.{b}.mtp.{d}.logits": lg[b:b + 1, lo:hi] for d, lg in enumerate(res.mtp_logits)})
+    out["generated"] = model.generate(ids, int(inputs["max_new_tokens"]), attention_mask=mask)[0]
+    return out
+
+
+def greedy_margin(model: MiniMaxM3, tokens: torch.Tensor, mask: torch.Tensor, prompt: int) -> float:
+    """The smallest gap between the top two logits over the choices that produced tokens[:, prompt:]:
+    a golden's greedy tokens must not hang on a near tie."""
+    full = F.pad(mask, (0, tokens.shape[1] - mask.shape[1]), value=1)
+    with torch.no_grad():
+        top2 = model(tokens, attention_mask=full).logits[:, prompt - 1:-1].float().topk(2, dim=-1).values
+    return float((top2[..., 0] - top2[..., 1]).min())
 
 
 def make_case(case: dict, path: Path) -> dict:
@@ -2260,9 +2664,15 @@ def make_case(case: dict, path: Path) -> dict:
         if m3_keys:
             save_file({k: t.contiguous() for k, t in model.state_dict().items() if k in m3_keys}, path / SINGLE_FILE)
     else:
-        inputs = _model_inputs(cfg, case["seed"], case.get("batch", 1), case.get("length", 0), case["media"])
+        inputs = _case_inputs(case)
         save_pretrained(model, path)
     outputs = run_case(path, case, inputs)
+    if case["kind"] != "component":
+        outputs = {name: outputs[name] for name in V.forward_order(outputs)}
+    if "generated" in outputs:
+        margin = greedy_margin(model, outputs["generated"], inputs["attention_mask"], inputs["input_ids"].shape[1])
+        if margin < 10 * V.FP32_MODEL_TOL:
+            raise ValueError(f"case {case['name']}: a greedy choice is within {margin:.2g} of a tie; pick another seed")
     save_file({k: v.contiguous() for k, v in inputs.items()}, path / "inputs.safetensors")
     save_file({k: v.contiguous().clone() for k, v in outputs.items()}, path / "outputs.safetensors")
     return {"name": case["name"], "description": case["description"], "kind": case["kind"],
@@ -2811,12 +3221,7 @@ def run_checkpoint(args) -> None:
                        M3Config.from_json(Path(args.checkpoint) / "config.json"), encode, args.prompt)
     if inputs["input_ids"].numel() == 0:
         raise ValueError("--prompt encodes to no tokens")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise ValueError(f"--device {args.device!r}: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this torch build sees no CUDA device")
+    device = _device(args.device)
     target = Path(args.save_outputs) if args.save_outputs else None
     if target is not None:                       # fail now, not after the whole forward
         if target.is_dir():
@@ -2846,6 +3251,69 @@ def run_checkpoint(args) -> None:
         print(f"saved {len(tensors)} tensors (inputs and golden names) to {target}")
 
 
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch build sees no CUDA device")
+    return device
+
+
+GENERATE_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                   "video_grid_thw")
+
+
+def generate_cli(args) -> None:
+    """`generate`: greedy (or MTP speculative) decoding of the tiny preset with random weights on
+    its demo prompt (text, two images, a video), or of --checkpoint loaded whole; prints the new
+    tokens of each row, the steps and the MTP acceptance."""
+    device, dtype = _device(args.device), getattr(torch, args.dtype)
+    if args.checkpoint:
+        cfg = M3Config.from_json(Path(args.checkpoint) / "config.json")
+        encode = load_tokenizer(args.checkpoint, required=args.prompt is not None)
+    else:
+        cfg, encode = M3Config.tiny(), None
+        if args.prompt is not None:
+            raise ValueError("--prompt needs --checkpoint (its tokenizer.json); the tiny preset takes --prompt-ids")
+    given = args.prompt_ids is not None or args.prompt_file is not None
+    inputs = ({} if args.prompt is not None else read_prompt(args.prompt_ids, args.prompt_file) if given
+              else {k: v for k, v in demo_inputs(cfg).items() if k != "labels"})
+    inputs = add_media(inputs, args.image or (), args.video or (), args.video_fps, cfg, encode, args.prompt)
+    ignored = sorted(set(inputs) - set(GENERATE_INPUTS))
+    if ignored:
+        print(f"not generate inputs, ignored: {', '.join(ignored)}")
+    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+              for k, v in inputs.items() if k in GENERATE_INPUTS}
+    t0 = time.perf_counter()
+    model = (from_pretrained(args.checkpoint, dtype, device) if args.checkpoint
+             else init_random_(MiniMaxM3(cfg), seed=0).to(device, dtype).eval())
+    t1 = time.perf_counter()
+    tokens, stats = generate(model, max_new_tokens=args.max_new_tokens, mtp=args.mtp, draft_tokens=args.draft_tokens,
+                             eos_token_id=args.eos_token_id, **inputs)
+    t2 = time.perf_counter()
+    S = inputs["input_ids"].shape[1]
+    print(f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'tiny preset, random weights'}: loaded in "
+          f"{t1 - t0:.1f} s; prompt {tuple(inputs['input_ids'].shape)}, {args.max_new_tokens} new tokens in "
+          f"{t2 - t1:.2f} s")
+    for b, row in enumerate(tokens[:, S:].tolist()):
+        print(f"row {b}: {' '.join(map(str, row))}")
+    rate = "n/a (no drafts)" if stats["acceptance"] is None else f"{stats['acceptance']:.3f}"
+    print(f"steps {stats['steps']} (forward calls after the prefill), drafted {stats['drafted']}, "
+          f"accepted {stats['accepted']}, acceptance {rate}")
+
+
+def _prompt_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    prompt = p.add_mutually_exclusive_group(required=required)
+    prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3")
+    prompt.add_argument("--prompt-file", help="a .safetensors of forward inputs (media too), or a text file of ids")
+    prompt.add_argument("--prompt", help="text, tokenised by the checkpoint's tokenizer.json (needs the tokenizers "
+                                         "package; no chat template): write ]<]image[>[ / ]<]video[>[ per file")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="MiniMax M3 reference")
     parser.add_argument("--kernels", choices=["torch", "triton"],
@@ -2871,51 +3339,47 @@ def main(argv: Sequence[str] | None = None) -> None:
     r = sub.add_parser("run", parents=[media], help="streamed forward of a checkpoint, one layer resident at a time "
                                                     "(the released model on one GPU)")
     r.add_argument("--checkpoint", required=True, help="directory with config.json and the safetensors")
-    prompt = r.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3")
-    prompt.add_argument("--prompt-file", help="a .safetensors of forward inputs (media too), or a text file of ids")
-    prompt.add_argument("--prompt", help="text, tokenised by the checkpoint's tokenizer.json (needs the tokenizers "
-                                         "package; no chat template): write ]<]image[>[ / ]<]video[>[ per file")
-    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    _prompt_arguments(r, required=True)
     r.add_argument("--mtp-depths", type=int, help="MTP depths to run (default: those the checkpoint ships)")
     r.add_argument("--save-outputs", help="write the inputs and outputs under the golden names (.safetensors)")
     r.add_argument("--trace", action="store_true", help="with --save-outputs: every golden intermediate too")
+    d = sub.add_parser("generate", parents=[media], help="greedy / MTP speculative decoding of the tiny preset "
+                                                         "(random weights) or of a checkpoint loaded whole")
+    d.add_argument("--checkpoint", help="directory with config.json and the safetensors (default: the tiny preset "
+                                        "on its demo prompt); the whole model is loaded on --device")
+    _prompt_arguments(d, required=False)
+    d.add_argument("--max-new-tokens", type=int, default=16)
+    d.add_argument("--mtp", action="store_true", help="MTP speculative decoding, drafting as vLLM does")
+    d.add_argument("--draft-tokens", type=int, help="drafts per step with --mtp (default: the MTP depths)")
+    d.add_argument("--eos-token-id", type=int, help="stop a row at this token")
     args = parser.parse_args(argv)
     if args.kernels:
-        try:
-            set_kernels(args.kernels)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        _or_exit(set_kernels, args.kernels)
     if args.command == "golden":
         print(f"generating golden cases into {args.out}")
         generate_golden(args.out)
     elif args.command == "verify":
-        try:
-            status = verify_golden(args.root, args.case)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        status = _or_exit(verify_golden, args.root, args.case)
         print(f"\noverall: exit {status} (0 pass, 1 divergence, 2 unusable input, 3 inconclusive)")
         sys.exit(status)
-    elif args.command == "run":
-        try:
-            run_checkpoint(args)
-        except (ValueError, TypeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+    elif args.command in ("run", "generate"):
+        _or_exit(run_checkpoint if args.command == "run" else generate_cli, args)
     elif args.command == "bench" and args.one:
         impl, S, ckpt = args.one
         print(json.dumps(_bench_one(impl, int(S), ckpt)))
     elif args.command == "bench":
         bench()
     else:
-        try:
-            demo(*((args.image or (), args.video or (), args.video_fps) if args.command == "demo" else ()))
-        except (ValueError, TypeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        _or_exit(demo, *((args.image or (), args.video or (), args.video_fps) if args.command == "demo" else ()))
+
+
+def _or_exit(command, *args):
+    """Run a CLI command: bad input (ValueError, TypeError) prints `error: ...` and exits with 2."""
+    try:
+        return command(*args)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Tests for m3_reference.py, in the file's order: config, components, model, checkpoint I/O, the
 released checkpoint's format (MXFP8, shards, MTP depths) and the streamed forward, then hypothesis
-properties of every component (same order), then parity with transformers (an independent
-implementation; skipped where it is absent), then the golden cases and golden/verify.py.
+properties of every component and of decoding (same order), then parity with transformers (an
+independent implementation; skipped where it is absent), then the golden cases and golden/verify.py.
 
 Hypothesis profiles: "ci" (default; derandomized, few examples, the suite stays well under five
 minutes on 2 cores) and "deep" (HYPOTHESIS_PROFILE=deep: 20x the examples, randomized).
@@ -1412,6 +1412,205 @@ def test_prop_model(cfg, seed, S, data):
         assert out.mtp_loss is None and out.mtp_logits == []
 
 
+# ---- Decoding --------------------------------------------------------------------------------
+# The tiny preset: block 8, top-4 (one init, one local), so any history past 32 tokens drops blocks.
+
+def decode_prompt(vision: bool, seed: int = 0, extra: int = 30) -> tuple[m3.MiniMaxM3, dict, int]:
+    """(model, forward inputs, the first position a cached call may start at): demo_inputs then
+    `extra` text tokens, or only text; media must come in the call holding their placeholders."""
+    cfg = tiny() if vision else tiny(vision=None)
+    g = torch.Generator().manual_seed(seed + 1)
+    text = torch.randint(0, 500, (1, extra), generator=g)             # below every special id
+    if not vision:
+        return model_of(cfg, seed), dict(input_ids=text), 1
+    inputs = {k: v for k, v in m3.demo_inputs(cfg, seed).items() if k != "labels"}
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], text], 1)
+    media = (inputs["input_ids"][0] >= cfg.image_token_index).nonzero()
+    return model_of(cfg, seed), inputs, int(media[-1]) + 1
+
+
+@given(vision=st.booleans(), data=st.data())
+@few(6)
+def test_prop_incremental_logits_equal_the_full_forward(vision, data):
+    model, inputs, first = decode_prompt(vision, extra=data.draw(st.integers(34, 50)))
+    ids = inputs["input_ids"]
+    S = ids.shape[1]
+    cuts = [data.draw(st.integers(first, S), label="prefill")]
+    while cuts[-1] < S:
+        cuts.append(min(S, cuts[-1] + data.draw(st.sampled_from([1, 1, 2, 3, 7]), label="step")))
+    cache = model.new_cache()
+    with torch.no_grad():
+        full = model(**inputs).logits
+        parts = [model(**inputs | dict(input_ids=ids[:, :cuts[0]]), cache=cache).logits]
+        for a, b in zip(cuts, cuts[1:]):
+            parts.append(model(ids[:, a:b], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    cfg = model.config
+    assert cache.length == S and cache.mask.shape == (1, S) and len(cache.mtp) == cfg.num_mtp_modules
+    for layer, sparse in zip(cache.layers, cfg.sparse_attention_freq):
+        assert layer.k.shape == layer.v.shape == (1, S, cfg.num_key_value_heads, cfg.head_dim)
+        assert (layer.ik.shape == (1, S, cfg.sparse_index_dim)) if sparse else layer.ik is None
+
+
+def test_decode_prompts_are_long_enough_that_selection_drops_blocks():
+    for vision in (False, True):
+        model, inputs, _ = decode_prompt(vision, extra=34)
+        dense = model_of(replace(model.config, sparse_topk_blocks=1000))
+        with torch.no_grad():
+            gap = (model(**inputs).logits[:, -1] - dense(**inputs).logits[:, -1]).abs().max()
+        assert gap > 1e-2, "every block fits the budget: these prompts would not catch a wrong selection"
+
+
+def padded(rows: list[torch.Tensor], left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows of different lengths -> (ids [B, S], attention_mask [B, S]), pads of id 7."""
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), 7)
+    mask = torch.zeros(len(rows), S, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        at = slice(S - len(r), S) if left else slice(0, len(r))
+        ids[b, at], mask[b, at] = r, 1
+    return ids, mask
+
+
+@given(lengths=st.lists(st.integers(1, 45), min_size=2, max_size=3), left=st.booleans(), seed=seeds)
+@few(5)
+def test_prop_padded_rows_equal_their_rows_alone(lengths, left, seed):
+    model = model_of(tiny(vision=None), seed)
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, 500, (n,), generator=g) for n in lengths]
+    ids, mask = padded(rows, left)
+    S = ids.shape[1]
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        for b, r in enumerate(rows):
+            at = slice(S - len(r), S) if left else slice(0, len(r))
+            alone = model(r[None])
+            torch.testing.assert_close(out.logits[b, at], alone.logits[0], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+            torch.testing.assert_close(out.mtp_logits[0][b, at], alone.mtp_logits[0][0], rtol=FP32_OP_TOL,
+                                       atol=FP32_OP_TOL)
+    assert torch.isfinite(out.loss)
+
+
+def test_padded_batch_generates_what_each_row_generates_alone():
+    model = model_of(tiny(vision=None))
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 500, (n,), generator=g) for n in (40, 9, 33)]
+    ids, mask = padded(rows)
+    for mtp in (False, True):
+        tokens, _ = model.generate(ids, 6, attention_mask=mask, mtp=mtp, draft_tokens=2)
+        for b, r in enumerate(rows):
+            alone, _ = model.generate(r[None], 6, mtp=mtp, draft_tokens=2)
+            assert torch.equal(tokens[b, ids.shape[1]:], alone[0, len(r):])
+
+
+def acceptance_model(mtp_modules: int = 1, agree: float = 0.05) -> m3.MiniMaxM3:
+    """Random weights bent so that MTP drafts are often right: every norm's scale 1 (Gemma offset
+    0), each block's output projections scaled by `agree` (the residual stream stays close to the
+    token embedding) and each MTP depth fusing only the embedding: then the main model and a depth
+    predict nearly the same next token from the same token, and drafts are accepted part of the
+    time while attention still matters."""
+    model = model_of(tiny(vision=None, num_mtp_modules=mtp_modules))
+    D = model.config.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.zero_()
+            if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")):
+                p.mul_(agree)
+        for depth in model.language_model.model.mtp["layers"]:
+            depth.eh_proj.weight.zero_()
+            depth.eh_proj.weight[:, :D] = torch.eye(D)
+    return model
+
+
+@pytest.mark.parametrize("make, B, drafts", [(lambda: model_of(tiny(vision=None)), 1, 1), (acceptance_model, 1, 1),
+                                             (acceptance_model, 2, 3), (lambda: acceptance_model(2), 1, 3),
+                                             (lambda: model_of(tiny()), 1, 2)])
+def test_generate_with_and_without_mtp_gives_the_same_tokens(make, B, drafts):
+    model = make()
+    ids = torch.randint(0, 500, (B, 35), generator=torch.Generator().manual_seed(B))
+    greedy, plain = model.generate(ids, 16)
+    spec, stats = model.generate(ids, 16, mtp=True, draft_tokens=drafts)
+    assert torch.equal(spec, greedy)
+    assert plain == {"steps": 15, "drafted": 0, "accepted": 0, "acceptance": None}
+    assert stats["drafted"] == stats["steps"] * drafts * B and 0 <= stats["accepted"] <= stats["drafted"]
+    assert stats["acceptance"] == stats["accepted"] / stats["drafted"]
+
+
+def test_acceptance_is_total_when_every_head_predicts_the_same_token():
+    """Final norms of weight -1 zero the hidden state (Gemma scale 1 + w), so the main head and
+    the MTP head both see zeros and predict token 0 everywhere: every draft is accepted."""
+    for depths, drafts in ((1, 1), (1, 3), (2, 3)):
+        model = model_of(tiny(vision=None, num_mtp_modules=depths))
+        text = model.language_model.model
+        with torch.no_grad():
+            for norm in [text.norm] + [d.final_layernorm for d in text.mtp["layers"]]:
+                norm.weight.fill_(-1.0)
+        ids = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+        tokens, stats = model.generate(ids, 13, mtp=True, draft_tokens=drafts)
+        assert bool((tokens[:, 20:] == 0).all())
+        assert stats["acceptance"] == 1.0 and stats["steps"] == math.ceil(12 / (drafts + 1))
+
+
+def test_drafts_after_rejections_equal_drafts_from_scratch(monkeypatch):
+    """Rollback leaves no trace: at every step the drafts equal those of a fresh generate whose
+    prompt is everything verified so far (so main and MTP caches hold exactly the kept slots)."""
+    model = acceptance_model()
+    ids = torch.randint(0, 500, (1, 30), generator=torch.Generator().manual_seed(4))
+    seen, draft = [], m3._draft
+    monkeypatch.setattr(m3, "_draft", lambda model, cache, h, n: seen.append((cache.length, draft(model, cache, h, n)))
+                        or seen[-1][1])
+    tokens, stats = model.generate(ids, 20, mtp=True, draft_tokens=3)
+    assert 0 < stats["accepted"] < stats["drafted"], "a run with both kept and rejected drafts"
+    steps = seen[:]
+    for past, drafts in steps[1:]:
+        seen.clear()
+        model.generate(tokens[:, :past], 2, mtp=True, draft_tokens=3)
+        assert torch.equal(seen[0][1], drafts), f"step after {past} verified tokens"
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m, ids: m(ids, attention_mask=torch.ones(1, 5, dtype=torch.int64)), ValueError, "attention_mask must be"),
+    (lambda m, ids: m(ids, attention_mask=torch.tensor([[1, 0, 1, 1, 1, 1]])), ValueError, "pads between its tokens"),
+    (lambda m, ids: m(ids, attention_mask=torch.tensor([[0] * 6])), ValueError, "row 0 holds no token"),
+    (lambda m, ids: m(ids, attention_mask=torch.tensor([[2] * 6])), ValueError, "1 \\(token\\) and 0 \\(pad\\)"),
+    (lambda m, ids: m.generate(ids, 3, attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0]])), ValueError, "left padding"),
+    (lambda m, ids: m.generate(ids, 3, mtp=True, draft_tokens=0), ValueError, "draft_tokens must be an int >= 1"),
+    (lambda m, ids: m.generate(ids, -1), ValueError, "max_new_tokens must be"),
+    (lambda m, ids: m(ids, inputs_embeds=torch.zeros(1, 6, 5)), ValueError, "inputs_embeds shape"),
+    (lambda m, ids: m(torch.cat([ids, ids]), cache=_filled(m, ids)), ValueError, "but the cache holds 1"),
+])
+def test_decode_input_errors(call, error, match):
+    model = model_of(tiny(vision=None))
+    with pytest.raises(error, match=match):
+        call(model, torch.arange(6)[None])
+
+
+def _filled(model, ids):
+    cache = model.new_cache()
+    model(ids, cache=cache)
+    return cache
+
+
+def test_a_failed_cached_call_leaves_the_cache_as_it_was():
+    model = model_of(tiny(vision=None))
+    ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache = _filled(model, ids[:, :10])
+    before = [(layer.k.clone(), layer.v.clone()) for layer in cache.layers]
+    with torch.no_grad():                          # layers 0 and 1 extend their caches, layer 2 fails
+        model.language_model.model.layers[2].block_sparse_moe.shared_experts.down_proj.weight.fill_(float("inf"))
+    with pytest.raises(ValueError, match="layer 2 output"):
+        model(ids[:, 10:], cache=cache)
+    assert cache.length == 10
+    for layer, (k, v) in zip(cache.layers, before):
+        assert torch.equal(layer.k, k) and torch.equal(layer.v, v)
+
+
+def test_mtp_generate_needs_mtp_depths():
+    with pytest.raises(ValueError, match="needs MTP depths"):
+        model_of(tiny(vision=None, num_mtp_modules=0)).generate(torch.arange(6)[None], 3, mtp=True)
+
+
 # ---- Vision ----------------------------------------------------------------------------------
 
 grids = st.tuples(st.integers(1, 4), st.sampled_from([2, 4]), st.sampled_from([2, 4, 6]))
@@ -2049,9 +2248,13 @@ GOLDEN = Path(__file__).parent / "golden"
 V = m3.golden_verifier()
 
 
-def _outputs(case: str) -> dict:
+def _outputs(case: str, file: str = "outputs") -> dict:
     from safetensors.torch import load_file
-    return load_file(GOLDEN / case / "outputs.safetensors")
+    return load_file(GOLDEN / case / f"{file}.safetensors")
+
+
+def _inputs(case: str) -> dict:
+    return _outputs(case, "inputs")
 
 
 def _write(path: Path, tensors: dict) -> str:
@@ -2105,7 +2308,7 @@ def test_golden_generation_is_deterministic_and_matches_the_committed_cases(tmp_
 
 
 def test_golden_is_small():
-    assert sum(p.stat().st_size for p in GOLDEN.rglob("*") if p.is_file()) <= 5 * 2 ** 20
+    assert sum(p.stat().st_size for p in GOLDEN.rglob("*") if p.is_file()) <= 6 * 2 ** 20
 
 
 def test_verify_py_runs_without_torch_on_every_committed_case():
@@ -2278,6 +2481,11 @@ def test_a_swap_far_from_a_tie_diverges(tmp_path, capsys):
     assert f"first at [0, 0, {i}]" in _row(text, "layers.1.indexer.block_ids")
 
 
+def use_stored_selection(attn: m3.Attention, ids: torch.Tensor) -> None:
+    """Make a sparse attention module attend the given block ids instead of its indexer's."""
+    attn.attend = lambda q, k, v, iq, ik, q_start: m3.sparse_attention(q, k, v, ids, attn.block_size, attn.scale, q_start)
+
+
 def _layerwise_bf16_in_fp32(stored: dict) -> dict:
     """The bf16 case computed in fp32 stage by stage from its stored tensors, as README's
     'Layer by layer' describes: each layer starts from the stored hidden state before it and its
@@ -2299,12 +2507,12 @@ def _layerwise_bf16_in_fp32(stored: dict) -> dict:
         out["embeddings"] = m3.splice(e, ids, ref("vision.video.features"), model.config.video_token_index, "video")
         for i, layer in enumerate(text.layers):
             if layer.self_attn.sparse:
-                layer.self_attn.select = lambda *a, i=i: stored[f"layers.{i}.indexer.block_ids"]
+                use_stored_selection(layer.self_attn, stored[f"layers.{i}.indexer.block_ids"])
             layer(ref("embeddings" if i == 0 else f"layers.{i - 1}.hidden"), cos, sin)
         out["hidden"] = text.norm(ref(f"layers.{len(text.layers) - 1}.hidden"))
         out["logits"] = head(ref("hidden"))
         for d, depth in enumerate(text.mtp["layers"]):
-            depth.transformer_layer.self_attn.select = lambda *a, d=d: stored[f"mtp.{d}.layer.indexer.block_ids"]
+            use_stored_selection(depth.transformer_layer.self_attn, stored[f"mtp.{d}.layer.indexer.block_ids"])
             depth(ref("hidden" if d == 0 else f"mtp.{d - 1}.hidden"), text.embed_tokens(F.pad(ids[:, d + 1:], (0, d + 1))),
                   cos, sin)
             out[f"mtp.{d}.logits"] = head(ref(f"mtp.{d}.hidden"))
@@ -2357,7 +2565,7 @@ def test_reference_mode_classifies_near_ties_with_the_reference_dtype(tmp_path, 
 def test_forward_order_of_names_matches_the_generator():
     for entry in V.load_manifest(GOLDEN)["cases"]:
         names = [o["name"] for o in entry["outputs"]]
-        if entry["kind"] == "model" or entry["name"] == "component-vision":
+        if entry["kind"] != "component" or entry["name"] == "component-vision":
             assert V.forward_order(reversed(names)) == names, entry["name"]
 
 
@@ -2478,6 +2686,8 @@ def test_layerwise_stages():
                                  "mtp.0.logits", "loss"]] == \
         ["vision.image", "embeddings", "layers.3", "layers.3", "hidden", "logits", "mtp.0", "mtp.0",
          "mtp.0.logits", "loss"]
+    assert [V.stage(n) for n in ["step.2.layers.1.indexer.block_ids", "step.2.logits", "row.1.mtp.0.hidden",
+                                 "generated"]] == ["step.2.layers.1", "step.2.logits", "row.1.mtp.0", "generated"]
 
 
 def test_list_names_every_case_its_inputs_and_end_results(capsys):
@@ -2507,6 +2717,59 @@ def test_sparse_edge_b7_forces_more_blocks_than_its_topk(tmp_path, capsys):
     got, out = _verify(capsys, "--case", "sparse-edge-b7", "--outputs", _foreign(
         tmp_path, "sparse-edge-b7", lambda o: _swap(o, "layers.1.indexer.block_ids", 0, 30, 4, 3)))
     assert got == V.DIVERGED and "forced block [4] dropped" in _row(out, "layers.1.indexer.block_ids")
+
+
+def test_the_decode_case_drops_blocks_of_the_cached_history(tmp_path, capsys):
+    out = _outputs("decode")
+    bs = V.sparse_rules(V.find_case(V.load_manifest(GOLDEN), GOLDEN, "decode")["config"])["block_size"]
+    for s in range(1, 6):
+        start = int(out[f"step.{s}.q_start"])
+        assert int(out[f"step.{s}.cache_length"]) == start + out[f"step.{s}.logits"].shape[1]
+        ids = out[f"step.{s}.layers.1.indexer.block_ids"]                  # [1, Hi, n, topk]
+        causal = (start + torch.arange(ids.shape[2])) // bs + 1
+        assert bool(((ids >= 0).sum(-1) < causal).all()), s
+    # a swap to a block that is causal only from the call's q_start is judged by its score
+    ids, scores = out["step.1.layers.1.indexer.block_ids"], out["step.1.layers.1.indexer.block_scores"]
+    chosen = set(ids[0, 0, 0].tolist())
+    c = int(out["step.1.q_start"]) // bs
+    drop = next(n for n in sorted(chosen) if n not in V.forced_blocks(c, 1, 1))
+    take = min(set(range(c + 1)) - chosen, key=lambda n: float(scores[0, 0, 0, n]))
+    got, text = _verify(capsys, "--case", "decode", "--outputs", _foreign(
+        tmp_path, "decode", lambda o: _swap(o, "step.1.layers.1.indexer.block_ids", 0, 0, drop, take)))
+    assert got == V.DIVERGED and "first divergence: step.1.layers.1.indexer.block_ids" in text
+    assert f"{sorted(chosen)} -> " in text and "score gap" in _row(text, "step.1.layers.1.indexer.block_ids")
+
+
+def test_the_padded_batch_case_holds_each_row_as_if_run_alone():
+    path = GOLDEN / "padded-batch"
+    model = m3.from_pretrained(path)
+    inputs, out = _inputs("padded-batch"), _outputs("padded-batch")
+    mask = inputs["attention_mask"]
+    assert bool((mask[:, 0] == 0).any()) and bool(mask[:, -1].all())
+    with torch.no_grad():
+        for b, row in enumerate(inputs["input_ids"]):
+            alone = model(row[mask[b] == 1][None])
+            torch.testing.assert_close(alone.logits, out[f"row.{b}.logits"], rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
+            n = int(inputs["max_new_tokens"])
+            assert torch.equal(model.generate(row[mask[b] == 1][None], n)[0][0, -n:], out["generated"][b, -n:])
+
+
+def test_generate_cli_on_the_tiny_preset_and_on_a_checkpoint(capsys):
+    m3.main(["generate", "--mtp", "--draft-tokens", "2", "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    assert "tiny preset, random weights" in out and len(_row(out, "row").split()) == 2 + 6
+    assert re.search(r"steps \d+ .*drafted \d+, accepted \d+, acceptance \d\.\d{3}", out)
+    case = GOLDEN / "padded-batch"
+    m3.main(["generate", "--checkpoint", str(case), "--prompt-file", str(case / "inputs.safetensors"),
+             "--max-new-tokens", "5"])
+    out = capsys.readouterr().out
+    assert "not generate inputs, ignored: max_new_tokens" in out
+    want = _outputs("padded-batch")["generated"][:, -5:]
+    rows = [line.split(": ")[1] for line in out.splitlines() if line.startswith("row ")]
+    assert rows == [" ".join(map(str, r)) for r in want.tolist()]
+    with pytest.raises(SystemExit) as e:
+        m3.main(["generate", "--prompt", "hello"])
+    assert e.value.code == 2 and "--prompt needs --checkpoint" in capsys.readouterr().err
 
 
 def test_failed_generation_leaves_the_old_golden(tmp_path, monkeypatch):

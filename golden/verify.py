@@ -138,14 +138,19 @@ _IN_LAYER = ["indexer.block_scores", "indexer.block_ids", "router.scores", "rout
 _IN_MTP = [f"layer.{n}" for n in _IN_LAYER[:-1]] + ["hidden"]
 
 
+_CALL = re.compile(r"^((?:step|row)\.(\d+)\.)(.+)$")     # a decode call's or a padded row's tensors
+
+
 def forward_order(names) -> list[str]:
     """Golden tensor names in forward order: vision (images, then videos), embeddings, each layer
     (indexer, router, hidden), hidden, logits, each MTP depth (its layer, hidden), then the MTP
-    logits (the shared head runs after the last depth), losses; unknown names last, sorted."""
+    logits (the shared head runs after the last depth), losses; unknown names last, sorted. Decode
+    calls `step.{s}.*` (q_start first, cache_length last) and padded rows `row.{b}.*` follow each
+    other in that order, each ordered as a forward; then `generated`."""
     def key(name):
         m = _ORDER.match(name)
         if m is None:
-            return (9, name)
+            return (-1,) if name == "q_start" else (9, name)
         kind, part, emb, layer, sub, hid, log, depth, msub, loss = m.groups()
         if kind:
             return (0, kind == "video", ["patches", "projected", "features"].index(part))
@@ -158,15 +163,32 @@ def forward_order(names) -> list[str]:
         if loss:
             return (7, ["lm_loss", "mtp_loss", "loss"].index(loss))
         return (1,) if emb else (3,) if hid else (4,)
-    return sorted(names, key=key)
+
+    def call_key(name):
+        m = _CALL.match(name)
+        if m:
+            return (1, m.group(1).split(".")[0], int(m.group(2)), key(m.group(3)))
+        return (2,) if name == "generated" else (0, key(name))
+    return sorted(names, key=call_key)
 
 
 def stage(name: str) -> str:
     """The forward stage a tensor belongs to: `layers.i`, `mtp.d` (its layer and hidden; its logits
-    come from the stored hidden), `vision.image|video`, else the tensor itself. With --layerwise
-    every stage starts from stored tensors, so a near tie never crosses stages."""
+    come from the stored hidden), `vision.image|video`, else the tensor itself; inside a decode call
+    or padded row, prefixed by it (`step.2.layers.1`). With --layerwise every stage starts from
+    stored tensors, so a near tie never crosses stages."""
+    call = _CALL.match(name)
+    prefix, name = (call.group(1), call.group(3)) if call else ("", name)
     m = re.match(r"^(layers\.\d+|mtp\.\d+(?=\.(?:layer|hidden))|vision\.\w+)\.", name)
-    return m.group(1) if m else name
+    return prefix + (m.group(1) if m else name)
+
+
+def q_start(reference: dict[str, np.ndarray], name: str) -> int:
+    """The slot of a selection's first query: `step.{s}.q_start` for a decode call's tensors (the
+    positions cached before it), else 0."""
+    call = _CALL.match(name)
+    stored = reference.get(call.group(1) + "q_start") if call else None
+    return int(np.asarray(stored).reshape(-1)[0]) if stored is not None and np.asarray(stored).size == 1 else 0
 
 
 def forced_blocks(c: int, init_blocks: int, local_blocks: int) -> set[int]:
@@ -245,7 +267,7 @@ def reference_rules(reference: dict[str, np.ndarray], dtypes: dict[str, str], co
             if sparse is None:
                 raise Unusable(f"the reference holds {n}: give --config (the model's config.json) so that forced "
                                f"blocks (block size, init and local blocks) are known when classifying near ties")
-            S, nb = scores.shape[-2], scores.shape[-1]
+            S, nb = q_start(reference, n) + scores.shape[-2], scores.shape[-1]
             if nb != -(-S // sparse["block_size"]):
                 raise Unusable(f"--config's block size {sparse['block_size']} gives {-(-S // sparse['block_size'])} "
                                f"blocks for {S} positions, but the reference's block_scores have {nb}")
@@ -285,11 +307,13 @@ def _close(spec: dict, ref: np.ndarray, got: np.ndarray) -> dict:
     return row
 
 
-def _selections(name: str, ref: np.ndarray, got: np.ndarray, scores: np.ndarray, rules: Rules) -> dict:
+def _selections(name: str, ref: np.ndarray, got: np.ndarray, scores: np.ndarray, rules: Rules,
+                first: int = 0) -> dict:
     """Choices compared as sets per row (order, -1 padding and repeats ignored). A differing row is
     a near tie when both sets have the same size, every block/expert swapped in is a valid candidate
     (a causal block, finite score), none swapped out was forced, and the swapped-in ones score, by
-    the reference scores, less than tie_tol below the swapped-out ones; otherwise it diverges."""
+    the reference scores, less than tie_tol below the swapped-out ones; otherwise it diverges.
+    Block queries sit at slots first, first + 1, ... (first: the decode call's q_start)."""
     blocks = name.endswith("block_ids")
     if blocks and rules.sparse is None:
         raise Unusable(f"{name}: forced blocks are unknown (no sparse_attention_config in the config)")
@@ -303,7 +327,8 @@ def _selections(name: str, ref: np.ndarray, got: np.ndarray, scores: np.ndarray,
         if a == b:
             continue
         differ += 1
-        gap, why = _swap_gap(a, b, score_rows[r], (r % S) // rules.sparse["block_size"] if blocks else None, rules)
+        gap, why = _swap_gap(a, b, score_rows[r], (first + r % S) // rules.sparse["block_size"] if blocks else None,
+                             rules)
         if gap < rules.tie_tol:
             worst_gap = max(worst_gap, gap)
             continue
@@ -378,7 +403,8 @@ def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np
         if problem:
             row.update(status="FAIL", note=problem)
         elif spec["compare"] == "set":
-            row.update(_selections(name, ref, got, reference[name.removesuffix("ids") + "scores"], rules))
+            row.update(_selections(name, ref, got, reference[name.removesuffix("ids") + "scores"], rules,
+                                   q_start(reference, name)))
         elif spec["compare"] == "exact":
             bad = np.asarray(got, np.int64) != np.asarray(ref, np.int64)
             row.update(tol="exact", status="FAIL" if bad.any() else "pass",
@@ -422,12 +448,12 @@ def report(title: str, rules: Rules, rows: list[dict], extra: list[str] = ()) ->
     counts = {s: sum(r["status"] == s for r in rows) for s in ("missing", "FAIL", "near tie")}
     print(f"\n{title}: {len(rows) - counts['missing']} tensors compared, {counts['missing']} missing, "
           f"{counts['FAIL']} failed, {counts['near tie']} near ties")
-    print(f"  {'tensor':<34}{'shape':<18}{'max abs':>10}{'max rel':>10}  {'tolerance':<27}status")
+    print(f"  {'tensor':<40}{'shape':<18}{'max abs':>10}{'max rel':>10}  {'tolerance':<27}status")
     num = lambda v: "" if v is None else (f"{v}" if isinstance(v, int) else f"{v:.2e}")
     for r in rows:
         after = "  (after a near tie)" if r["after"] and r["status"] != "missing" else ""
         note = f"  {r['note']}" if r["note"] else ""
-        print(f"  {r['name']:<34}{str(r['shape']):<18}{num(r['abs']):>10}{num(r['rel']):>10}  {r['tol']:<27}"
+        print(f"  {r['name']:<40}{str(r['shape']):<18}{num(r['abs']):>10}{num(r['rel']):>10}  {r['tol']:<27}"
               f"{r['status']}{after}{note}")
     for line in extra:
         print(f"  {line}")
@@ -509,7 +535,7 @@ def list_cases(entries: list[dict]) -> None:
         print("  inputs:  " + ", ".join(f"{k} {v}" for k, v in e["inputs"].items()))
         for o in e["outputs"]:
             end = "  (end result)" if o["name"] in e["end_results"] else ""
-            print(f"  {o['name']:<34}{str(o['shape']):<18}{o['dtype']:<10}{o['compare']}{end}")
+            print(f"  {o['name']:<40}{str(o['shape']):<18}{o['dtype']:<10}{o['compare']}{end}")
 
 
 def main(argv=None) -> int:
