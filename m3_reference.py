@@ -1273,7 +1273,8 @@ class MiniMaxM3(nn.Module):
     sparse blocks follow each token's place among its row's tokens. attention_mask (1 token, 0 pad)
     pads rows on the left or right: a padded row's outputs equal the row run alone. With a `cache`
     (new_cache()), the tokens follow those of earlier calls and only their logits come back (no MTP
-    logits: generate() runs the MTP depths as a drafter).
+    logits: generate() runs the MTP depths as a drafter); attention_mask then covers this call's
+    tokens, and position_ids, if used, must be given on every call (the cache keeps no positions).
 
     With labels (= the input ids; -100 ignored), CE_k(i) = CE(logits_k[:, i], labels[:, i + 1 + k])
     with logits_0 the main head and logits_k the MTP depth k = 1..M, each averaged over its own
@@ -1386,7 +1387,7 @@ def _check_ids(input_ids, labels, position_ids, vocab_size: int, attention_mask=
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
             got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
             raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
-                             f"got {got!r}")
+                             f"got {got!r} (with a cache: this call's tokens only; the cache keeps the rest)")
         if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             raise ValueError("attention_mask must hold 1 (token) and 0 (pad) only")
 
@@ -1468,8 +1469,11 @@ class Cache:
         return 0 if self.mask is None else self.mask.shape[1]
 
     def truncate(self, length: int) -> None:
-        """Roll the decoder layers back to their first `length` positions (the MTP depths roll
-        back on their own, see generate)."""
+        """Roll the decoder layers and the mask back to their first `length` positions (the MTP
+        depths' caches are the drafter's: generate rolls them back itself)."""
+        if not isinstance(length, int) or not 0 <= length <= self.length:
+            raise ValueError(f"truncate length must be an int in [0, {self.length}] (the cached positions), "
+                             f"got {length!r}")
         for layer in self.layers:
             layer.truncate(length)
         self.mask = None if self.mask is None else self.mask[:, :length]
@@ -1477,12 +1481,13 @@ class Cache:
 
 def row_spans(mask: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) of each row's tokens in a mask [B, Sk]; they must be one run (pads on the left
-    and/or right only)."""
+    and/or right only). A row of pads only (so far, in a chunked prefill) is the empty (Sk, Sk)."""
     spans = []
     for b, row in enumerate(mask.bool()):
         at = row.nonzero()[:, 0]
         if at.numel() == 0:
-            raise ValueError(f"attention_mask row {b} holds no token")
+            spans.append((row.numel(), row.numel()))
+            continue
         start, end = int(at[0]), int(at[-1]) + 1
         if end - start != at.numel():
             raise ValueError(f"attention_mask row {b} has pads between its tokens: pad rows on the left or the right "
@@ -1493,7 +1498,8 @@ def row_spans(mask: torch.Tensor) -> list[tuple[int, int]]:
 
 def token_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None):
     """(the mask of the whole history [B, Sk], each row's token span or None when nothing is
-    padded, the new tokens' default positions [B, S]: their place among the row's tokens)."""
+    padded, the new tokens' default positions [B, S]: their place among the row's tokens). With a
+    cache, attention_mask covers this call's tokens only: the cache keeps the earlier ones'."""
     new = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
     if cache is not None and cache.mask is not None:
         if cache.mask.shape[0] != input_ids.shape[0]:
@@ -1523,42 +1529,48 @@ def mtp_logits(model: MiniMaxM3, depth: int, h: torch.Tensor) -> torch.Tensor:
 
 def generate(model: MiniMaxM3, input_ids: torch.Tensor, max_new_tokens: int, pixel_values=None,
              image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, attention_mask=None,
-             mtp: bool = False, draft_tokens: int | None = None, eos_token_id: int | None = None
-             ) -> tuple[torch.Tensor, dict]:
-    """Greedy decoding: -> (tokens [B, S + max_new_tokens], stats). Rows may be left-padded
-    (attention_mask); after a row's eos_token_id, its tokens are eos_token_id, and generation stops
-    once every row has one.
+             mtp: bool = False, draft_tokens: int | None = None, eos_token_id: int | None = None,
+             draft_trace: list | None = None) -> tuple[torch.Tensor, dict]:
+    """Greedy decoding: -> (tokens [B, S + max_new_tokens], stats), tokens in input_ids' dtype.
+    Rows may be left-padded (attention_mask). After a row's eos_token_id its tokens are
+    eos_token_id; generation stops once every row has one, and the rest is filled with it.
 
-    With mtp=True each step drafts `draft_tokens` (default: the number of MTP depths) tokens the
-    way vLLM's drafter does, then verifies them with one forward of the main model:
+    With mtp=True each step drafts `draft_tokens` (default: the number of MTP depths) tokens with
+    the MTP depths, as vLLM's drafter does for M3's one depth, then verifies them with one forward
+    of the main model:
       - first pass: MTP depth 0 runs over every slot the main model has just verified (the whole
         prompt at first): slot p fuses the embedding of the token at p + 1 (the newest sampled
         token at the last slot) with the main model's post-norm hidden state h_p, at p's
         position, with the embedding zeroed at position 0; its last slot's logits give draft 1.
         This is the training alignment of depth 1 (MTPDepth), except the position-0 zero.
+        Media placeholder ids are embedded as tokens here, as in training.
       - later drafts j = 2..n use depth (j - 1) % M with one slot each: the previous draft's
         embedding, the previous MTP output *before* final_layernorm (training passes the
         post-norm h_k on), the next position. M3 ships one depth, which drafts every token.
-        A depth other than 0 starts each step with an empty cache (vLLM passes no step index,
-        so only depth 0 ever runs there).
+        With M >= 2 the depths rotate as vLLM's MTP module indexes them by step (its current
+        proposer passes step 0 only); a depth other than 0 attends only its slots of this step.
       - the main model takes [newest token, draft 1..n] in one forward; a row accepts the longest
         prefix of drafts equal to its own greedy predictions; all rows keep the shortest such
         prefix a, plus the main model's token after it; every cache rolls back to drop the rest
         (the main model to the verified slots, MTP depth 0 to where its drafts began, then its
         first pass over the verified slots).
     Greedy verification makes the tokens those of plain greedy decoding. stats: steps (forward
-    calls after the prefill), drafted, accepted, acceptance (accepted / drafted).
+    calls after the prefill), drafted, accepted, acceptance (accepted / drafted). draft_trace, a
+    list, gets per step a dict of drafts [B, n], draft_logits [B, n, V] and accepted a.
     """
     cfg = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if mtp and not cfg.num_mtp_modules:
         raise ValueError("mtp=True needs MTP depths, and this model has none")
-    n_draft = draft_tokens if draft_tokens is not None else max(cfg.num_mtp_modules, 1)
-    if mtp and (not isinstance(n_draft, int) or n_draft < 1):
-        raise ValueError(f"draft_tokens must be an int >= 1, got {draft_tokens!r}")
+    if draft_tokens is not None and (not mtp or not isinstance(draft_tokens, int) or draft_tokens < 1):
+        raise ValueError(f"draft_tokens must be an int >= 1 and goes with mtp=True, got {draft_tokens!r} "
+                         f"(mtp={mtp})")
+    _check_ids(input_ids, None, None, cfg.vocab_size, attention_mask)
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
-        raise ValueError("generate needs left padding: every row's last prompt position must be a token")
+        b = int((attention_mask[:, -1] == 0).nonzero()[0])
+        raise ValueError(f"generate needs left padding: row {b}'s last prompt position is a pad")
+    n_draft = draft_tokens or cfg.num_mtp_modules
     cache = model.new_cache()
     stats = {"steps": 0, "drafted": 0, "accepted": 0}
     with torch.no_grad():
@@ -1572,13 +1584,15 @@ def generate(model: MiniMaxM3, input_ids: torch.Tensor, max_new_tokens: int, pix
             if not mtp:
                 new.append(_step(model, new[-1][:, None], cache).logits[:, -1].argmax(-1))
                 continue
-            drafts = _draft(model, cache, h_draft, n_draft)              # [B, n]
+            drafts, logits = _draft(model, cache, h_draft, n_draft)             # [B, n], [B, n, V]
             past = cache.length
             check = _step(model, torch.cat([new[-1][:, None], drafts], 1), cache)
             preds = check.logits.argmax(-1)                                       # [B, n + 1]
             a = int((drafts == preds[:, :-1]).long().cumprod(-1).sum(-1).min())   # accepted by every row
             stats["drafted"] += n_draft * drafts.shape[0]
             stats["accepted"] += a * drafts.shape[0]
+            if draft_trace is not None:
+                draft_trace.append({"drafts": drafts, "draft_logits": logits, "accepted": a})
             cache.truncate(past + a + 1)
             cache.mtp[0].truncate(past)
             for later in cache.mtp[1:]:
@@ -1586,10 +1600,10 @@ def generate(model: MiniMaxM3, input_ids: torch.Tensor, max_new_tokens: int, pix
             verified = torch.cat([drafts[:, :a], preds[:, a:a + 1]], 1)
             h_draft = _first_pass(model, cache, verified, check.hidden[:, :a + 1])
             new += list(verified.unbind(1))
-    tokens = torch.stack(new[:max_new_tokens], 1) if max_new_tokens else input_ids[:, :0]
-    if eos_token_id is not None:                                                 # eos repeats once reached
-        ended = (tokens == eos_token_id).long().cumsum(1) > 0
-        tokens = tokens.masked_fill(ended & ~F.pad(ended, (1, 0))[:, :-1], eos_token_id)
+    tokens = torch.stack(new, 1)[:, :max_new_tokens].to(input_ids.dtype)
+    if eos_token_id is not None:                 # after a row's first eos: eos, up to max_new_tokens
+        tokens = F.pad(tokens, (0, max_new_tokens - tokens.shape[1]), value=eos_token_id)
+        tokens = tokens.masked_fill((tokens == eos_token_id).cumsum(1) > 0, eos_token_id)
     stats["acceptance"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else None
     return torch.cat([input_ids, tokens], 1), stats
 
@@ -1610,22 +1624,23 @@ def _first_pass(model: MiniMaxM3, cache: Cache, ids: torch.Tensor, hidden: torch
     return mtp_pass(model, cache.mtp[0], 0, ids, hidden, positions, cache.mask)[:, -1:]
 
 
-def _draft(model: MiniMaxM3, cache: Cache, h_draft: torch.Tensor, n: int) -> torch.Tensor:
-    """n draft tokens [B, n]: the first from the first pass's last slot (h_draft, pre-norm), draft
-    j + 1 from one slot of depth j % M at position (row's cached tokens) + j - 1, fed the previous
-    draft and MTP output. Depth 0 attends its cache of verified slots; other depths only the
-    slots they ran this step."""
+def _draft(model: MiniMaxM3, cache: Cache, h_draft: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n draft tokens [B, n] and their logits [B, n, V]: the first from the first pass's last slot
+    (h_draft, pre-norm), draft j + 1 from one slot of depth j % M at position (row's cached tokens)
+    + j - 1, fed the previous draft and MTP output. Depth 0 attends its cache of verified slots;
+    other depths only the slots they ran this step."""
     M = model.config.num_mtp_modules
     count = cache.mask.sum(-1, keepdim=True)                                     # [B, 1]
-    drafts = [mtp_logits(model, 0, h_draft)[:, -1].argmax(-1)]
+    logits = [mtp_logits(model, 0, h_draft)[:, -1]]
     for j in range(1, n):
         depth = j % M
         layer = cache.mtp[depth]
         history = cache.mask if depth == 0 else cache.mask[:, :0]
         mask = F.pad(history, (0, layer.length + 1 - history.shape[1]), value=1)
-        h_draft = mtp_pass(model, layer, depth, drafts[-1][:, None], h_draft, count + j - 1, mask)
-        drafts.append(mtp_logits(model, depth, h_draft)[:, -1].argmax(-1))
-    return torch.stack(drafts, 1)
+        h_draft = mtp_pass(model, layer, depth, logits[-1].argmax(-1)[:, None], h_draft, count + j - 1, mask)
+        logits.append(mtp_logits(model, depth, h_draft)[:, -1])
+    logits = torch.stack(logits, 1)
+    return logits.argmax(-1), logits
 
 
 # ============================================================================================
@@ -2359,7 +2374,7 @@ def indexer_outputs(attn: Attention, x, cos, sin, prefix: str, cache: LayerCache
     if spans is not None:
         if cache is not None and cache.length:
             raise ValueError("indexer_outputs traces padded rows in one call without a cache only")
-        return {f"row.{b}.{name}": t for b, (lo, hi) in enumerate(spans)
+        return {f"row.{b}.{name}": t for b, (lo, hi) in enumerate(spans) if hi > lo
                 for name, t in indexer_outputs(attn, x[b:b + 1, lo:hi], cos[b:b + 1, lo:hi], sin[b:b + 1, lo:hi],
                                                prefix).items()}
     iq, ik = attn.index_qk(x, cos, sin)
@@ -2575,8 +2590,15 @@ def golden_cases() -> list[dict]:
         dict(name="padded-batch", kind="padded", config=text, dtype="float32", seed=106, lengths=[41, 12, 30],
              max_new_tokens=5, end_results=[f"row.{b}.logits" for b in range(3)] + ["generated"],
              description="three left-padded rows of 41, 12 and 30 tokens (attention_mask); per row b, `row.{b}.*`: "
-                         "its indexer outputs and logits over its own tokens, which equal the row run alone (block "
-                         "8, top-3: row 0 drops blocks); `generated`: greedy decoding of max_new_tokens tokens"),
+                         "the traced forward over its own tokens, which equals the row run alone (block 8, top-3: "
+                         "row 0 drops blocks); `generated`: the max_new_tokens tokens of greedy decoding"),
+        dict(name="mtp-speculative", kind="speculative", config=text, dtype="float32", seed=107, lengths=[30, 22],
+             max_new_tokens=12, draft_tokens=3, weights=agreeing_mtp_,
+             end_results=["generated"],
+             description="MTP speculative decoding, drafting as vLLM does, of two left-padded rows (30 and 22 "
+                         "tokens), 3 drafts per step; weights bent (agreeing_mtp_) so that some drafts are kept "
+                         "and some rolled back; per main-model call s after the prefill: `step.{s}.draft_logits`, "
+                         "`step.{s}.drafts`, `step.{s}.accepted`; `generated`: the 12 new tokens"),
     ]
     return [dict(c, end_results=c.get("end_results", ["logits"])) for c in cases]
 
@@ -2585,7 +2607,8 @@ def run_case(path: Path, case: dict, inputs: dict) -> dict[str, torch.Tensor]:
     """The reference's outputs of one case (a golden_cases() dict or a manifest entry)."""
     if case["kind"] == "component":
         return run_component_case(path, case["component"], inputs)
-    run = {"model": run_model_case, "decode": run_decode_case, "padded": run_padded_case}[case["kind"]]
+    run = {"model": run_model_case, "decode": run_decode_case, "padded": run_padded_case,
+           "speculative": run_speculative_case}[case["kind"]]
     return run(path, getattr(torch, case["dtype"]), inputs)
 
 
@@ -2600,7 +2623,8 @@ def _case_inputs(case: dict) -> dict[str, torch.Tensor]:
     S = max(case["lengths"])
     mask = torch.stack([(torch.arange(S) >= S - n).long() for n in case["lengths"]])
     ids = torch.randint(0, cfg.vocab_size, mask.shape, generator=g) * mask
-    return dict(input_ids=ids, attention_mask=mask, max_new_tokens=torch.tensor([case["max_new_tokens"]]))
+    inputs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=torch.tensor([case["max_new_tokens"]]))
+    return inputs | ({"draft_tokens": torch.tensor([case["draft_tokens"]])} if "draft_tokens" in case else {})
 
 
 def run_decode_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
@@ -2625,20 +2649,63 @@ def run_decode_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, t
 
 
 def run_padded_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
-    """A left-padded batch: per row b, `row.{b}.*` over the row's own tokens (its indexer outputs,
-    logits and MTP logits), then `generated`: greedy decoding of max_new_tokens [1] tokens."""
+    """A left-padded batch: per row b, the traced forward over the row's own tokens as if it ran
+    alone (`row.{b}.` + the model-case names, MTP included), then `generated`: the max_new_tokens
+    [1] tokens of greedy decoding [B, max_new_tokens]."""
     model = from_pretrained(path, dtype=dtype)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     tracer = Tracer(model, [])
     with torch.no_grad():
         res = model(ids, attention_mask=mask)
     tracer.close()
-    out = {k: v for k, v in tracer.out.items() if k.startswith("row.")}
+    whole = named_outputs(tracer.out, res)
+    out = {k: v for k, v in whole.items() if k.startswith("row.")}      # indexer: traced per row
+    B, S = ids.shape
     for b, (lo, hi) in enumerate(row_spans(mask)):
-        out[f"row.{b}.logits"] = res.logits[b:b + 1, lo:hi]
-        out.update({f"row.{b}.mtp.{d}.logits": lg[b:b + 1, lo:hi] for d, lg in enumerate(res.mtp_logits)})
-    out["generated"] = model.generate(ids, int(inputs["max_new_tokens"]), attention_mask=mask)[0]
+        for name, t in whole.items():
+            if name.startswith("row."):
+                continue
+            per_token = t.view(B, S, *t.shape[1:]) if t.shape[0] == B * S and B > 1 else t   # router [B*S, ...]
+            out[f"row.{b}.{name}"] = per_token[b, lo:hi] if per_token is not t else t[b:b + 1, lo:hi]
+    n = int(inputs["max_new_tokens"])
+    out["generated"] = model.generate(ids, n, attention_mask=mask)[0][:, S:]
     return out
+
+
+def run_speculative_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
+    """MTP speculative decoding of a left-padded batch: per main-model call s = 1.. after the
+    prefill, `step.{s}.draft_logits` [B, n, V] and `step.{s}.drafts` [B, n] (the MTP drafter's),
+    `step.{s}.accepted` [1] (drafts every row kept); `generated` [B, max_new_tokens]."""
+    model = from_pretrained(path, dtype=dtype)
+    ids, trace = inputs["input_ids"], []
+    tokens, _ = model.generate(ids, int(inputs["max_new_tokens"]), attention_mask=inputs["attention_mask"],
+                               mtp=True, draft_tokens=int(inputs["draft_tokens"]), draft_trace=trace)
+    out = {}
+    for s, step in enumerate(trace, start=1):
+        out.update({f"step.{s}.draft_logits": step["draft_logits"], f"step.{s}.drafts": step["drafts"],
+                    f"step.{s}.accepted": torch.tensor([step["accepted"]])})
+    out["generated"] = tokens[:, ids.shape[1]:]
+    return out
+
+
+def agreeing_mtp_(model: MiniMaxM3, agree: float = 0.05, hidden: float = 0.2) -> MiniMaxM3:
+    """Bend random weights so MTP drafts are often right (a golden that exercises acceptance and
+    rollback): norm scales 1 (Gemma offset 0) except the MTP `final_layernorm`s, each block's output
+    projections scaled by `agree` (the residual stream stays near the token embedding, attention
+    still counts), and each MTP depth's eh_proj the identity on the embedding plus `hidden` times
+    its weights on the hidden state. The main head and a depth then predict nearly the same next
+    token from the same token, and the hidden state passed on (pre- or post-norm) still matters."""
+    D = model.config.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1 and "final_layernorm" not in name:
+                p.zero_()
+            if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")):
+                p.mul_(agree)
+        for depth in model.language_model.model.mtp["layers"]:
+            depth.eh_proj.weight[:, :D] = torch.eye(D)
+            depth.eh_proj.weight[:, D:] *= hidden
+    return model
 
 
 def greedy_margin(model: MiniMaxM3, tokens: torch.Tensor, mask: torch.Tensor, prompt: int) -> float:
@@ -2646,7 +2713,11 @@ def greedy_margin(model: MiniMaxM3, tokens: torch.Tensor, mask: torch.Tensor, pr
     a golden's greedy tokens must not hang on a near tie."""
     full = F.pad(mask, (0, tokens.shape[1] - mask.shape[1]), value=1)
     with torch.no_grad():
-        top2 = model(tokens, attention_mask=full).logits[:, prompt - 1:-1].float().topk(2, dim=-1).values
+        return top2_gap(model(tokens, attention_mask=full).logits[:, prompt - 1:-1])
+
+
+def top2_gap(logits: torch.Tensor) -> float:
+    top2 = logits.float().topk(2, dim=-1).values
     return float((top2[..., 0] - top2[..., 1]).min())
 
 
@@ -2656,7 +2727,8 @@ def make_case(case: dict, path: Path) -> dict:
     V = golden_verifier()
     path.mkdir(parents=True)
     cfg = case["config"]
-    model = init_random_(MiniMaxM3(cfg), case["seed"]).to(getattr(torch, case["dtype"]))
+    model = case.get("weights", lambda m: m)(init_random_(MiniMaxM3(cfg), case["seed"]))
+    model = model.to(getattr(torch, case["dtype"]))
     if case["kind"] == "component":
         inputs = _component_inputs(case["component"], cfg, case["seed"])
         m3_keys = _component_weight_keys(case["component"], model)
@@ -2670,7 +2742,9 @@ def make_case(case: dict, path: Path) -> dict:
     if case["kind"] != "component":
         outputs = {name: outputs[name] for name in V.forward_order(outputs)}
     if "generated" in outputs:
-        margin = greedy_margin(model, outputs["generated"], inputs["attention_mask"], inputs["input_ids"].shape[1])
+        tokens = torch.cat([inputs["input_ids"], outputs["generated"]], 1)
+        margin = min([greedy_margin(model, tokens, inputs["attention_mask"], inputs["input_ids"].shape[1])]
+                     + [top2_gap(t) for k, t in outputs.items() if k.endswith("draft_logits")])
         if margin < 10 * V.FP32_MODEL_TOL:
             raise ValueError(f"case {case['name']}: a greedy choice is within {margin:.2g} of a tie; pick another seed")
     save_file({k: v.contiguous() for k, v in inputs.items()}, path / "inputs.safetensors")

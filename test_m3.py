@@ -1497,30 +1497,16 @@ def test_padded_batch_generates_what_each_row_generates_alone():
     rows = [torch.randint(0, 500, (n,), generator=g) for n in (40, 9, 33)]
     ids, mask = padded(rows)
     for mtp in (False, True):
-        tokens, _ = model.generate(ids, 6, attention_mask=mask, mtp=mtp, draft_tokens=2)
+        drafts = 2 if mtp else None
+        tokens, _ = model.generate(ids, 6, attention_mask=mask, mtp=mtp, draft_tokens=drafts)
         for b, r in enumerate(rows):
-            alone, _ = model.generate(r[None], 6, mtp=mtp, draft_tokens=2)
+            alone, _ = model.generate(r[None], 6, mtp=mtp, draft_tokens=drafts)
             assert torch.equal(tokens[b, ids.shape[1]:], alone[0, len(r):])
 
 
-def acceptance_model(mtp_modules: int = 1, agree: float = 0.05) -> m3.MiniMaxM3:
-    """Random weights bent so that MTP drafts are often right: every norm's scale 1 (Gemma offset
-    0), each block's output projections scaled by `agree` (the residual stream stays close to the
-    token embedding) and each MTP depth fusing only the embedding: then the main model and a depth
-    predict nearly the same next token from the same token, and drafts are accepted part of the
-    time while attention still matters."""
-    model = model_of(tiny(vision=None, num_mtp_modules=mtp_modules))
-    D = model.config.hidden_size
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.dim() == 1:
-                p.zero_()
-            if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")):
-                p.mul_(agree)
-        for depth in model.language_model.model.mtp["layers"]:
-            depth.eh_proj.weight.zero_()
-            depth.eh_proj.weight[:, :D] = torch.eye(D)
-    return model
+def acceptance_model(mtp_modules: int = 1) -> m3.MiniMaxM3:
+    """Random weights bent (m3.agreeing_mtp_) so that MTP drafts are right part of the time."""
+    return m3.agreeing_mtp_(model_of(tiny(vision=None, num_mtp_modules=mtp_modules)))
 
 
 @pytest.mark.parametrize("make, B, drafts", [(lambda: model_of(tiny(vision=None)), 1, 1), (acceptance_model, 1, 1),
@@ -1552,27 +1538,99 @@ def test_acceptance_is_total_when_every_head_predicts_the_same_token():
         assert stats["acceptance"] == 1.0 and stats["steps"] == math.ceil(12 / (drafts + 1))
 
 
-def test_drafts_after_rejections_equal_drafts_from_scratch(monkeypatch):
+def test_drafts_after_rejections_equal_drafts_from_scratch():
     """Rollback leaves no trace: at every step the drafts equal those of a fresh generate whose
     prompt is everything verified so far (so main and MTP caches hold exactly the kept slots)."""
     model = acceptance_model()
     ids = torch.randint(0, 500, (1, 30), generator=torch.Generator().manual_seed(4))
-    seen, draft = [], m3._draft
-    monkeypatch.setattr(m3, "_draft", lambda model, cache, h, n: seen.append((cache.length, draft(model, cache, h, n)))
-                        or seen[-1][1])
-    tokens, stats = model.generate(ids, 20, mtp=True, draft_tokens=3)
+    trace = []
+    tokens, stats = model.generate(ids, 20, mtp=True, draft_tokens=3, draft_trace=trace)
     assert 0 < stats["accepted"] < stats["drafted"], "a run with both kept and rejected drafts"
-    steps = seen[:]
-    for past, drafts in steps[1:]:
-        seen.clear()
-        model.generate(tokens[:, :past], 2, mtp=True, draft_tokens=3)
-        assert torch.equal(seen[0][1], drafts), f"step after {past} verified tokens"
+    done = 30 + trace[0]["accepted"] + 1
+    for step in trace[1:]:
+        fresh = []
+        model.generate(tokens[:, :done], 2, mtp=True, draft_tokens=3, draft_trace=fresh)
+        assert torch.equal(fresh[0]["drafts"], step["drafts"]), f"step after {done} verified tokens"
+        done += step["accepted"] + 1
+
+
+def drafts_by_hand(model: m3.MiniMaxM3, verified: torch.Tensor, newest: int, n: int) -> torch.Tensor:
+    """The draft logits [1, n, V] of generate's docstring, computed without a cache: every depth
+    runs over all of its slots at once. verified [1, L]: the tokens in the main cache; newest: the
+    token sampled after them."""
+    text, head = model.language_model.model, model.language_model.lm_head
+    M, L = model.config.num_mtp_modules, verified.shape[1]
+    h_main = model(verified).hidden                                            # post-norm [1, L, D]
+    ids = torch.cat([verified[:, 1:], torch.tensor([[newest]])], 1)
+    emb = text.embed_tokens(ids)
+    emb[:, 0] = 0.0                                                             # position 0: zeroed
+    slots = [[(emb[:, p], h_main[:, p], p) for p in range(L)]] + [[] for _ in range(M - 1)]
+    logits, depth = [], 0
+    for j in range(n):
+        if j:
+            depth = j % M
+            slots[depth].append((text.embed_tokens(logits[-1].argmax(-1)), out, L + j - 1))
+        e, h, pos = (torch.stack(x, 1) for x in zip(*[(a, b, torch.tensor([p])) for a, b, p in slots[depth]]))
+        cos, sin = text.rope(pos)
+        out = text.mtp["layers"][depth].hidden(h, e, cos, sin)[:, -1]           # pre-norm: passed on
+        logits.append(head(text.mtp["layers"][depth].final_layernorm(out)))
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("depths", [1, 2])
+def test_draft_logits_equal_the_drafter_computed_without_a_cache(depths):
+    model = acceptance_model(depths)
+    ids = torch.randint(0, 500, (1, 30), generator=torch.Generator().manual_seed(4))
+    trace = []
+    with torch.no_grad():
+        tokens, stats = model.generate(ids, 16, mtp=True, draft_tokens=3, draft_trace=trace)
+        assert 0 < stats["accepted"] < stats["drafted"]
+        done = 30                                                   # tokens in the main cache at a step
+        for step in trace:
+            want = drafts_by_hand(model, tokens[:, :done], int(tokens[0, done]), 3)
+            torch.testing.assert_close(step["draft_logits"], want, rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
+            done += step["accepted"] + 1
+
+
+def test_eos_ends_rows_and_fills_the_rest():
+    model = model_of(tiny(vision=None))
+    ids = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    plain, _ = model.generate(ids, 10)
+    eos = int(plain[0, 23])                                         # row 0's fourth new token
+    for mtp in (False, True):
+        tokens, stats = model.generate(ids, 10, eos_token_id=eos, mtp=mtp)
+        assert tokens.shape == (2, 30) and torch.equal(tokens[0, :24], plain[0, :24])
+        assert bool((tokens[0, 24:] == eos).all())
+        ended = (plain[1, 20:] == eos).cumsum(0) > 0
+        assert torch.equal(tokens[1, 20:], plain[1, 20:].masked_fill(ended, eos))
+        alone, stats = model.generate(ids[:1], 10, eos_token_id=eos, mtp=mtp)
+        assert torch.equal(alone, tokens[:1]) and stats["steps"] == (3 if not mtp else stats["steps"])
+    assert model.generate(ids.int(), 2)[0].dtype == torch.int32
+
+
+def test_chunked_prefill_of_a_left_padded_batch_equals_one_forward():
+    model = model_of(tiny(vision=None))
+    g = torch.Generator().manual_seed(2)
+    ids, mask = padded([torch.randint(0, 500, (n,), generator=g) for n in (44, 9)])
+    cache = model.new_cache()
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask).logits
+        parts = [model(ids[:, a:b], attention_mask=mask[:, a:b], cache=cache).logits    # row 1: pads only at first
+                 for a, b in ((0, 20), (20, 37), (37, 44))]
+    got = torch.cat(parts, 1)
+    torch.testing.assert_close(got[mask == 1], whole[mask == 1], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    with pytest.raises(ValueError, match="truncate length must be an int in \\[0, 44\\]"):
+        cache.truncate(45)
 
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda m, ids: m(ids, attention_mask=torch.ones(1, 5, dtype=torch.int64)), ValueError, "attention_mask must be"),
+    (lambda m, ids: m.generate(ids, 3, attention_mask=torch.ones(6, dtype=torch.int64)), ValueError,
+     "attention_mask must be a tensor shaped like input_ids"),
+    (lambda m, ids: m.generate(ids, 3, draft_tokens=2), ValueError, "goes with mtp=True"),
+    (lambda m, ids: m.generate(torch.cat([ids, ids]), 3, attention_mask=torch.tensor([[1] * 6, [0] * 6])), ValueError,
+     "row 1's last prompt position is a pad"),
     (lambda m, ids: m(ids, attention_mask=torch.tensor([[1, 0, 1, 1, 1, 1]])), ValueError, "pads between its tokens"),
-    (lambda m, ids: m(ids, attention_mask=torch.tensor([[0] * 6])), ValueError, "row 0 holds no token"),
     (lambda m, ids: m(ids, attention_mask=torch.tensor([[2] * 6])), ValueError, "1 \\(token\\) and 0 \\(pad\\)"),
     (lambda m, ids: m.generate(ids, 3, attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0]])), ValueError, "left padding"),
     (lambda m, ids: m.generate(ids, 3, mtp=True, draft_tokens=0), ValueError, "draft_tokens must be an int >= 1"),
@@ -2738,6 +2796,50 @@ def test_the_decode_case_drops_blocks_of_the_cached_history(tmp_path, capsys):
         tmp_path, "decode", lambda o: _swap(o, "step.1.layers.1.indexer.block_ids", 0, 0, drop, take)))
     assert got == V.DIVERGED and "first divergence: step.1.layers.1.indexer.block_ids" in text
     assert f"{sorted(chosen)} -> " in text and "score gap" in _row(text, "step.1.layers.1.indexer.block_ids")
+
+
+def test_a_near_tie_in_one_padded_row_excuses_only_that_row(tmp_path, capsys):
+    name, swap = _swap_near_tie("padded-batch")
+    row = V.tie_scope(name, False)                                  # e.g. row.0
+    other = next(f"row.{b}.logits" for b in range(3) if f"row.{b}" != row)
+
+    def bump(target):
+        def edit(o):
+            swap(o)
+            o[target] = o[target] + 5.0
+        return edit
+    got, out = _verify(capsys, "--case", "padded-batch", "--outputs", _foreign(tmp_path, "padded-batch", bump(other)))
+    assert got == V.DIVERGED and f"first divergence: {other}" in out
+    got, out = _verify(capsys, "--case", "padded-batch", "--outputs",
+                       _foreign(tmp_path, "padded-batch", bump(f"{row}.logits")))
+    assert got == V.INCONCLUSIVE and f"after the near tie in {name}" in out
+
+
+def test_reference_mode_needs_every_call_and_row_logits(tmp_path, capsys):
+    for case, ends in [("decode", [f"step.{s}.logits" for s in range(6)]),
+                       ("padded-batch", [f"row.{b}.logits" for b in range(3)] + ["generated"])]:
+        ref = GOLDEN / case / "outputs.safetensors"
+        assert V.end_results(V.forward_order(V.read_safetensors(ref))) == ends
+        only = _write(tmp_path / "only.safetensors", {k: v for k, v in _outputs(case).items() if k not in ends})
+        got, out = _verify(capsys, "--reference", ref, "--config", GOLDEN / case / "config.json", "--outputs", only)
+        assert got == V.UNUSABLE and f"the end result {ends[0]}" in out, case
+
+
+def test_the_speculative_case_keeps_some_drafts_and_equals_the_drafter_by_hand():
+    model = m3.from_pretrained(GOLDEN / "mtp-speculative")
+    inputs, out = _inputs("mtp-speculative"), _outputs("mtp-speculative")
+    n = int(inputs["draft_tokens"])
+    accepted = [int(out[f"step.{s}.accepted"]) for s in range(1, 100) if f"step.{s}.accepted" in out]
+    assert 0 in accepted and n in accepted and any(0 < a < n for a in accepted)
+    with torch.no_grad():
+        for b, row in enumerate(inputs["input_ids"]):
+            prompt = row[inputs["attention_mask"][b] == 1][None]
+            tokens, done = torch.cat([prompt, out["generated"][b:b + 1]], 1), prompt.shape[1]
+            for s, a in enumerate(accepted, start=1):
+                want = drafts_by_hand(model, tokens[:, :done], int(tokens[0, done]), n)[0]
+                torch.testing.assert_close(out[f"step.{s}.draft_logits"][b], want, rtol=FP32_LOGITS_TOL,
+                                           atol=FP32_LOGITS_TOL)
+                done += a + 1
 
 
 def test_the_padded_batch_case_holds_each_row_as_if_run_alone():

@@ -139,18 +139,20 @@ _IN_MTP = [f"layer.{n}" for n in _IN_LAYER[:-1]] + ["hidden"]
 
 
 _CALL = re.compile(r"^((?:step|row)\.(\d+)\.)(.+)$")     # a decode call's or a padded row's tensors
+_STEP_TAIL = ["draft_logits", "drafts", "accepted", "cache_length"]
 
 
 def forward_order(names) -> list[str]:
     """Golden tensor names in forward order: vision (images, then videos), embeddings, each layer
     (indexer, router, hidden), hidden, logits, each MTP depth (its layer, hidden), then the MTP
     logits (the shared head runs after the last depth), losses; unknown names last, sorted. Decode
-    calls `step.{s}.*` (q_start first, cache_length last) and padded rows `row.{b}.*` follow each
-    other in that order, each ordered as a forward; then `generated`."""
+    calls `step.{s}.*` (q_start first; then the forward; draft_logits, drafts, accepted and
+    cache_length last) and padded rows `row.{b}.*` follow each other in that order; then
+    `generated`."""
     def key(name):
         m = _ORDER.match(name)
         if m is None:
-            return (-1,) if name == "q_start" else (9, name)
+            return (-1,) if name == "q_start" else (9, _STEP_TAIL.index(name)) if name in _STEP_TAIL else (10, name)
         kind, part, emb, layer, sub, hid, log, depth, msub, loss = m.groups()
         if kind:
             return (0, kind == "video", ["patches", "projected", "features"].index(part))
@@ -271,8 +273,14 @@ def reference_rules(reference: dict[str, np.ndarray], dtypes: dict[str, str], co
             if nb != -(-S // sparse["block_size"]):
                 raise Unusable(f"--config's block size {sparse['block_size']} gives {-(-S // sparse['block_size'])} "
                                f"blocks for {S} positions, but the reference's block_scores have {nb}")
-    return Rules(outputs, ["logits"] if "logits" in reference else names[-1:],
-                 tie_tolerance(dtype) if tie_tol is None else tie_tol, sparse, dtype)
+    return Rules(outputs, end_results(names), tie_tolerance(dtype) if tie_tol is None else tie_tol, sparse, dtype)
+
+
+def end_results(names: list[str]) -> list[str]:
+    """A reference file's end results: `logits`; else every decode call's or padded row's logits
+    and `generated`; else its last tensor in forward order."""
+    ends = [n for n in names if n in ("logits", "generated") or re.fullmatch(r"(?:step|row)\.\d+\.logits", n)]
+    return ["logits"] if "logits" in ends else ends or names[-1:]
 
 
 # ---- comparison -----------------------------------------------------------------------------
@@ -381,6 +389,15 @@ def _in_id_order(weights: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
     return np.take_along_axis(weights, np.argsort(ids, axis=-1, kind="stable"), axis=-1)
 
 
+def tie_scope(name: str, layerwise: bool) -> str:
+    """Which earlier near ties may excuse this tensor: those of its own stage with --layerwise,
+    those of its own row in a padded batch (`row.{b}`: rows are independent), else any ("")."""
+    if layerwise:
+        return stage(name)
+    call = _CALL.match(name)
+    return call.group(1)[:-1] if call and call.group(1).startswith("row.") else ""
+
+
 def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np.ndarray],
             layerwise: bool = False) -> list[dict]:
     """One row per reference tensor in forward order: name, shape, max abs / rel error (rows that
@@ -390,9 +407,10 @@ def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np
     for spec in rules.outputs:
         name = spec["name"]
         ref = reference[name]
-        scope = stage(name) if layerwise else ""
+        scope = tie_scope(name, layerwise)
+        after = (ties.get(scope) or ties.get("")) if scope else next(iter(ties.values()), None)
         row = {"name": name, "shape": list(ref.shape), "abs": None, "rel": None, "tol": "", "note": "",
-               "after": ties.get(scope)}
+               "after": after}
         rows.append(row)
         got = theirs.get(name)
         if got is None:
