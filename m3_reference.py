@@ -1334,8 +1334,10 @@ class MiniMaxM3(nn.Module):
             _check_embeds(inputs_embeds, input_ids, cfg.hidden_size, pixel_values, pixel_values_videos)
         else:
             inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        lm_head = self.language_model.lm_head
         if cache is None:
             h = text(inputs_embeds, cos, sin, None, spans)
+            mtp_logits = [lm_head(hk) for hk in text.mtp_hidden(h, input_ids, cos, sin, spans)]
         else:
             past = cache.length
             try:
@@ -1343,13 +1345,8 @@ class MiniMaxM3(nn.Module):
             except BaseException:                   # a failed call leaves the cache as it was
                 cache.truncate(past)
                 raise
-        lm_head = self.language_model.lm_head
-        if cache is not None:
-            cache.mask = mask
-            return add_losses(M3Output(logits=lm_head(h), mtp_logits=[], hidden=h), labels, cfg.mtp_loss_weight,
-                              attention_mask)
-        out = M3Output(logits=lm_head(h), hidden=h,
-                       mtp_logits=[lm_head(hk) for hk in text.mtp_hidden(h, input_ids, cos, sin, spans)])
+            cache.mask, mtp_logits = mask, []
+        out = M3Output(logits=lm_head(h), mtp_logits=mtp_logits, hidden=h)
         return add_losses(out, labels, cfg.mtp_loss_weight, attention_mask)
 
     def new_cache(self) -> "Cache":
@@ -1505,8 +1502,13 @@ def token_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, c
         if cache.mask.shape[0] != input_ids.shape[0]:
             raise ValueError(f"input_ids have {input_ids.shape[0]} rows but the cache holds {cache.mask.shape[0]}")
         new = torch.cat([cache.mask, new], dim=1)
-    positions = (new.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-    return new, (None if bool(new.all()) else row_spans(new)), positions
+    return new, (None if bool(new.all()) else row_spans(new)), token_positions(new, input_ids.shape[1])
+
+
+def token_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The positions of the last n slots of mask [B, Sk]: each one's place among its row's tokens
+    (pads are not counted; their own positions are never used). -> [B, n]"""
+    return (mask.cumsum(-1) - 1).clamp(min=0)[:, -n:]
 
 
 def mtp_pass(model: MiniMaxM3, layer: LayerCache, depth: int, ids: torch.Tensor, h_prev: torch.Tensor,
@@ -1620,7 +1622,7 @@ def _all_ended(new: list[torch.Tensor], eos_token_id: int | None) -> bool:
 def _first_pass(model: MiniMaxM3, cache: Cache, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """Depth 0 over the S slots the main model has just verified (the last S of cache.mask), at
     their positions: -> the last slot's output [B, 1, D], pre-norm."""
-    positions = (cache.mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+    positions = token_positions(cache.mask, ids.shape[1])
     return mtp_pass(model, cache.mtp[0], 0, ids, hidden, positions, cache.mask)[:, -1:]
 
 
@@ -2665,8 +2667,8 @@ def run_padded_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, t
         for name, t in whole.items():
             if name.startswith("row."):
                 continue
-            per_token = t.view(B, S, *t.shape[1:]) if t.shape[0] == B * S and B > 1 else t   # router [B*S, ...]
-            out[f"row.{b}.{name}"] = per_token[b, lo:hi] if per_token is not t else t[b:b + 1, lo:hi]
+            router = ".router." in name                                   # [B*S, ...], a row alone: [n, ...]
+            out[f"row.{b}.{name}"] = t.view(B, S, *t.shape[1:])[b, lo:hi] if router else t[b:b + 1, lo:hi]
     n = int(inputs["max_new_tokens"])
     out["generated"] = model.generate(ids, n, attention_mask=mask)[0][:, S:]
     return out
