@@ -98,6 +98,44 @@ class VisionConfig:
         return self.num_channels * self.temporal_patch_size * self.patch_size ** 2
 
 
+@dataclass(frozen=True)
+class MTPConfig:
+    """How the MTP depths are built, chained and trained. The defaults are M3's (SPEC §3: Automodel's
+    training code, which built the released weights); each other value is another implementation's
+    convention, named at its field. README's "MTP variants" table compares them."""
+    pass_hidden: str = "post_norm"    # the h_k depth k+1 fuses: after the depth's final_layernorm (M3,
+                                      # NemotronV3) or "pre_norm", the block output before it (Step3p7
+                                      # training, vLLM's drafter from its second draft on)
+    repeated_layer: bool = False      # True: one physical depth run num_mtp_modules times, weights tied
+                                      # (NemotronV3 use_repeated_layer; vLLM's layers[step % n] with n = 1)
+    head: str = "shared"              # logits = lm_head(final_layernorm(h_k)); "per_depth": the depth's own
+                                      # `output` projection after its final_layernorm (Step3p7
+                                      # transformer.shared_head.{norm, output})
+    embed_source: str = "token_ids"   # depth k embeds embed_tokens(ids shifted by k); "inputs_embeds": the
+                                      # model's input embeddings shifted by k, vision features included,
+                                      # zeros past the end (Step3p7; NemotronV3 given embeddings)
+    zero_position0: bool = False      # True: the embedding is zero where the position is 0, before enorm
+                                      # (vLLM and RTP at inference; training never does)
+    sublayers: str = "decoder_layer"  # one M3 decoder layer (`transformer_layer`); "attention_moe": an
+                                      # attention sublayer then an FFN sublayer, each h + mixer(norm(h))
+                                      # (NemotronV3 pattern "*E"): the same computation under other names
+    loss_weight: float = 0.1          # lambda of mtp_loss = lambda / M * sum_k L_k
+    loss_norm: str = "per_depth"      # L_k = CE over depth k's own valid targets / their count;
+                                      # "main_tokens": / the main loss's valid-target count
+                                      # (Automodel calculate_mtp_loss, DeepSeek-V3's 1/T)
+
+    @classmethod
+    def vllm_drafter(cls, **changes) -> "MTPConfig":
+        """vLLM's M3 drafter: the embedding zeroed at position 0, pre-norm outputs passed on."""
+        return cls(pass_hidden="pre_norm", zero_position0=True, **changes)
+
+
+# allowed values of MTPConfig's string options, the default (M3's) first
+MTP_CHOICES = {"pass_hidden": ("post_norm", "pre_norm"), "head": ("shared", "per_depth"),
+               "embed_source": ("token_ids", "inputs_embeds"), "sublayers": ("decoder_layer", "attention_moe"),
+               "loss_norm": ("per_depth", "main_tokens")}
+
+
 @dataclass
 class M3Config:
     """Text model fields (released values as defaults) plus an optional vision part.
@@ -141,8 +179,9 @@ class M3Config:
     swiglu_limit: float = 7.0              # gate clamped above, up clamped both sides
     # multi-token prediction
     num_mtp_modules: int = 1               # MTP depths M (M3 ships one)
-    mtp_loss_weight: float = 0.1           # lambda of loss = lm_loss + lambda / M * sum_k CE_k; a
-                                           # training choice, never read from or written to config.json
+    mtp: MTPConfig = field(default_factory=MTPConfig)  # conventions of the MTP depths; config.json's
+                                           # text_config.mtp_config (the reference's own key) lists the
+                                           # fields that differ from M3's
     # multimodal (vision=None: a text-only model, which has no placeholders or projector: all None)
     vision: VisionConfig | None = field(default_factory=VisionConfig)
     image_token_index: int | None = 200025  # placeholder id replaced by image features
@@ -169,6 +208,11 @@ class M3Config:
 
     def is_sparse(self, i: int) -> bool:
         return self.sparse_attention_freq[i] != 0
+
+    @property
+    def mtp_physical_depths(self) -> int:
+        """MTP depths with weights of their own: one when repeated, else num_mtp_modules."""
+        return min(self.num_mtp_modules, 1) if self.mtp.repeated_layer else self.num_mtp_modules
 
     # ---- presets ------------------------------------------------------------------------
     @classmethod
@@ -711,14 +755,15 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.dense_intermediate_size, cfg.swiglu_alpha, cfg.swiglu_limit)
 
-    def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_sparse_moe(x) if hasattr(self, "block_sparse_moe") else self.mlp(x)
+    @property
+    def ffn_module(self) -> nn.Module:
+        return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
                 spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(h), cos, sin, cache, spans)
         x, h = self.post_attention_layernorm(a, residual=h)
-        return h + self.ffn(x)
+        return h + self.ffn_module(x)
 
 
 def mtp_input_ids(input_ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -726,33 +771,68 @@ def mtp_input_ids(input_ids: torch.Tensor, k: int) -> torch.Tensor:
     return F.pad(input_ids[:, k:], (0, min(k, input_ids.shape[1])))
 
 
+class MTPSublayer(nn.Module):
+    """NemotronV3's MTP unit: h + mixer(norm(h)), [B, S, D] -> [B, S, D]; the mixer is M3's
+    attention (given cos, sin, cache, spans) or its FFN. An attention sublayer then an FFN sublayer
+    is a DecoderLayer: norm = input_layernorm / post_attention_layernorm, mixer = self_attn /
+    block_sparse_moe (or mlp), and the residual adds round alike."""
+
+    def __init__(self, cfg: M3Config, mixer: nn.Module):
+        super().__init__()
+        self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mixer = mixer
+
+    def forward(self, h: torch.Tensor, *attention_args) -> torch.Tensor:
+        return h + self.mixer(self.norm(h), *attention_args)
+
+
 class MTPDepth(nn.Module):
     """One multi-token-prediction depth k (DeepSeek-V3 style, embedding first in the concat):
 
-    x   = eh_proj(cat[enorm(embed(ids_k)), hnorm(h_{k-1})])      [B, S, 2D] -> [B, S, D]
-    h_k = final_layernorm(transformer_layer(x))                   transformer_layer: a full decoder
-                                                                   layer built like the last one
-    emb [B, S, D] is the embedding of the ids shifted left by k; h_prev [B, S, D] is h_{k-1}.
+    x_k      = block(eh_proj(cat[enorm(e_k), hnorm(h_{k-1})]))    [B, S, 2D] -> [B, S, D]
+    logits_k = head(final_layernorm(x_k))                          head: the shared lm_head, or the
+                                                                   depth's own `output` (head="per_depth")
+    block is a full decoder layer built like the last one (`transformer_layer`), or the same math as
+    two MTPSublayers (sublayers="attention_moe"). e_k [B, S, D] is the embedding of the tokens k
+    ahead (MTPConfig.embed_source); h_{k-1} [B, S, D] the main model's output after `norm` for
+    k = 1, else final_layernorm(x_{k-1}) (pass_hidden="post_norm") or x_{k-1} ("pre_norm").
+    forward returns x_k, before final_layernorm.
     """
 
     def __init__(self, cfg: M3Config):
         super().__init__()
-        D = cfg.hidden_size
+        D, last = cfg.hidden_size, cfg.num_hidden_layers - 1
         self.enorm = GemmaRMSNorm(D, cfg.rms_norm_eps)
         self.hnorm = GemmaRMSNorm(D, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * D, D, bias=False)
-        self.transformer_layer = DecoderLayer(cfg, cfg.num_hidden_layers - 1)
+        if cfg.mtp.sublayers == "decoder_layer":
+            self.transformer_layer = DecoderLayer(cfg, last)
+        else:
+            layer = DecoderLayer(cfg, last)          # built once for its attention and FFN modules
+            self.sublayers = nn.ModuleList([MTPSublayer(cfg, layer.self_attn),
+                                            MTPSublayer(cfg, layer.block_sparse_moe if cfg.is_moe(last) else layer.mlp)])
         self.final_layernorm = GemmaRMSNorm(D, cfg.rms_norm_eps)
+        if cfg.mtp.head == "per_depth":
+            self.output = nn.Linear(D, cfg.vocab_size, bias=False)
 
-    def hidden(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               cache: LayerCache | None = None, spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        """The depth's output before final_layernorm (what a drafter passes on, see generate)."""
-        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.transformer_layer(x, cos, sin, cache, spans)
+    @property
+    def self_attn(self) -> "Attention":
+        return self.transformer_layer.self_attn if hasattr(self, "transformer_layer") else self.sublayers[0].mixer
+
+    @property
+    def ffn_module(self) -> nn.Module:
+        return self.transformer_layer.ffn_module if hasattr(self, "transformer_layer") else self.sublayers[1].mixer
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        return self.final_layernorm(self.hidden(h_prev, emb, cos, sin, spans=spans))
+                cache: LayerCache | None = None, spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        if hasattr(self, "transformer_layer"):
+            return self.transformer_layer(x, cos, sin, cache, spans)
+        return self.sublayers[1](self.sublayers[0](x, cos, sin, cache, spans))
+
+    def head(self, normed: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+        """final_layernorm(x_k) [B, S, D] -> logits_k [B, S, V]."""
+        return getattr(self, "output", lm_head)(normed)
 
 
 def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -777,7 +857,7 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.num_mtp_modules:
-            self.mtp = nn.ModuleDict({"layers": nn.ModuleList(MTPDepth(cfg) for _ in range(cfg.num_mtp_modules))})
+            self.mtp = nn.ModuleDict({"layers": nn.ModuleList(MTPDepth(cfg) for _ in range(cfg.mtp_physical_depths))})
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_angles(position_ids, self.cfg.rotary_dim, self.cfg.rope_theta)
@@ -788,20 +868,31 @@ class TextModel(nn.Module):
             h = check_finite(layer(h, cos, sin, None if caches is None else caches[i], spans), f"layer {i} output")
         return self.norm(h)
 
-    def mtp_hidden(self, h: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   spans: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
-        """h_1..h_M: depth k embeds the ids shifted left by k (tail filled with id 0: also past the
-        end of a padded row's tokens) and takes h_{k-1} (h_0 = the main output after `norm`);
-        positions are not shifted."""
-        out = []
-        for k, depth in enumerate(self.mtp["layers"] if self.cfg.num_mtp_modules else [], start=1):
-            ids = mtp_input_ids(input_ids, k)
-            if spans is not None:
-                ends = torch.tensor([end for _, end in spans], device=ids.device)[:, None]
-                ids = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device) + k >= ends, 0)
-            h = check_finite(depth(h, self.embed_tokens(ids), cos, sin, spans), f"MTP depth {k} output")
-            out.append(h)
-        return out
+    def mtp_depth(self, k: int) -> MTPDepth:
+        """The module of depth k = 1..M: the one physical depth when repeated."""
+        return self.mtp["layers"][0 if self.cfg.mtp.repeated_layer else k - 1]
+
+    def mtp_embeddings(self, k: int, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, positions: torch.Tensor,
+                       spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """e_k [B, S, D]: slot i holds token i + k, embedded by embed_tokens (id 0 past the end of
+        the row's tokens) or taken from inputs_embeds (zeros past the end), per
+        MTPConfig.embed_source; zero where positions [B, S] is 0 with zero_position0."""
+        S, mcfg = input_ids.shape[1], self.cfg.mtp
+        ends = torch.full((input_ids.shape[0], 1), S) if spans is None else torch.tensor([[end] for _, end in spans])
+        past = torch.arange(S) + k >= ends                                               # [B, S]
+        if mcfg.embed_source == "token_ids":
+            emb = self.embed_tokens(mtp_input_ids(input_ids, k).masked_fill(past.to(input_ids.device), 0))
+        else:
+            emb = F.pad(inputs_embeds[:, k:], (0, 0, 0, min(k, S))).masked_fill(past[..., None].to(inputs_embeds.device), 0.0)
+        return emb.masked_fill((positions == 0)[..., None], 0.0) if mcfg.zero_position0 else emb
+
+    def mtp_step(self, k: int, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 cache: LayerCache | None = None, spans: list[tuple[int, int]] | None = None):
+        """Depth k over e_k and h_{k-1}: -> (final_layernorm(x_k), the head's input; h_k for depth k + 1)."""
+        depth = self.mtp_depth(k)
+        x = check_finite(depth(h_prev, emb, cos, sin, cache, spans), f"MTP depth {k} output")
+        normed = depth.final_layernorm(x)
+        return normed, (normed if self.cfg.mtp.pass_hidden == "post_norm" else x)
 
 
 class LanguageModel(nn.Module):
@@ -811,6 +902,19 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.model = TextModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
+                   positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   spans: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """logits_1..logits_M [B, S, V], chaining the depths from h_0 = h, the text model's output
+        [B, S, D]; positions [B, S] (those of the main model, not shifted) give RoPE and the
+        position-0 rule."""
+        text, out = self.model, []
+        for k in range(1, self.model.cfg.num_mtp_modules + 1):
+            normed, h = text.mtp_step(k, h, text.mtp_embeddings(k, input_ids, inputs_embeds, positions, spans),
+                                      cos, sin, spans=spans)
+            out.append(text.mtp_depth(k).head(normed, self.lm_head))
+        return out
 
 
 # ============================================================================================
@@ -1230,36 +1334,46 @@ class M3Output:
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
     hidden: torch.Tensor | None = None   # [B, S, D] the text model's output after the final norm
+    inputs_embeds: torch.Tensor | None = None  # [B, S, D] the text model's input (media spliced in)
 
 
-def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int,
-                          mask: torch.Tensor | None = None) -> torch.Tensor:
-    """mean over valid i of CE(logits[:, i], labels[:, i + shift]), in fp32.
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, shift: int,
+                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count) over valid i of CE(logits[:, i], labels[:, i + shift]), in fp32.
 
-    Positions whose target falls past the end or is -100 are ignored, and with `mask` [B, S] (0 =
-    pad) so are pad positions; with no valid target the loss is 0. logits [B, S, V], labels [B, S]
-    (labels = input ids, the shift happens here).
+    Positions whose target falls past the end or is -100 are not valid, and with `mask` [B, S] (0 =
+    pad) neither are pad positions. logits [B, S, V], labels [B, S] (labels = input ids, the shift
+    happens here).
     """
     target = F.pad(labels[:, shift:], (0, min(shift, labels.shape[1])), value=-100)
     valid = target != -100
     if mask is not None:
         valid &= mask.bool()
     ce = F.cross_entropy(logits.float().flatten(0, 1), target.clamp(min=0).flatten(), reduction="none")
-    return (ce * valid.flatten()).sum() / valid.sum().clamp(min=1)
+    return (ce * valid.flatten()).sum(), valid.sum()
 
 
-def add_losses(out: M3Output, labels: torch.Tensor | None, mtp_loss_weight: float,
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of cross_entropy_sum's terms; 0 with no valid target."""
+    total, count = cross_entropy_sum(logits, labels, shift, mask)
+    return total / count.clamp(min=1)
+
+
+def add_losses(out: M3Output, labels: torch.Tensor | None, mcfg: MTPConfig,
                mask: torch.Tensor | None = None) -> M3Output:
     """Fill lm_loss, mtp_loss and loss from the logits (nothing without labels; pads never count);
     see MiniMaxM3."""
     if labels is not None:
         if mask is not None:
             labels = labels.masked_fill(mask == 0, -100)
-        out.lm_loss = out.loss = shifted_cross_entropy(out.logits, labels, 1, mask)
+        main, n_main = cross_entropy_sum(out.logits, labels, 1, mask)
+        out.lm_loss = out.loss = main / n_main.clamp(min=1)
         if out.mtp_logits:
-            M = len(out.mtp_logits)
-            out.mtp_loss = mtp_loss_weight / M * sum(shifted_cross_entropy(lg, labels, 1 + k, mask)
-                                                     for k, lg in enumerate(out.mtp_logits, start=1))
+            terms = [cross_entropy_sum(lg, labels, 1 + k, mask) for k, lg in enumerate(out.mtp_logits, start=1)]
+            per_depth = [total / (count if mcfg.loss_norm == "per_depth" else n_main).clamp(min=1)
+                         for total, count in terms]
+            out.mtp_loss = mcfg.loss_weight / len(per_depth) * sum(per_depth)
             out.loss = out.lm_loss + out.mtp_loss
     return out
 
@@ -1277,14 +1391,17 @@ class MiniMaxM3(nn.Module):
     tokens, and position_ids, if used, must be given on every call (the cache keeps no positions).
 
     With labels (= the input ids; -100 ignored), CE_k(i) = CE(logits_k[:, i], labels[:, i + 1 + k])
-    with logits_0 the main head and logits_k the MTP depth k = 1..M, each averaged over its own
-    valid positions (target inside the row and not -100):
-        lm_loss = mean CE_0;   mtp_loss = mtp_loss_weight / M * sum_k mean CE_k;   loss = lm_loss + mtp_loss
+    with logits_0 the main head and logits_k the MTP depth k = 1..M, summed over the valid positions
+    (target inside the row and not -100), N_k of them:
+        lm_loss = sum CE_0 / N_0;   L_k = sum CE_k / N_k (MTPConfig.loss_norm="main_tokens": / N_0)
+        mtp_loss = lambda / M * sum_k L_k (lambda = MTPConfig.loss_weight, 0.1);   loss = lm_loss + mtp_loss
+    The MTP depths follow config.mtp (MTPConfig: M3's conventions by default).
     """
 
     def __init__(self, cfg: M3Config):
         super().__init__()
         self.config = cfg
+        self.drafter_only = False            # from_pretrained(drafter_only=True): only the drafter's weights are real
         self.language_model = LanguageModel(cfg)
         if cfg.vision is not None:
             v = cfg.vision
@@ -1326,10 +1443,14 @@ class MiniMaxM3(nn.Module):
         [B, S, D] replaces embed(): generate passes the token embeddings of generated tokens, which
         are text even where a model emits a media placeholder id."""
         cfg = self.config
+        if self.drafter_only:
+            raise ValueError("this model holds only the MTP drafter's weights (from_pretrained drafter_only): "
+                             "run mtp_pass / mtp_logits on the target model's hidden states, or load the whole checkpoint")
         _check_ids(input_ids, labels, position_ids, cfg.vocab_size, attention_mask)
         mask, spans, positions = token_layout(input_ids, attention_mask, cache)
         text = self.language_model.model
-        cos, sin = text.rope(positions if position_ids is None else position_ids)
+        positions = positions if position_ids is None else position_ids
+        cos, sin = text.rope(positions)
         if inputs_embeds is not None:
             _check_embeds(inputs_embeds, input_ids, cfg.hidden_size, pixel_values, pixel_values_videos)
         else:
@@ -1337,7 +1458,7 @@ class MiniMaxM3(nn.Module):
         lm_head = self.language_model.lm_head
         if cache is None:
             h = text(inputs_embeds, cos, sin, None, spans)
-            mtp_logits = [lm_head(hk) for hk in text.mtp_hidden(h, input_ids, cos, sin, spans)]
+            mtp_logits = self.language_model.mtp_logits(h, input_ids, inputs_embeds, positions, cos, sin, spans)
         else:
             past = cache.length
             try:
@@ -1346,8 +1467,8 @@ class MiniMaxM3(nn.Module):
                 cache.truncate(past)
                 raise
             cache.mask, mtp_logits = mask, []
-        out = M3Output(logits=lm_head(h), mtp_logits=mtp_logits, hidden=h)
-        return add_losses(out, labels, cfg.mtp_loss_weight, attention_mask)
+        out = M3Output(logits=lm_head(h), mtp_logits=mtp_logits, hidden=h, inputs_embeds=inputs_embeds)
+        return add_losses(out, labels, cfg.mtp, attention_mask)
 
     def new_cache(self) -> "Cache":
         """An empty cache for forward(..., cache=) and generate (see the Decoding section)."""
@@ -1459,7 +1580,7 @@ class Cache:
     @classmethod
     def empty(cls, cfg: M3Config) -> "Cache":
         return cls([LayerCache() for _ in range(cfg.num_hidden_layers)],
-                   [LayerCache() for _ in range(cfg.num_mtp_modules)])
+                   [LayerCache() for _ in range(cfg.mtp_physical_depths)])
 
     @property
     def length(self) -> int:
@@ -1511,22 +1632,23 @@ def token_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)[:, -n:]
 
 
-def mtp_pass(model: MiniMaxM3, layer: LayerCache, depth: int, ids: torch.Tensor, h_prev: torch.Tensor,
-             positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One MTP depth as vLLM's drafter runs it, over S new slots after those in its cache `layer`:
-    slot p fuses the embedding of ids[p] with h_prev[p] at positions[p]; `mask` [B, cached + S]
-    marks the depth's tokens and pads. As vLLM does at inference only, the embedding is zero at
-    position 0. Returns the depth's output before final_layernorm [B, S, D]."""
+def mtp_pass(model: MiniMaxM3, layer: LayerCache, k: int, emb: torch.Tensor, h_prev: torch.Tensor,
+             positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MTP depth k (1..M) as a drafter runs it, over S new slots after those in its cache `layer`:
+    slot p fuses emb[p] [B, S, D] with h_prev[p] at positions[p] (emb zeroed at position 0 with
+    MTPConfig.zero_position0); `mask` [B, cached + S] marks the depth's tokens and pads.
+    -> (final_layernorm(x_k), the hidden state passed on), each [B, S, D]."""
     text = model.language_model.model
     cos, sin = text.rope(positions)
-    emb = text.embed_tokens(ids).masked_fill((positions == 0)[..., None], 0.0)
+    if model.config.mtp.zero_position0:
+        emb = emb.masked_fill((positions == 0)[..., None], 0.0)
     spans = None if bool(mask.all()) else row_spans(mask)
-    return text.mtp["layers"][depth].hidden(h_prev, emb, cos, sin, layer, spans)
+    return text.mtp_step(k, h_prev, emb, cos, sin, layer, spans)
 
 
-def mtp_logits(model: MiniMaxM3, depth: int, h: torch.Tensor) -> torch.Tensor:
-    text = model.language_model.model
-    return model.language_model.lm_head(text.mtp["layers"][depth].final_layernorm(h))
+def mtp_logits(model: MiniMaxM3, k: int, normed: torch.Tensor) -> torch.Tensor:
+    """Depth k's logits [B, S, V] from final_layernorm(x_k) [B, S, D]."""
+    return model.language_model.model.mtp_depth(k).head(normed, model.language_model.lm_head)
 
 
 def generate(model: MiniMaxM3, input_ids: torch.Tensor, max_new_tokens: int, pixel_values=None,
@@ -1539,23 +1661,25 @@ def generate(model: MiniMaxM3, input_ids: torch.Tensor, max_new_tokens: int, pix
 
     With mtp=True each step drafts `draft_tokens` (default: the number of MTP depths) tokens with
     the MTP depths, as vLLM's drafter does for M3's one depth, then verifies them with one forward
-    of the main model:
-      - first pass: MTP depth 0 runs over every slot the main model has just verified (the whole
+    of the main model. The depths follow config.mtp, as in the training forward: M3's conventions
+    by default, vLLM's drafter with MTPConfig.vllm_drafter() (embedding zeroed at position 0, the
+    pre-norm output passed on).
+      - first pass: MTP depth 1 runs over every slot the main model has just verified (the whole
         prompt at first): slot p fuses the embedding of the token at p + 1 (the newest sampled
         token at the last slot) with the main model's post-norm hidden state h_p, at p's
-        position, with the embedding zeroed at position 0; its last slot's logits give draft 1.
-        This is the training alignment of depth 1 (MTPDepth), except the position-0 zero.
-        Media placeholder ids are embedded as tokens here, as in training.
-      - later drafts j = 2..n use depth (j - 1) % M with one slot each: the previous draft's
-        embedding, the previous MTP output *before* final_layernorm (training passes the
-        post-norm h_k on), the next position. M3 ships one depth, which drafts every token.
-        With M >= 2 the depths rotate as vLLM's MTP module indexes them by step (its current
-        proposer passes step 0 only); a depth other than 0 attends only its slots of this step.
+        position: the training alignment of depth 1. The prompt's embedding is embed_tokens of
+        its ids, or with embed_source="inputs_embeds" its spliced embeddings (vision features).
+        Its last slot's logits give draft 1.
+      - later drafts j = 2..n run depth (j - 1) % M + 1 over one slot each: the previous draft's
+        embedding, the previous depth's output passed on (MTPConfig.pass_hidden), the next
+        position. M3 ships one depth, which drafts every token. With M >= 2 the depths rotate as
+        vLLM's MTP module indexes them by step (its current proposer passes step 0 only); a
+        physical depth other than the first attends only its slots of this step.
       - the main model takes [newest token, draft 1..n] in one forward; a row accepts the longest
         prefix of drafts equal to its own greedy predictions; all rows keep the shortest such
         prefix a, plus the main model's token after it; every cache rolls back to drop the rest
-        (the main model to the verified slots, MTP depth 0 to where its drafts began, then its
-        first pass over the verified slots).
+        (the main model to the verified slots, the first MTP depth to where its drafts began,
+        then its first pass over the verified slots).
     Greedy verification makes the tokens those of plain greedy decoding. stats: steps (forward
     calls after the prefill), drafted, accepted, acceptance (accepted / drafted). draft_trace, a
     list, gets per step a dict of drafts [B, n], draft_logits [B, n, V] and accepted a.
@@ -1580,13 +1704,16 @@ def generate(model: MiniMaxM3, input_ids: torch.Tensor, max_new_tokens: int, pix
                     attention_mask=attention_mask, cache=cache)
         new = [out.logits[:, -1].argmax(-1)]                                      # [B] each
         if mtp:
-            h_draft = _first_pass(model, cache, torch.cat([input_ids[:, 1:], new[-1][:, None]], 1), out.hidden)
+            embed = model.language_model.model.embed_tokens
+            source = out.inputs_embeds if cfg.mtp.embed_source == "inputs_embeds" else embed(input_ids)
+            emb = torch.cat([source[:, 1:], embed(new[-1][:, None])], 1)
+            x_draft, h_draft = _first_pass(model, cache, emb, out.hidden)
         while len(new) < max_new_tokens and not _all_ended(new, eos_token_id):
             stats["steps"] += 1
             if not mtp:
                 new.append(_step(model, new[-1][:, None], cache).logits[:, -1].argmax(-1))
                 continue
-            drafts, logits = _draft(model, cache, h_draft, n_draft)             # [B, n], [B, n, V]
+            drafts, logits = _draft(model, cache, x_draft, h_draft, n_draft)    # [B, n], [B, n, V]
             past = cache.length
             check = _step(model, torch.cat([new[-1][:, None], drafts], 1), cache)
             preds = check.logits.argmax(-1)                                       # [B, n + 1]
@@ -1600,7 +1727,7 @@ def generate(model: MiniMaxM3, input_ids: torch.Tensor, max_new_tokens: int, pix
             for later in cache.mtp[1:]:
                 later.truncate(0)
             verified = torch.cat([drafts[:, :a], preds[:, a:a + 1]], 1)
-            h_draft = _first_pass(model, cache, verified, check.hidden[:, :a + 1])
+            x_draft, h_draft = _first_pass(model, cache, embed(verified), check.hidden[:, :a + 1])
             new += list(verified.unbind(1))
     tokens = torch.stack(new, 1)[:, :max_new_tokens].to(input_ids.dtype)
     if eos_token_id is not None:                 # after a row's first eos: eos, up to max_new_tokens
@@ -1619,28 +1746,32 @@ def _all_ended(new: list[torch.Tensor], eos_token_id: int | None) -> bool:
     return eos_token_id is not None and bool((torch.stack(new, 1) == eos_token_id).any(1).all())
 
 
-def _first_pass(model: MiniMaxM3, cache: Cache, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """Depth 0 over the S slots the main model has just verified (the last S of cache.mask), at
-    their positions: -> the last slot's output [B, 1, D], pre-norm."""
-    positions = token_positions(cache.mask, ids.shape[1])
-    return mtp_pass(model, cache.mtp[0], 0, ids, hidden, positions, cache.mask)[:, -1:]
+def _first_pass(model: MiniMaxM3, cache: Cache, emb: torch.Tensor, hidden: torch.Tensor):
+    """Depth 1 over the S slots the main model has just verified (the last S of cache.mask), at
+    their positions, fusing emb [B, S, D] with hidden [B, S, D]: -> the last slot's
+    (final_layernorm(x_1), h_1), each [B, 1, D]."""
+    positions = token_positions(cache.mask, emb.shape[1])
+    x, h = mtp_pass(model, cache.mtp[0], 1, emb, hidden, positions, cache.mask)
+    return x[:, -1:], h[:, -1:]
 
 
-def _draft(model: MiniMaxM3, cache: Cache, h_draft: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _draft(model: MiniMaxM3, cache: Cache, x: torch.Tensor, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n draft tokens [B, n] and their logits [B, n, V]: the first from the first pass's last slot
-    (h_draft, pre-norm), draft j + 1 from one slot of depth j % M at position (row's cached tokens)
-    + j - 1, fed the previous draft and MTP output. Depth 0 attends its cache of verified slots;
-    other depths only the slots they ran this step."""
-    M = model.config.num_mtp_modules
+    (x: its final_layernorm output, h: the state passed on), draft j + 1 from one slot of
+    depth j % M + 1 at position (row's cached tokens) + j - 1, fed the previous draft's embedding and
+    the state passed on. The first physical depth attends its cache of verified slots; other
+    physical depths only the slots they ran this step."""
+    cfg, embed = model.config, model.language_model.model.embed_tokens
     count = cache.mask.sum(-1, keepdim=True)                                     # [B, 1]
-    logits = [mtp_logits(model, 0, h_draft)[:, -1]]
+    logits = [mtp_logits(model, 1, x)[:, -1]]
     for j in range(1, n):
-        depth = j % M
-        layer = cache.mtp[depth]
-        history = cache.mask if depth == 0 else cache.mask[:, :0]
+        k = j % cfg.num_mtp_modules + 1
+        physical = 0 if cfg.mtp.repeated_layer else k - 1
+        layer = cache.mtp[physical]
+        history = cache.mask if physical == 0 else cache.mask[:, :0]
         mask = F.pad(history, (0, layer.length + 1 - history.shape[1]), value=1)
-        h_draft = mtp_pass(model, layer, depth, logits[-1].argmax(-1)[:, None], h_draft, count + j - 1, mask)
-        logits.append(mtp_logits(model, depth, h_draft)[:, -1])
+        x, h = mtp_pass(model, layer, k, embed(logits[-1].argmax(-1)[:, None]), h, count + j - 1, mask)
+        logits.append(mtp_logits(model, k, x)[:, -1])
     logits = torch.stack(logits, 1)
     return logits.argmax(-1), logits
 
@@ -1711,6 +1842,8 @@ def config_to_dict(c: M3Config) -> dict:
         "use_routing_bias": True, "routed_scaling_factor": c.routed_scaling_factor,
         "swiglu_alpha": c.swiglu_alpha, "swiglu_limit": c.swiglu_limit,
         "num_mtp_modules": c.num_mtp_modules,
+        **({"mtp_config": {f.name: getattr(c.mtp, f.name) for f in fields(MTPConfig)
+                           if getattr(c.mtp, f.name) != getattr(MTPConfig(), f.name)}} if c.mtp != MTPConfig() else {}),
         "sparse_attention_config": {
             "use_sparse_attention": any(c.sparse_attention_freq),
             "sparse_index_dim": c.sparse_index_dim,
@@ -1812,6 +1945,7 @@ def _text_fields(d: dict, where: str) -> dict:
     # transformers ignores MTP and its form says nothing of it: no depths unless stated
     out["num_mtp_modules"] = r.int("num_mtp_modules", 0 if "layer_types" in d else 1)
     # head_dim may be absent in older configs: then D / H
+    out["mtp"] = _mtp_fields(_sub(d, "mtp_config", where, {}), f"{where}.mtp_config")
     out["head_dim"] = r.int("head_dim", out["hidden_size"] // max(out["num_attention_heads"], 1))
     out.update(_rope_fields(d, where, out["head_dim"]))
     out.update(_sparse_fields(d, where))
@@ -1823,6 +1957,18 @@ def _text_fields(d: dict, where: str) -> dict:
     else:
         out["moe_layer_freq"] = r.list("moe_layer_freq")
     return out
+
+
+def _mtp_fields(d: dict, where: str) -> MTPConfig:
+    """`mtp_config`: the MTPConfig fields that differ from M3's (the reference's own key; upstream
+    configs never hold it). An unknown field is an error, not a silent M3 default."""
+    unknown = sorted(set(d) - {f.name for f in fields(MTPConfig)})
+    if unknown:
+        raise ValueError(f"config key '{where}' has unknown fields {unknown}; allowed: "
+                         f"{[f.name for f in fields(MTPConfig)]}")
+    r, default = _Reader(d, where), MTPConfig()
+    return MTPConfig(**{f.name: getattr(r, type(getattr(default, f.name)).__name__)(f.name, getattr(default, f.name))
+                        for f in fields(MTPConfig)})
 
 
 def _rope_fields(d: dict, where: str, head_dim: int) -> dict:
@@ -1934,8 +2080,17 @@ def validate_config(c: M3Config):
                  "num_experts_per_tok", "sparse_index_dim", "sparse_num_index_heads",
                  "sparse_topk_blocks", "sparse_block_size"):
         need(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}")
-    for name in ("sparse_init_block", "sparse_local_block", "num_mtp_modules", "mtp_loss_weight"):
+    for name in ("sparse_init_block", "sparse_local_block", "num_mtp_modules"):
         need(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
+    need(isinstance(c.mtp, MTPConfig), "mtp_config", f"must be an MTPConfig, got {type(c.mtp).__name__}")
+    for name, allowed in MTP_CHOICES.items():
+        need(getattr(c.mtp, name) in allowed, f"mtp_config.{name}",
+             f"allowed: {', '.join(map(repr, allowed))}; got {getattr(c.mtp, name)!r}")
+    for name in ("repeated_layer", "zero_position0"):
+        need(isinstance(getattr(c.mtp, name), bool), f"mtp_config.{name}", f"must be true or false, got "
+             f"{getattr(c.mtp, name)!r}")
+    need(isinstance(c.mtp.loss_weight, (int, float)) and not isinstance(c.mtp.loss_weight, bool)
+         and c.mtp.loss_weight >= 0, "mtp_config.loss_weight", f"must be a number >= 0, got {c.mtp.loss_weight!r}")
     for name in ("moe_layer_freq", "sparse_attention_freq"):
         n = len(getattr(c, name))
         need(n == c.num_hidden_layers, name,
@@ -1977,14 +2132,70 @@ SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 # keys some checkpoints ship that hold no weight of the model: RoPE tables (recomputed from the
 # config), the vision post-layernorm (shipped by some exports, never applied)
 IGNORED_KEYS = re.compile(r"(\.rotary_emb\.inv_freq$|^vision_tower\.vision_model\.post_layernorm\.)")
-MTP_KEY = re.compile(r"^(?:language_model\.)?model\.mtp\.layers\.(\d+)\.")
 SCALE_SUFFIX = "_scale_inv"      # MXFP8: <key> float8_e4m3 + <key>_scale_inv uint8 E8M0
 MX_BLOCK = 32                    # input columns sharing one E8M0 scale
 
+# Where each implementation keeps MTP depth p (P the physical depths, N = num_hidden_layers), all
+# mapped onto the same MTPDepth modules:
+#   m3           language_model.model.mtp.layers.{p}.{enorm, hnorm, eh_proj, transformer_layer.*,
+#                final_layernorm}                                              (M3, SPEC §4)
+#   nemotron_v3  language_model.mtp.layers.{2p + s}.*: sublayer s = 0 holds enorm, hnorm, eh_proj and
+#                the attention as norm + mixer.*; s = 1 the FFN as norm + mixer.* and final_layernorm
+#   step3p7      language_model.model.layers.{N + p}.*: enorm, hnorm, eh_proj, the decoder layer's keys
+#                directly, final_layernorm as transformer.shared_head.norm and a per-depth head's
+#                `output` as transformer.shared_head.output
+# A text-only checkpoint drops `language_model.`; the drafter alone (vLLM's standalone MTP
+# checkpoint, architectures ["MiniMaxM3MTP"]) holds embed_tokens, lm_head and the depths.
+# layout: (pattern of its MTP keys, index -> physical depth or None)
+MTP_LAYOUTS = {
+    "m3": (re.compile(r"^(?:language_model\.)?model\.mtp\.layers\.(\d+)\."), lambda i, N: i),
+    "nemotron_v3": (re.compile(r"^(?:language_model\.)?mtp\.layers\.(\d+)\."), lambda i, N: i // 2),
+    "step3p7": (re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\."), lambda i, N: i - N if i >= N else None),
+}
+# module names inside a depth built with sublayers -> M3's decoder-layer names ({ffn}: block_sparse_moe or mlp)
+SUBLAYER_NAMES = [("sublayers.0.norm.", "transformer_layer.input_layernorm."),
+                  ("sublayers.0.mixer.", "transformer_layer.self_attn."),
+                  ("sublayers.1.norm.", "transformer_layer.post_attention_layernorm."),
+                  ("sublayers.1.mixer.", "transformer_layer.{ffn}.")]
+# M3's names inside a depth -> (sublayer, name) in NemotronV3's layout; the last entry matches the rest
+NEMOTRON_NAMES = [("transformer_layer.input_layernorm.", 0, "norm."), ("transformer_layer.self_attn.", 0, "mixer."),
+                  ("transformer_layer.post_attention_layernorm.", 1, "norm."),
+                  ("transformer_layer.block_sparse_moe.", 1, "mixer."), ("transformer_layer.mlp.", 1, "mixer."),
+                  ("final_layernorm.", 1, "final_layernorm."), ("output.", 1, "output."), ("", 0, "")]
+STEP3P7_NAMES = [("transformer_layer.", ""), ("final_layernorm.", "transformer.shared_head.norm."),
+                 ("output.", "transformer.shared_head.output."), ("", "")]
+DRAFTER_MODULES = ("language_model.model.embed_tokens.", "language_model.lm_head.", "language_model.model.mtp.")
 
-def checkpoint_key(model_key: str, text_only: bool) -> str:
-    """Module key -> checkpoint key: text-only checkpoints drop the `language_model.` prefix."""
-    return model_key.removeprefix("language_model.") if text_only else model_key
+
+def _rename(name: str, table) -> tuple:
+    """(the rest of the table's first matching entry, name with that prefix replaced)."""
+    prefix, *rest = next(entry for entry in table if name.startswith(entry[0]))
+    return tuple(rest[:-1]), rest[-1] + name[len(prefix):]
+
+
+def checkpoint_key(model_key: str, cfg: M3Config, layout: str = "m3") -> str:
+    """Module key -> checkpoint key: MTP depths as `layout` stores them; text-only checkpoints drop
+    the `language_model.` prefix."""
+    m = re.match(r"language_model\.model\.mtp\.layers\.(\d+)\.(.*)", model_key)
+    if m is not None:
+        p, N = int(m.group(1)), cfg.num_hidden_layers
+        ffn = "block_sparse_moe" if cfg.is_moe(N - 1) else "mlp"
+        local = _rename(m.group(2), [(a, b.format(ffn=ffn)) for a, b in SUBLAYER_NAMES] + [("", "")])[1]
+        if layout == "nemotron_v3":
+            (s,), name = _rename(local, NEMOTRON_NAMES)
+            model_key = f"language_model.mtp.layers.{2 * p + s}.{name}"
+        elif layout == "step3p7":
+            model_key = f"language_model.model.layers.{N + p}.{_rename(local, STEP3P7_NAMES)[1]}"
+        else:
+            model_key = f"language_model.model.mtp.layers.{p}.{local}"
+    return model_key.removeprefix("language_model.") if cfg.vision is None else model_key
+
+
+def mtp_depth_of(key: str, layout: str, num_hidden_layers: int) -> int | None:
+    """The physical MTP depth a checkpoint key of `layout` belongs to, or None."""
+    pattern, depth = MTP_LAYOUTS[layout]
+    m = pattern.match(key)
+    return None if m is None else depth(int(m.group(1)), num_hidden_layers)
 
 
 def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
@@ -2021,15 +2232,26 @@ class Checkpoint:
     """A safetensors checkpoint (model.safetensors, or shards + model.safetensors.index.json),
     read one tensor at a time through memory maps. `tensor(key)` returns a weight as stored or,
     for MXFP8, dequantised to fp32; every weight is checked to be finite. `reads` lists the keys
-    read and `bytes_read` their stored size (scales included)."""
+    read and `bytes_read` their stored size (scales included). `mtp_layout` is the MTP_LAYOUTS
+    entry its MTP keys follow; `drafter` is true for vLLM's standalone MTP checkpoint."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.config = M3Config.from_json(self.path / "config.json")
+        self.drafter = "MiniMaxM3MTP" in (json.loads((self.path / "config.json").read_text()).get("architectures") or [])
         self._handles: dict[Path, object] = {}
         self.files = self._locate()
+        self.mtp_layout = self._mtp_layout()
         self.reads: list[str] = []
         self.bytes_read = 0
+
+    def _mtp_layout(self) -> str:
+        N = self.config.num_hidden_layers
+        found = sorted({layout for layout in MTP_LAYOUTS for k in self.files if mtp_depth_of(k, layout, N) is not None})
+        if len(found) > 1:
+            raise ValueError(f"checkpoint {str(self.path)!r} holds MTP keys of the layouts {found}: one layout per "
+                             f"checkpoint")
+        return found[0] if found else "m3"
 
     def _locate(self) -> dict[str, Path]:
         """checkpoint key -> the file holding it (single file or sharded index)."""
@@ -2080,11 +2302,15 @@ class Checkpoint:
             t = dequant_mxfp8(t, scale)
         return t
 
+    def mtp_depth(self, key: str) -> int | None:
+        return mtp_depth_of(key, self.mtp_layout, self.config.num_hidden_layers)
+
     def mtp_depths(self) -> int:
-        """How many MTP depths the checkpoint ships (they must be numbered 0, 1, ... without gaps)."""
-        shipped = sorted({int(m.group(1)) for k in self.files if (m := MTP_KEY.match(k))})
+        """How many physical MTP depths the checkpoint ships (numbered 0, 1, ... without gaps)."""
+        shipped = sorted({d for k in self.files if (d := self.mtp_depth(k)) is not None})
         if shipped != list(range(len(shipped))):
-            raise ValueError(f"checkpoint {str(self.path)!r} ships MTP depths {shipped}: they must be 0..n-1")
+            raise ValueError(f"checkpoint {str(self.path)!r} ships MTP depths {shipped} ({self.mtp_layout} layout): "
+                             f"they must be 0..n-1")
         return len(shipped)
 
     def problems(self, expected: dict[str, torch.Tensor], skip) -> list[str]:
@@ -2143,33 +2369,48 @@ class Checkpoint:
         return []
 
 
-def load_meta_model(ckpt: Checkpoint, dtype: torch.dtype, mtp_depths: int | None = None) -> MiniMaxM3:
+def load_meta_model(ckpt: Checkpoint, dtype: torch.dtype, mtp_depths: int | None = None,
+                    mtp: MTPConfig | None = None, drafter_only: bool | None = None) -> MiniMaxM3:
     """The model of a checkpoint on the meta device (no storage), after checking every tensor's
     name, shape and format against it (one ValueError lists every problem). The MTP depths built are
-    those the checkpoint ships, or exactly `mtp_depths` (an error if fewer are shipped)."""
+    those the checkpoint ships, or exactly `mtp_depths` (an error if fewer are shipped); with
+    repeated_layer, num_mtp_modules (or mtp_depths) runs of its one physical depth. `mtp` replaces
+    config.json's MTP options. drafter_only (default: a standalone MTP checkpoint) checks only the
+    drafter's tensors: embed_tokens, lm_head and the MTP depths."""
     if mtp_depths is not None and (not isinstance(mtp_depths, int) or isinstance(mtp_depths, bool)):
         raise TypeError(f"mtp_depths must be an int or None, got {mtp_depths!r}")
-    cfg, shipped = ckpt.config, ckpt.mtp_depths()
+    if mtp is not None and not isinstance(mtp, MTPConfig):
+        raise TypeError(f"mtp must be an MTPConfig or None, got {type(mtp).__name__}")
+    cfg, shipped = (ckpt.config if mtp is None else replace(ckpt.config, mtp=mtp)), ckpt.mtp_depths()
+    drafter_only = ckpt.drafter if drafter_only is None else drafter_only
+    repeated = cfg.mtp.repeated_layer
     if mtp_depths is None:
-        if cfg.num_mtp_modules > shipped:
+        if cfg.num_mtp_modules > shipped and not repeated:
             print(f"config.json declares {cfg.num_mtp_modules} MTP depths and the checkpoint ships {shipped}: "
                   f"building {shipped}", file=sys.stderr)
-        mtp_depths = shipped
-    elif not 0 <= mtp_depths <= shipped:
+        mtp_depths = (cfg.num_mtp_modules if shipped else 0) if repeated else shipped
+    physical = min(mtp_depths, 1) if repeated else mtp_depths
+    if not 0 <= physical <= shipped:
         raise ValueError(f"mtp_depths={mtp_depths} asked for, but checkpoint {str(ckpt.path)!r} ships {shipped} "
                          f"MTP depth(s)")
     with torch.device("meta"):
         model = MiniMaxM3(replace(cfg, num_mtp_modules=mtp_depths)).to(dtype)
-    text_only = cfg.vision is None
-    expected = {checkpoint_key(k, text_only): t for k, t in model.state_dict(keep_vars=True).items()}
+    model.drafter_only = drafter_only
+    expected = {checkpoint_key(k, cfg, ckpt.mtp_layout): t for k, t in model.state_dict(keep_vars=True).items()
+                if not drafter_only or k.startswith(DRAFTER_MODULES)}
 
-    def not_built(key: str) -> bool:            # no weight of the model, or an MTP depth not asked for
-        depth = MTP_KEY.match(key)
-        return bool(IGNORED_KEYS.search(key)) or (depth is not None and int(depth.group(1)) >= mtp_depths)
+    def not_built(key: str) -> bool:            # no weight of the model, an MTP depth not asked for, the trunk of a drafter
+        depth = ckpt.mtp_depth(key)
+        return bool(IGNORED_KEYS.search(key)) or (depth is not None and depth >= physical) or \
+            (drafter_only and depth is None)
     problems = ckpt.problems(expected, not_built)
     if any(k.startswith(("model.language_model.", "model.vision_tower.")) for k in ckpt.files):
         problems.insert(0, "hint: the keys are in transformers' layout (model.language_model.*); this reader "
                            "takes the upstream layout (language_model.model.*, see README)")
+    heads = sum(p.endswith("output.weight") and ckpt.mtp_depth(p.split(" ")[1]) is not None for p in problems)
+    if heads:
+        problems.insert(0, f"hint: per-depth MTP heads (`output`) are {'missing' if cfg.mtp.head == 'per_depth' else 'present'}"
+                           f": load with mtp=MTPConfig(head={'shared' if cfg.mtp.head == 'per_depth' else 'per_depth'!r})")
     if problems:
         raise ValueError(f"checkpoint {str(ckpt.path)!r} does not match its config.json ({len(problems)} "
                          f"problem{'s' * (len(problems) != 1)}):\n  " + "\n  ".join(problems))
@@ -2196,24 +2437,30 @@ def load_tensor(model: MiniMaxM3, ckpt: Checkpoint, name: str, device) -> torch.
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner)
     dtype = (module._parameters[attr] if attr in module._parameters else module._buffers[attr]).dtype
-    key = checkpoint_key(name, model.config.vision is None)
+    key = checkpoint_key(name, model.config, ckpt.mtp_layout)
     value = check_finite(ckpt.tensor(key, device).to(dtype), f"checkpoint key {key} (as {str(dtype).removeprefix('torch.')})")
     return put_tensor(model, name, value)
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", mtp_depths: int | None = None) -> MiniMaxM3:
+                    device: str | torch.device = "cpu", mtp_depths: int | None = None,
+                    mtp: MTPConfig | None = None, drafter_only: bool | None = None) -> MiniMaxM3:
     """Build the model from config.json + safetensors, reading one tensor at a time.
 
     The module is built on the meta device and every checkpoint tensor's name, shape and format
     is checked first (`load_meta_model`), then each tensor is read, dequantised if MXFP8, checked
-    to be finite and cast to `dtype` on `device` (router weight and bias: fp32).
+    to be finite and cast to `dtype` on `device` (router weight and bias: fp32). The MTP depths may
+    be stored in any MTP_LAYOUTS layout (found from the keys); `mtp` replaces config.json's MTP
+    options. With drafter_only (default: a standalone MTP checkpoint) only embed_tokens, lm_head and
+    the MTP depths are read, the rest stays on the meta device, and the model serves generate's
+    drafter functions (mtp_pass, mtp_logits) but not forward.
     """
     ckpt = Checkpoint(path)
-    model = load_meta_model(ckpt, dtype, mtp_depths)
+    model = load_meta_model(ckpt, dtype, mtp_depths, mtp, drafter_only)
     with torch.no_grad():
         for name in model.state_dict():
-            load_tensor(model, ckpt, name, device)
+            if not model.drafter_only or name.startswith(DRAFTER_MODULES):
+                load_tensor(model, ckpt, name, device)
     return model.eval()
 
 
@@ -2238,8 +2485,11 @@ def _write_atomic(target: Path, write) -> None:
         raise
 
 
-def save_pretrained(model: MiniMaxM3, path: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
-    """Write config.json (upstream form) and the weights in the upstream key layout.
+def save_pretrained(model: MiniMaxM3, path: str | os.PathLike, max_shard_size: int | str | None = None,
+                    mtp_layout: str = "m3", drafter_only: bool = False) -> None:
+    """Write config.json (upstream form) and the weights in the upstream key layout, the MTP depths
+    in `mtp_layout` (MTP_LAYOUTS). drafter_only: vLLM's standalone MTP checkpoint, text-only keys
+    (model.embed_tokens, lm_head, the depths) and architectures ["MiniMaxM3MTP"].
 
     One model.safetensors, or shards model-0000i-of-0000n.safetensors of at most max_shard_size
     bytes each (a tensor larger than that gets a shard of its own) plus model.safetensors.index.json.
@@ -2247,10 +2497,16 @@ def save_pretrained(model: MiniMaxM3, path: str | os.PathLike, max_shard_size: i
     does not use are removed.
     """
     from safetensors.torch import save_file
+    if mtp_layout not in MTP_LAYOUTS:
+        raise ValueError(f"mtp_layout must be one of {list(MTP_LAYOUTS)}, got {mtp_layout!r}")
+    if drafter_only and not model.config.num_mtp_modules:
+        raise ValueError("drafter_only=True needs MTP depths, and this model has none")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    text_only = model.config.vision is None
-    state = {checkpoint_key(k, text_only): t.detach().contiguous().cpu() for k, t in model.state_dict().items()}
+    cfg = replace(model.config, vision=None) if drafter_only else model.config
+    state = {checkpoint_key(k, cfg, mtp_layout): t.detach().contiguous().cpu() for k, t in model.state_dict().items()
+             if not drafter_only or k.startswith(DRAFTER_MODULES)}
+    config = cfg.to_dict() | ({"architectures": ["MiniMaxM3MTP"], "model_type": "minimax_m3_mtp"} if drafter_only else {})
     limit = _parse_size(max_shard_size) if max_shard_size is not None else None
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -2263,7 +2519,7 @@ def save_pretrained(model: MiniMaxM3, path: str | os.PathLike, max_shard_size: i
         size += nbytes
     names = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    _write_atomic(path / "config.json", lambda p: Path(p).write_text(json.dumps(model.config.to_dict(), indent=2)))
+    _write_atomic(path / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     for name, shard in zip(names, shards):
         _write_atomic(path / name, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
     if len(shards) > 1:
@@ -2317,12 +2573,14 @@ class Tracer:
         # hooks on the pieces themselves (not on TextModel.forward), so a streamed run is traced alike
         self._pre(text.layers[0], lambda a: self._put("embeddings", a[0]))
         for i, layer in enumerate(text.layers):
-            self._layer(layer, f"layers.{i}.")
+            self._layer(layer.self_attn, layer.ffn_module, lambda i=i: f"layers.{i}.")
             self._post(layer, lambda y, i=i: self._put(f"layers.{i}.hidden", y))
         self._post(text.norm, lambda y: self._put("hidden", y))
-        for d, depth in enumerate(text.mtp["layers"] if model.config.num_mtp_modules else []):
-            self._layer(depth.transformer_layer, f"mtp.{d}.layer.")
-            self._post(depth, lambda y, d=d: self._put(f"mtp.{d}.hidden", y))
+        self.depth = -1                    # the MTP depth running (0-based): a repeated depth runs M times
+        for depth in text.mtp["layers"] if model.config.num_mtp_modules else []:
+            self._pre(depth, lambda a: setattr(self, "depth", self.depth + 1))
+            self._layer(depth.self_attn, depth.ffn_module, lambda: f"mtp.{self.depth}.layer.")
+            self._post(depth.final_layernorm, lambda y: self._put(f"mtp.{self.depth}.hidden", y))
         if model.config.vision is not None:
             # each of the three runs once per media kind, images first
             for module, part in [(model.vision_tower, "patches"), (model.multi_modal_projector, "projected"),
@@ -2343,13 +2601,12 @@ class Tracer:
         for name, t in named.items():
             self._put(name, t)
 
-    def _layer(self, layer: DecoderLayer, prefix: str):
-        attn = layer.self_attn
+    def _layer(self, attn: Attention, ffn: nn.Module, prefix):
+        """Indexer and router hooks of one layer; prefix() names it when it runs."""
         if attn.sparse:
-            self._pre(attn, lambda a: self._update(indexer_outputs(attn, *a[:3], prefix + "indexer.", *a[3:5])))
-        if hasattr(layer, "block_sparse_moe"):
-            moe = layer.block_sparse_moe
-            self._pre(moe, lambda a: self._update(router_outputs(moe, a[0], prefix + "router.")))
+            self._pre(attn, lambda a: self._update(indexer_outputs(attn, *a[:3], prefix() + "indexer.", *a[3:5])))
+        if isinstance(ffn, MoE):
+            self._pre(ffn, lambda a: self._update(router_outputs(ffn, a[0], prefix() + "router.")))
 
     def close(self):
         for h in self.handles:
@@ -2594,7 +2851,7 @@ def golden_cases() -> list[dict]:
              description="three left-padded rows of 41, 12 and 30 tokens (attention_mask); per row b, `row.{b}.*`: "
                          "the traced forward over its own tokens, which equals the row run alone (block 8, top-3: "
                          "row 0 drops blocks); `generated`: the max_new_tokens tokens of greedy decoding"),
-        dict(name="mtp-speculative", kind="speculative", config=text, dtype="float32", seed=107, lengths=[30, 22],
+        dict(name="mtp-speculative", kind="speculative", config=replace(text, mtp=MTPConfig.vllm_drafter()), dtype="float32", seed=107, lengths=[30, 22],
              max_new_tokens=12, draft_tokens=3, weights=agreeing_mtp_,
              end_results=["generated"],
              description="MTP speculative decoding, drafting as vLLM does, of two left-padded rows (30 and 22 "
@@ -2602,7 +2859,47 @@ def golden_cases() -> list[dict]:
                          "and some rolled back; per main-model call s after the prefill: `step.{s}.draft_logits`, "
                          "`step.{s}.drafts`, `step.{s}.accepted`; `generated`: the 12 new tokens"),
     ]
+    cases += mtp_variant_cases(text, base)
     return [dict(c, end_results=c.get("end_results", ["logits"])) for c in cases]
+
+
+def mtp_variant_cases(text: M3Config, base: M3Config) -> list[dict]:
+    """One case per MTPConfig option away from M3's, on a two-layer trunk (dense, then MoE + sparse,
+    which the depths are built like); weights stored in the layout of the implementation that uses
+    the option."""
+    trunk = dict(num_hidden_layers=2, moe_layer_freq=[0, 1], sparse_attention_freq=[0, 1])
+    small, media = replace(text, **trunk), replace(base, **trunk)
+    variant = lambda cfg, depths, **mtp: replace(cfg, num_mtp_modules=depths, mtp=MTPConfig(**mtp))
+    run = dict(kind="model", dtype="float32", batch=2, length=15, media=False)
+    return [
+        dict(run, name="mtp-pre-norm", config=variant(small, 2, pass_hidden="pre_norm"), seed=110,
+             description="two depths, depth 2 fusing depth 1's output before its final_layernorm (Step3p7 "
+                         "training, vLLM's drafter); mtp.0.* equal M3's, mtp.1.* differ"),
+        dict(run, name="mtp-repeated", config=variant(small, 3, repeated_layer=True), seed=111,
+             mtp_layout="nemotron_v3",
+             description="one physical depth run three times (NemotronV3 use_repeated_layer), stored in "
+                         "NemotronV3's flat layout mtp.layers.{0,1}: mtp.{0,1,2}.* are its three runs"),
+        dict(run, name="mtp-per-depth-head", config=variant(small, 1, head="per_depth"), seed=112,
+             mtp_layout="step3p7",
+             description="a head per depth: the depth's final_layernorm then its own output projection, stored "
+                         "in Step3p7's layout model.layers.{N}.transformer.shared_head.{norm,output}"),
+        dict(run, name="mtp-inputs-embeds", config=variant(media, 1, embed_source="inputs_embeds"), seed=113,
+             media=True,
+             description="the depth fuses the model's input embeddings shifted by one, vision features "
+                         "included (Step3p7), not embed_tokens of the shifted ids: two images and a video"),
+        dict(run, name="mtp-zero-position0", config=variant(small, 1, zero_position0=True), seed=114,
+             description="the depth's embedding zeroed at position 0 (vLLM at inference): only slot 0 of "
+                         "mtp.0.* moves, and the later slots through the attention"),
+        dict(run, name="mtp-sublayers", config=variant(small, 1, sublayers="attention_moe"), seed=115,
+             mtp_layout="nemotron_v3",
+             description="the depth as an attention sublayer then an MoE sublayer, each h + mixer(norm(h)) "
+                         "(NemotronV3 \"*E\"), stored in its flat layout: the same math as M3's decoder layer"),
+        dict(run, name="mtp-loss-weight", config=variant(small, 1, loss_weight=0.3), seed=116,
+             description="lambda = 0.3 in mtp_loss = lambda / M * sum_k L_k"),
+        dict(run, name="mtp-loss-main-tokens", config=variant(small, 1, loss_norm="main_tokens"), seed=117,
+             description="each depth's summed CE divided by the main loss's valid-target count (Automodel "
+                         "calculate_mtp_loss), labels with -100"),
+    ]
 
 
 def run_case(path: Path, case: dict, inputs: dict) -> dict[str, torch.Tensor]:
@@ -2695,7 +2992,7 @@ def agreeing_mtp_(model: MiniMaxM3, agree: float = 0.05, hidden: float = 0.2) ->
     rollback): norm scales 1 (Gemma offset 0) except the MTP `final_layernorm`s, each block's output
     projections scaled by `agree` (the residual stream stays near the token embedding, attention
     still counts), and each MTP depth's eh_proj the identity on the embedding plus `hidden` times
-    its weights on the hidden state. The main head and a depth then predict nearly the same next
+    its weights on the hidden state (a per-depth head: lm_head's weights). The main head and a depth then predict nearly the same next
     token from the same token, and the hidden state passed on (pre- or post-norm) still matters."""
     D = model.config.hidden_size
     with torch.no_grad():
@@ -2707,6 +3004,8 @@ def agreeing_mtp_(model: MiniMaxM3, agree: float = 0.05, hidden: float = 0.2) ->
         for depth in model.language_model.model.mtp["layers"]:
             depth.eh_proj.weight[:, :D] = torch.eye(D)
             depth.eh_proj.weight[:, D:] *= hidden
+            if hasattr(depth, "output"):                 # a per-depth head: the main head's copy
+                depth.output.weight.copy_(model.language_model.lm_head.weight)
     return model
 
 
@@ -2739,7 +3038,7 @@ def make_case(case: dict, path: Path) -> dict:
             save_file({k: t.contiguous() for k, t in model.state_dict().items() if k in m3_keys}, path / SINGLE_FILE)
     else:
         inputs = _case_inputs(case)
-        save_pretrained(model, path)
+        save_pretrained(model, path, mtp_layout=case.get("mtp_layout", "m3"))
     outputs = run_case(path, case, inputs)
     if case["kind"] != "component":
         outputs = {name: outputs[name] for name in V.forward_order(outputs)}
@@ -2912,7 +3211,7 @@ class _Pieces:
 
 def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu", trace: bool = False, mtp_depths: int | None = None,
-                   progress: bool = False) -> StreamRun:
+                   progress: bool = False, mtp: MTPConfig | None = None) -> StreamRun:
     """The forward of the checkpoint at `path` on `inputs` (the keyword arguments of
     MiniMaxM3.forward), holding one piece's parameters at a time on `device`.
 
@@ -2922,7 +3221,7 @@ def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dty
     intermediate with trace=True), and the run's peak parameter bytes and reads.
     """
     ckpt = Checkpoint(path)
-    model = load_meta_model(ckpt, dtype, mtp_depths)
+    model = load_meta_model(ckpt, dtype, mtp_depths, mtp, drafter_only=False)
     cfg, text, lm_head = model.config, model.language_model.model, model.language_model.lm_head
     unknown = set(inputs) - {"input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                              "position_ids", "labels"}
@@ -2933,8 +3232,7 @@ def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dty
     _check_ids(ids, labels, inputs.get("position_ids"), cfg.vocab_size)
     position_ids = inputs.get("position_ids", torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
     media = [m for m, key in (("image", "pixel_values"), ("video", "pixel_values_videos")) if key in inputs]
-    depths = list(text.mtp["layers"]) if cfg.num_mtp_modules else []
-    L = cfg.num_hidden_layers
+    M, L = cfg.num_mtp_modules, cfg.num_hidden_layers
     pieces = _Pieces(model, ckpt, device, progress)
     tracer = Tracer(model, media) if trace else None
     hooks = [m.register_forward_pre_hook(pieces.route_then_load(name + "."))
@@ -2942,8 +3240,8 @@ def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dty
     embed = ("language_model.model.embed_tokens.",) + (("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")
                                                       if media else ())
     layer = lambda i: (f"language_model.model.layers.{i}.",)
-    depth = lambda k: (f"language_model.model.mtp.layers.{k}.",)
-    largest = max(map(pieces.bytes_under, [embed, *map(layer, range(L)), *map(depth, range(len(depths))),
+    depth = lambda p: (f"language_model.model.mtp.layers.{p}.",)
+    largest = max(map(pieces.bytes_under, [embed, *map(layer, range(L)), *map(depth, range(cfg.mtp_physical_depths)),
                                            ("language_model.lm_head.",)]))
     try:
         with torch.no_grad():
@@ -2951,25 +3249,28 @@ def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dty
             with pieces.piece("embeddings" + (" + vision" if media else ""), embed):
                 h = check_finite(model.embed(ids, *(inputs.get(k) for k in ("pixel_values", "image_grid_thw",
                                  "pixel_values_videos", "video_grid_thw"))), "embeddings")
-                shifted = [text.embed_tokens(mtp_input_ids(ids, k)) for k in range(1, len(depths) + 1)]
+                shifted = [text.mtp_embeddings(k, ids, h, position_ids) for k in range(1, M + 1)]
             for i, block in enumerate(text.layers):
                 kind = f"{'moe' if cfg.is_moe(i) else 'dense'}+{'sparse' if cfg.is_sparse(i) else 'full'}"
                 with pieces.piece(f"layer {i}/{L} {kind}", layer(i)):
                     h = check_finite(block(h, cos, sin), f"layer {i} output")
             with pieces.piece("norm", ("language_model.model.norm.",)):
                 h = text.norm(h)
-            hs = [h]
-            for k, mtp in enumerate(depths):
-                with pieces.piece(f"MTP depth {k + 1}/{len(depths)}", depth(k)):
-                    hs.append(check_finite(mtp(hs[-1], shifted[k], cos, sin), f"MTP depth {k + 1} output"))
+            heads, h_k, own_head = [], h, cfg.mtp.head == "per_depth"    # per depth: its logits or its head's input
+            for p in range(cfg.mtp_physical_depths):                     # a repeated depth: loaded once, run M times
+                ks = range(1, M + 1) if cfg.mtp.repeated_layer else [p + 1]
+                with pieces.piece(f"MTP depth {p + 1}/{cfg.mtp_physical_depths}", depth(p)):
+                    for k in ks:
+                        normed, h_k = text.mtp_step(k, h_k, shifted[k - 1], cos, sin)
+                        heads.append(text.mtp_depth(k).head(normed, lm_head) if own_head else normed)
             with pieces.piece("lm_head", ("language_model.lm_head.",)):
-                out = M3Output(logits=lm_head(h), mtp_logits=[lm_head(x) for x in hs[1:]])
+                out = M3Output(logits=lm_head(h), mtp_logits=[x if own_head else lm_head(x) for x in heads])
     finally:
         for handle in hooks:
             handle.remove()
         if tracer is not None:
             tracer.close()
-    add_losses(out, labels, cfg.mtp_loss_weight)
+    add_losses(out, labels, cfg.mtp)
     return StreamRun(out, named_outputs(tracer.out if trace else {}, out), pieces.peak, largest,
                      ckpt.reads, ckpt.bytes_read)
 
@@ -3353,6 +3654,10 @@ def generate_cli(args) -> None:
         cfg, encode = M3Config.tiny(), None
         if args.prompt is not None:
             raise ValueError("--prompt needs --checkpoint (its tokenizer.json); the tiny preset takes --prompt-ids")
+    if args.vllm_drafter and not args.mtp:
+        raise ValueError("--vllm-drafter sets how MTP drafts: it goes with --mtp")
+    if args.vllm_drafter:              # vLLM's drafter conventions on the model's own MTP structure
+        cfg = replace(cfg, mtp=replace(cfg.mtp, pass_hidden="pre_norm", zero_position0=True))
     given = args.prompt_ids is not None or args.prompt_file is not None
     inputs = ({} if args.prompt is not None else read_prompt(args.prompt_ids, args.prompt_file) if given
               else {k: v for k, v in demo_inputs(cfg).items() if k != "labels"})
@@ -3363,7 +3668,7 @@ def generate_cli(args) -> None:
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
               for k, v in inputs.items() if k in GENERATE_INPUTS}
     t0 = time.perf_counter()
-    model = (from_pretrained(args.checkpoint, dtype, device) if args.checkpoint
+    model = (from_pretrained(args.checkpoint, dtype, device, mtp=cfg.mtp) if args.checkpoint
              else init_random_(MiniMaxM3(cfg), seed=0).to(device, dtype).eval())
     t1 = time.perf_counter()
     tokens, stats = generate(model, max_new_tokens=args.max_new_tokens, mtp=args.mtp, draft_tokens=args.draft_tokens,
@@ -3425,7 +3730,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                                         "on its demo prompt); the whole model is loaded on --device")
     _prompt_arguments(d, required=False)
     d.add_argument("--max-new-tokens", type=int, default=16)
-    d.add_argument("--mtp", action="store_true", help="MTP speculative decoding, drafting as vLLM does")
+    d.add_argument("--mtp", action="store_true", help="MTP speculative decoding, with the model's MTP conventions "
+                                                     "(M3's training ones unless config.json's mtp_config says otherwise)")
+    d.add_argument("--vllm-drafter", action="store_true", help="with --mtp: draft as vLLM does (embedding zeroed at "
+                                                              "position 0, pre-norm outputs passed on)")
     d.add_argument("--draft-tokens", type=int, help="drafts per step with --mtp (default: the MTP depths)")
     d.add_argument("--eos-token-id", type=int, help="stop a row at this token")
     args = parser.parse_args(argv)

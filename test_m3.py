@@ -563,7 +563,7 @@ def test_losses_equal_hand_computed_cross_entropies():
     torch.testing.assert_close(out.lm_loss.double(), ce(out.logits, 1), rtol=1e-5, atol=1e-5)
     mtp = 0.1 / 2 * (ce(out.mtp_logits[0], 2) + ce(out.mtp_logits[1], 3))
     torch.testing.assert_close(out.mtp_loss.double(), mtp, rtol=1e-5, atol=1e-5)
-    weighted = model_of(replace(cfg, mtp_loss_weight=0.5))(ids, labels=labels)     # same weights, lambda 0.5
+    weighted = model_of(replace(cfg, mtp=m3.MTPConfig(loss_weight=0.5)))(ids, labels=labels)   # same weights, lambda 0.5
     torch.testing.assert_close(weighted.mtp_loss.double(), 5 * mtp, rtol=1e-5, atol=1e-5)
 
 
@@ -582,6 +582,249 @@ def test_mtp_depth_is_the_documented_composition():
     h1 = gemma_norm(depth.transformer_layer(x, cos, sin), depth.final_layernorm.weight).float()
     torch.testing.assert_close(out.mtp_logits[0], model.language_model.lm_head(h1),
                                rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
+
+
+# ---- MTP variants: each MTPConfig option, and the checkpoint layouts ---------------------------
+
+def variant_pair(tmp_path: Path, mtp: m3.MTPConfig, depths: int = 1, vision=None, layout: str = "m3"):
+    """(M3's model, the same weights loaded with `mtp`): a default model saved in `layout`, read back
+    as it is and with the option (the layouts map every structure onto the same tensors)."""
+    m3.save_pretrained(model_of(tiny(vision=vision, num_mtp_modules=depths)), tmp_path, mtp_layout=layout)
+    return m3.from_pretrained(tmp_path), m3.from_pretrained(tmp_path, mtp=mtp)
+
+
+def variant_inputs(cfg: m3.M3Config, S: int = 21) -> dict:
+    if cfg.vision is not None:
+        return m3.demo_inputs(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, S), generator=torch.Generator().manual_seed(3))
+    return dict(input_ids=ids, labels=ids.masked_fill(torch.arange(S) % 5 == 0, -100))
+
+
+def test_m3_default_options_reproduce_the_committed_golden_mtp_tensors_bit_for_bit():
+    from safetensors.torch import load_file
+    for case in ("text", "mtp-depth-2", "vision-language"):
+        cfg = m3.Checkpoint(GOLDEN / case).config
+        assert cfg.mtp == m3.MTPConfig()
+        got = m3.run_model_case(GOLDEN / case, torch.float32, load_file(GOLDEN / case / "inputs.safetensors"))
+        stored = load_file(GOLDEN / case / "outputs.safetensors")
+        names = [n for n in stored if n.startswith("mtp.") or n.endswith("loss")]
+        assert names and all(torch.equal(got[n], stored[n]) for n in names), case
+
+
+@pytest.mark.parametrize("mtp, depths, changed", [
+    (m3.MTPConfig(pass_hidden="pre_norm"), 2, [1]),                  # depth 1 fuses h_0 either way
+    (m3.MTPConfig(zero_position0=True), 1, [0]),
+    (m3.MTPConfig(embed_source="inputs_embeds"), 1, [0]),             # text only: just the tail slot's zeros
+    (m3.MTPConfig(sublayers="attention_moe"), 2, []),                 # the same math under other names
+    (m3.MTPConfig(loss_weight=0.3), 2, []),
+    (m3.MTPConfig(loss_norm="main_tokens"), 2, []),
+])
+def test_each_option_changes_the_mtp_logits_when_it_should_and_not_otherwise(tmp_path, mtp, depths, changed):
+    model, other = variant_pair(tmp_path, mtp, depths, vision=None)
+    inputs = variant_inputs(model.config)
+    with torch.no_grad():
+        a, b = model(**inputs), other(**inputs)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.lm_loss, b.lm_loss)
+    for k in range(depths):
+        if k in changed:
+            assert (a.mtp_logits[k] - b.mtp_logits[k]).abs().max() > 1e-2, k
+        else:
+            torch.testing.assert_close(b.mtp_logits[k], a.mtp_logits[k], rtol=0, atol=0)
+    if mtp.zero_position0:                                           # slot 0 moves; later slots only through attention
+        assert (a.mtp_logits[0][:, 0] - b.mtp_logits[0][:, 0]).abs().max() > 1e-2
+    if mtp.embed_source == "inputs_embeds":                          # text only: equal except the last slot
+        torch.testing.assert_close(b.mtp_logits[0][:, :-1], a.mtp_logits[0][:, :-1], rtol=0, atol=0)
+    labels = inputs["labels"]
+    per_depth = [m3.cross_entropy_sum(lg, labels, 1 + k) for k, lg in enumerate(a.mtp_logits, start=1)]
+    n_main = m3.cross_entropy_sum(a.logits, labels, 1)[1]
+    norm = [n_main if mtp.loss_norm == "main_tokens" else count for _, count in per_depth]
+    want = mtp.loss_weight / depths * sum(total / n for (total, _), n in zip(per_depth, norm))
+    if not changed:
+        torch.testing.assert_close(b.mtp_loss, want, rtol=1e-6, atol=0)
+    if mtp.loss_weight != 0.1 or mtp.loss_norm != "per_depth":
+        assert not torch.equal(b.mtp_loss, a.mtp_loss)
+
+
+def test_inputs_embeds_source_sees_the_vision_features(tmp_path):
+    model, other = variant_pair(tmp_path, m3.MTPConfig(embed_source="inputs_embeds"), vision=tiny().vision)
+    inputs = m3.demo_inputs(model.config)
+    ids, cfg = inputs["input_ids"], model.config
+    with torch.no_grad():
+        a, b = model(**inputs).mtp_logits[0], other(**inputs).mtp_logits[0]
+    media = (ids == cfg.image_token_index) | (ids == cfg.video_token_index)
+    first = int(media[0].nonzero()[0])                  # slot first - 1 embeds the first placeholder
+    torch.testing.assert_close(b[:, :first - 1], a[:, :first - 1], rtol=0, atol=0)
+    assert (a[:, first - 1] - b[:, first - 1]).abs().max() > 1e-2
+    # by hand: slot i fuses the spliced embedding of token i + 1
+    text = other.language_model.model
+    embeds = other.embed(ids, inputs["pixel_values"], inputs["image_grid_thw"], inputs["pixel_values_videos"],
+                         inputs["video_grid_thw"])
+    shifted = torch.cat([embeds[:, 1:], torch.zeros_like(embeds[:, :1])], 1)
+    assert torch.equal(text.mtp_embeddings(1, ids, embeds, torch.arange(ids.shape[1])[None]), shifted)
+
+
+def test_repeated_depth_equals_running_depth_zero_three_times_by_hand():
+    cfg = tiny(vision=None, num_mtp_modules=3, mtp=m3.MTPConfig(repeated_layer=True))
+    model = model_of(cfg)
+    text, head = model.language_model.model, model.language_model.lm_head
+    assert len(text.mtp["layers"]) == 1 and len(m3.Cache.empty(cfg).mtp) == 1
+    ids = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids)
+        cos, sin = text.rope(torch.arange(17).expand(2, 17))
+        h, depth = out.hidden, text.mtp["layers"][0]
+        for k in range(1, 4):
+            h = depth.final_layernorm(depth(h, text.embed_tokens(m3.mtp_input_ids(ids, k)), cos, sin))
+            assert torch.equal(head(h), out.mtp_logits[k - 1]), k
+    assert len(out.mtp_logits) == 3
+
+
+def test_two_sublayer_depth_is_an_m3_decoder_layer_under_other_names():
+    """NemotronV3's "*E" depth, built from M3's attention and MoE, is M3's decoder layer: with the
+    same tensors, bit for bit."""
+    cfg = tiny(vision=None)
+    layer = m3.init_random_(m3.DecoderLayer(cfg, cfg.num_hidden_layers - 1), 5)
+    depth = m3.MTPDepth(replace(cfg, mtp=m3.MTPConfig(sublayers="attention_moe")))
+    for name, t in depth.state_dict().items():
+        if name.startswith("sublayers."):
+            key = m3._rename(name, [(a, b.format(ffn="block_sparse_moe")) for a, b in m3.SUBLAYER_NAMES])[1]
+            t.copy_(layer.state_dict()[key.removeprefix("transformer_layer.")])
+    h = torch.randn(2, 19, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    cos, sin = m3.rope_angles(torch.arange(19).expand(2, 19), cfg.rotary_dim, cfg.rope_theta)
+    with torch.no_grad():
+        two = depth.sublayers[1](depth.sublayers[0](h, cos, sin, None, None))
+        assert torch.equal(two, layer(h, cos, sin))
+
+
+@pytest.mark.parametrize("layout", ["m3", "nemotron_v3", "step3p7"])
+@pytest.mark.parametrize("mtp, depths", [(m3.MTPConfig(), 2), (m3.MTPConfig(repeated_layer=True), 3),
+                                         (m3.MTPConfig(head="per_depth", sublayers="attention_moe"), 2)])
+def test_each_layout_round_trips_and_maps_onto_the_same_modules(tmp_path, layout, mtp, depths):
+    model = model_of(tiny(vision=None, num_mtp_modules=depths, mtp=mtp))
+    for saved in {"m3", layout}:
+        m3.save_pretrained(model, tmp_path / saved, mtp_layout=saved)
+    ckpt = m3.Checkpoint(tmp_path / layout)
+    assert ckpt.mtp_layout == layout and ckpt.mtp_depths() == model.config.mtp_physical_depths
+    back, m3_layout = m3.from_pretrained(tmp_path / layout), m3.from_pretrained(tmp_path / "m3")
+    assert back.config == model.config
+    for name, t in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    inputs = variant_inputs(model.config)
+    with torch.no_grad():
+        a, b = m3_layout(**inputs).mtp_logits, back(**inputs).mtp_logits
+    assert len(a) == len(b) == depths        # equal tensors at other file offsets: BLAS may round the last bit apart
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
+
+
+def test_a_step3p7_layout_checkpoint_gives_the_logits_of_the_m3_layout_one(tmp_path):
+    model = model_of(tiny(num_mtp_modules=1))
+    m3.save_pretrained(model, tmp_path / "m3")
+    m3.save_pretrained(model, tmp_path / "step", mtp_layout="step3p7")
+    from safetensors import safe_open
+    keys = set(safe_open(tmp_path / "step" / "model.safetensors", "pt").keys())
+    assert "language_model.model.layers.3.transformer.shared_head.norm.weight" in keys
+    assert "language_model.model.layers.3.eh_proj.weight" in keys and not any(".mtp." in k for k in keys)
+    inputs = m3.demo_inputs(model.config)
+    with torch.no_grad():
+        a, b = m3.from_pretrained(tmp_path / "m3")(**inputs), m3.from_pretrained(tmp_path / "step")(**inputs)
+    for x, y in [(a.logits, b.logits), (a.mtp_logits[0], b.mtp_logits[0])]:    # fp32 rounding only (memory offsets)
+        torch.testing.assert_close(y, x, rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
+
+
+def test_per_depth_heads_must_be_asked_for_and_missing_mtp_keys_are_listed(tmp_path):
+    model = model_of(tiny(vision=None, mtp=m3.MTPConfig(head="per_depth")))
+    m3.save_pretrained(model, tmp_path, mtp_layout="step3p7")
+    with pytest.raises(ValueError, match=r"(?s)per-depth MTP heads .* are present: load with "
+                                         r"mtp=MTPConfig\(head='per_depth'\).*unexpected: model.layers.3.transformer."
+                                         r"shared_head.output.weight"):
+        m3.from_pretrained(tmp_path, mtp=m3.MTPConfig())
+    assert torch.equal(m3.from_pretrained(tmp_path).language_model.model.mtp["layers"][0].output.weight,
+                       model.language_model.model.mtp["layers"][0].output.weight)
+    from safetensors.torch import load_file, save_file
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.3.enorm.weight"], state["model.layers.3.self_attn.q_proj.weight"]
+    state["model.layers.3.bogus.weight"] = torch.zeros(2)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"(?s)3 problems.*missing: model.layers.3.enorm.weight.*missing: "
+                                         r"model.layers.3.self_attn.q_proj.weight.*unexpected: model.layers.3.bogus"):
+        m3.from_pretrained(tmp_path)
+
+
+def test_a_checkpoint_with_two_mtp_layouts_is_refused(tmp_path):
+    model = model_of(tiny(vision=None))
+    m3.save_pretrained(model, tmp_path)
+    from safetensors.torch import load_file, save_file
+    state = load_file(tmp_path / "model.safetensors")
+    state["mtp.layers.0.enorm.weight"] = state["model.mtp.layers.0.enorm.weight"].clone()
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"MTP keys of the layouts \['m3', 'nemotron_v3'\]"):
+        m3.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("vision", [False, True])
+def test_the_drafter_loads_alone_and_drafts_as_the_whole_model(tmp_path, vision):
+    model = model_of(tiny(vision=tiny().vision if vision else None, num_mtp_modules=2,
+                          mtp=m3.MTPConfig.vllm_drafter()))
+    m3.save_pretrained(model, tmp_path / "whole")
+    m3.save_pretrained(model, tmp_path / "drafter", drafter_only=True)
+    model = m3.from_pretrained(tmp_path / "whole")
+    saved = json.loads((tmp_path / "drafter" / "config.json").read_text())
+    assert saved["architectures"] == ["MiniMaxM3MTP"] and "text_config" not in saved
+    from safetensors import safe_open
+    keys = set(safe_open(tmp_path / "drafter" / "model.safetensors", "pt").keys())
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.mtp.layers.1.eh_proj.weight"} <= keys
+    assert not any(k.startswith("model.layers.") or k.startswith("model.norm") for k in keys)
+    # the standalone checkpoint (drafter by its architectures), and the drafter read out of the whole one
+    for drafter in (m3.from_pretrained(tmp_path / "drafter"), m3.from_pretrained(tmp_path / "whole", drafter_only=True)):
+        assert drafter.drafter_only and drafter.language_model.model.layers[0].input_layernorm.weight.is_meta
+        ids = torch.randint(0, 500, (1, 9))
+        h = torch.randn(1, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        emb, pos, mask = model.language_model.model.embed_tokens(ids), torch.arange(9)[None], torch.ones(1, 9)
+        with torch.no_grad():
+            got = m3.mtp_pass(drafter, m3.LayerCache(), 1, emb, h, pos, mask)
+            torch.testing.assert_close(m3.mtp_logits(drafter, 2, got[1]), m3.mtp_logits(model, 2, got[1]),
+                                       rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+        emb0 = emb.clone()
+        emb0[:, 0] = 0                                                # vLLM: zero at position 0
+        with torch.no_grad():
+            want = model.language_model.model.mtp_step(1, h, emb0, *model.language_model.model.rope(pos))
+        for a, b in zip(got, want):                                   # fp32 rounding only (memory offsets)
+            torch.testing.assert_close(a, b, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+        with pytest.raises(ValueError, match="only the MTP drafter's weights"):
+            drafter(ids)
+
+
+def test_mtp_config_round_trips_through_config_json_and_bad_values_are_named():
+    mtp = m3.MTPConfig(pass_hidden="pre_norm", repeated_layer=True, head="per_depth", embed_source="inputs_embeds",
+                       zero_position0=True, sublayers="attention_moe", loss_weight=0.25, loss_norm="main_tokens")
+    cfg = tiny(mtp=mtp, num_mtp_modules=3)
+    d = cfg.to_dict()
+    assert d["text_config"]["mtp_config"]["loss_weight"] == 0.25
+    assert m3.M3Config.from_dict(d) == cfg
+    assert "mtp_config" not in tiny().to_dict()["text_config"]              # M3's options: nothing written
+    d["text_config"]["mtp_config"] = {"pass_hidden": "prenorm"}
+    with pytest.raises(ValueError, match=r"mtp_config.pass_hidden.*allowed: 'post_norm', 'pre_norm'; got 'prenorm'"):
+        m3.M3Config.from_dict(d)
+    d["text_config"]["mtp_config"] = {"use_repeated_layer": True}
+    with pytest.raises(ValueError, match=r"text_config.mtp_config' has unknown fields \['use_repeated_layer'\]"):
+        m3.M3Config.from_dict(d)
+    with pytest.raises(ValueError, match="mtp_config.loss_weight"):
+        tiny(mtp=m3.MTPConfig(loss_weight=-1.0))
+
+
+@pytest.mark.parametrize("mtp, layout", [(m3.MTPConfig(repeated_layer=True, head="per_depth"), "nemotron_v3"),
+                                         (m3.MTPConfig(embed_source="inputs_embeds", zero_position0=True,
+                                                       sublayers="attention_moe", pass_hidden="pre_norm"), "step3p7")])
+def test_streamed_forward_follows_the_mtp_options(tmp_path, mtp, layout):
+    model = model_of(tiny(num_mtp_modules=2, mtp=mtp))
+    m3.save_pretrained(model, tmp_path, mtp_layout=layout)
+    inputs = m3.demo_inputs(model.config)
+    tracer = m3.Tracer(model, ["image", "video"])
+    with torch.no_grad():
+        out = model(**inputs)
+    tracer.close()
+    _same(m3.named_outputs(tracer.out, out), m3.stream_forward(tmp_path, inputs, trace=True).tensors)
 
 
 @pytest.mark.parametrize("make, match", [
@@ -792,13 +1035,13 @@ def write_release_like(path: Path, seed: int = 0, vision: bool = True) -> dict:
     model = model_of(cfg, seed)
     stored, decoded = {}, {}
     for name, t in model.state_dict().items():
-        key = m3.checkpoint_key(name, not vision)
+        key = m3.checkpoint_key(name, cfg)
         if MXFP8_KEYS.search(key) and key.startswith(("language_model.model.", "model.")):
             stored[key], stored[key + "_scale_inv"] = quantize_mxfp8(t)
             decoded[name] = decode_mxfp8(stored[key], stored[key + "_scale_inv"]).float()
         else:
             stored[key] = decoded[name] = t.clone()
-    stored[m3.checkpoint_key("language_model.model.layers.0.self_attn.rotary_emb.inv_freq", not vision)] = torch.ones(4)
+    stored[m3.checkpoint_key("language_model.model.layers.0.self_attn.rotary_emb.inv_freq", cfg)] = torch.ones(4)
     config = cfg.to_dict()
     text = config.get("text_config", config)
     text.update(model_type="minimax_m2", num_mtp_modules=7, num_nextn_predict_layers=1)
@@ -1396,7 +1639,7 @@ def test_prop_model(cfg, seed, S, data):
         h = text(text.embed_tokens(ids), cos, sin)
         for d in range(cfg.num_mtp_modules):
             shifted = torch.cat([ids[:, d + 1:], torch.zeros(2, min(d + 1, S), dtype=ids.dtype)], 1)
-            h = text.mtp["layers"][d](h, text.embed_tokens(shifted), cos, sin)
+            h = text.mtp["layers"][d].final_layernorm(text.mtp["layers"][d](h, text.embed_tokens(shifted), cos, sin))
             close(head(h), out.mtp_logits[d])
 
     def ce(logits, shift):
@@ -1504,9 +1747,10 @@ def test_padded_batch_generates_what_each_row_generates_alone():
             assert torch.equal(tokens[b, ids.shape[1]:], alone[0, len(r):])
 
 
-def acceptance_model(mtp_modules: int = 1) -> m3.MiniMaxM3:
-    """Random weights bent (m3.agreeing_mtp_) so that MTP drafts are right part of the time."""
-    return m3.agreeing_mtp_(model_of(tiny(vision=None, num_mtp_modules=mtp_modules)))
+def acceptance_model(mtp_modules: int = 1, mtp: m3.MTPConfig = m3.MTPConfig.vllm_drafter()) -> m3.MiniMaxM3:
+    """Random weights bent (m3.agreeing_mtp_) so that MTP drafts are right part of the time; vLLM's
+    drafter conventions unless `mtp` says otherwise."""
+    return m3.agreeing_mtp_(model_of(tiny(vision=None, num_mtp_modules=mtp_modules, mtp=mtp)))
 
 
 @pytest.mark.parametrize("make, B, drafts", [(lambda: model_of(tiny(vision=None)), 1, 1), (acceptance_model, 1, 1),
@@ -1555,31 +1799,36 @@ def test_drafts_after_rejections_equal_drafts_from_scratch():
 
 
 def drafts_by_hand(model: m3.MiniMaxM3, verified: torch.Tensor, newest: int, n: int) -> torch.Tensor:
-    """The draft logits [1, n, V] of generate's docstring, computed without a cache: every depth
-    runs over all of its slots at once. verified [1, L]: the tokens in the main cache; newest: the
-    token sampled after them."""
-    text, head = model.language_model.model, model.language_model.lm_head
+    """The draft logits [1, n, V] of generate's docstring, computed without a cache: every physical
+    depth runs over all of its slots at once, with the model's MTP conventions. verified [1, L]: the
+    tokens in the main cache; newest: the token sampled after them."""
+    text, head, mc = model.language_model.model, model.language_model.lm_head, model.config.mtp
     M, L = model.config.num_mtp_modules, verified.shape[1]
     h_main = model(verified).hidden                                            # post-norm [1, L, D]
-    ids = torch.cat([verified[:, 1:], torch.tensor([[newest]])], 1)
-    emb = text.embed_tokens(ids)
-    emb[:, 0] = 0.0                                                             # position 0: zeroed
-    slots = [[(emb[:, p], h_main[:, p], p) for p in range(L)]] + [[] for _ in range(M - 1)]
-    logits, depth = [], 0
+    emb = text.embed_tokens(torch.cat([verified[:, 1:], torch.tensor([[newest]])], 1))
+    if mc.zero_position0:
+        emb[:, 0] = 0.0
+    slots = [[(emb[:, p], h_main[:, p], p) for p in range(L)]] + [[] for _ in range(len(text.mtp["layers"]) - 1)]
+    logits, physical = [], 0
     for j in range(n):
         if j:
-            depth = j % M
-            slots[depth].append((text.embed_tokens(logits[-1].argmax(-1)), out, L + j - 1))
-        e, h, pos = (torch.stack(x, 1) for x in zip(*[(a, b, torch.tensor([p])) for a, b, p in slots[depth]]))
+            physical = 0 if mc.repeated_layer else j % M
+            slots[physical].append((text.embed_tokens(logits[-1].argmax(-1)), passed, L + j - 1))
+        e, h, pos = (torch.stack(x, 1) for x in zip(*[(a, b, torch.tensor([p])) for a, b, p in slots[physical]]))
         cos, sin = text.rope(pos)
-        out = text.mtp["layers"][depth].hidden(h, e, cos, sin)[:, -1]           # pre-norm: passed on
-        logits.append(head(text.mtp["layers"][depth].final_layernorm(out)))
+        depth = text.mtp["layers"][physical]
+        x = depth(h, e, cos, sin)[:, -1]                                       # before final_layernorm
+        normed = depth.final_layernorm(x)
+        passed = normed if mc.pass_hidden == "post_norm" else x
+        logits.append(depth.head(normed, head))
     return torch.stack(logits, 1)
 
 
-@pytest.mark.parametrize("depths", [1, 2])
-def test_draft_logits_equal_the_drafter_computed_without_a_cache(depths):
-    model = acceptance_model(depths)
+@pytest.mark.parametrize("depths, mtp", [(1, m3.MTPConfig.vllm_drafter()), (2, m3.MTPConfig.vllm_drafter()),
+                                         (1, m3.MTPConfig()), (2, m3.MTPConfig(repeated_layer=True)),
+                                         (1, m3.MTPConfig(head="per_depth", sublayers="attention_moe"))])
+def test_draft_logits_equal_the_drafter_computed_without_a_cache(depths, mtp):
+    model = acceptance_model(depths, mtp)
     ids = torch.randint(0, 500, (1, 30), generator=torch.Generator().manual_seed(4))
     trace = []
     with torch.no_grad():
@@ -2366,7 +2615,7 @@ def test_golden_generation_is_deterministic_and_matches_the_committed_cases(tmp_
 
 
 def test_golden_is_small():
-    assert sum(p.stat().st_size for p in GOLDEN.rglob("*") if p.is_file()) <= 6 * 2 ** 20
+    assert sum(p.stat().st_size for p in GOLDEN.rglob("*") if p.is_file()) <= 9 * 2 ** 20
 
 
 def test_verify_py_runs_without_torch_on_every_committed_case():
@@ -2872,6 +3121,15 @@ def test_generate_cli_on_the_tiny_preset_and_on_a_checkpoint(capsys):
     with pytest.raises(SystemExit) as e:
         m3.main(["generate", "--prompt", "hello"])
     assert e.value.code == 2 and "--prompt needs --checkpoint" in capsys.readouterr().err
+    # the drafter follows config.json's mtp_config (vLLM's conventions in this case): the golden acceptance
+    case, stored = GOLDEN / "mtp-speculative", _outputs("mtp-speculative")
+    accepted = 2 * sum(int(t) for k, t in stored.items() if k.endswith(".accepted"))
+    m3.main(["generate", "--checkpoint", str(case), "--prompt-file", str(case / "inputs.safetensors"),
+             "--max-new-tokens", "12", "--mtp", "--draft-tokens", "3"])
+    assert f"accepted {accepted}," in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        m3.main(["generate", "--vllm-drafter"])
+    assert e.value.code == 2 and "goes with --mtp" in capsys.readouterr().err
 
 
 def test_failed_generation_leaves_the_old_golden(tmp_path, monkeypatch):
