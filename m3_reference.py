@@ -100,9 +100,11 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class MTPConfig:
-    """How the MTP depths are built, chained and trained. The defaults are M3's (SPEC §3: Automodel's
-    training code, which built the released weights); each other value is another implementation's
-    convention, named at its field. README's "MTP variants" table compares them."""
+    """How the MTP depths are built, chained and trained. The defaults are M3's as SPEC §3 states
+    them (the structure and chaining of Automodel's M3 training code, which built the released
+    weights); each other value is another implementation's convention, named at its field. The
+    presets bundle those of vLLM's drafter, Step3p7 and NemotronV3. README's "MTP variants" table
+    compares them."""
     pass_hidden: str = "post_norm"    # the h_k depth k+1 fuses: after the depth's final_layernorm (M3,
                                       # NemotronV3) or "pre_norm", the block output before it (Step3p7
                                       # training, vLLM's drafter from its second draft on)
@@ -119,15 +121,31 @@ class MTPConfig:
     sublayers: str = "decoder_layer"  # one M3 decoder layer (`transformer_layer`); "attention_moe": an
                                       # attention sublayer then an FFN sublayer, each h + mixer(norm(h))
                                       # (NemotronV3 pattern "*E"): the same computation under other names
-    loss_weight: float = 0.1          # lambda of mtp_loss = lambda / M * sum_k L_k
-    loss_norm: str = "per_depth"      # L_k = CE over depth k's own valid targets / their count;
-                                      # "main_tokens": / the main loss's valid-target count
-                                      # (Automodel calculate_mtp_loss, DeepSeek-V3's 1/T)
+    loss_weight: float = 0.1          # lambda of mtp_loss = lambda / M * sum_k L_k (SPEC; Automodel's M3
+                                      # output names none, its other models and Megatron default to 0.1)
+    loss_norm: str = "per_depth"      # L_k = CE over depth k's own valid targets / their count (SPEC's
+                                      # reading); "main_tokens": / the main loss's valid-target count
+                                      # (Automodel's calculate_mtp_loss, for every model it trains;
+                                      # DeepSeek-V3's 1/T)
 
     @classmethod
     def vllm_drafter(cls, **changes) -> "MTPConfig":
-        """vLLM's M3 drafter: the embedding zeroed at position 0, pre-norm outputs passed on."""
-        return cls(pass_hidden="pre_norm", zero_position0=True, **changes)
+        """vLLM's M3 drafter: the embedding zeroed at position 0, pre-norm outputs passed on. (With
+        M >= 2 vLLM runs depth 1 for every draft: add repeated_layer=True to match it.)"""
+        return cls(**{"pass_hidden": "pre_norm", "zero_position0": True, **changes})
+
+    @classmethod
+    def step3p7(cls, **changes) -> "MTPConfig":
+        """Automodel's Step3p7 conventions on M3's modules: pre-norm outputs passed on, a head per
+        depth, the rolled input embeddings, the loss over the main token count."""
+        return cls(**{"pass_hidden": "pre_norm", "head": "per_depth", "embed_source": "inputs_embeds",
+                      "loss_norm": "main_tokens", **changes})
+
+    @classmethod
+    def nemotron_v3(cls, **changes) -> "MTPConfig":
+        """Automodel's NemotronV3 conventions on M3's modules: the "*E" sublayers, the loss over the
+        main token count (its Ultra / Nano recipes add repeated_layer=True)."""
+        return cls(**{"sublayers": "attention_moe", "loss_norm": "main_tokens", **changes})
 
 
 # allowed values of MTPConfig's string options, the default (M3's) first
@@ -870,6 +888,8 @@ class TextModel(nn.Module):
 
     def mtp_depth(self, k: int) -> MTPDepth:
         """The module of depth k = 1..M: the one physical depth when repeated."""
+        if not (isinstance(k, int) and 1 <= k <= self.cfg.num_mtp_modules):
+            raise ValueError(f"MTP depth k must be an int in 1..{self.cfg.num_mtp_modules} (counted from 1), got {k!r}")
         return self.mtp["layers"][0 if self.cfg.mtp.repeated_layer else k - 1]
 
     def mtp_embeddings(self, k: int, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, positions: torch.Tensor,
@@ -2152,6 +2172,8 @@ MTP_LAYOUTS = {
     "nemotron_v3": (re.compile(r"^(?:language_model\.)?mtp\.layers\.(\d+)\."), lambda i, N: i // 2),
     "step3p7": (re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\."), lambda i, N: i - N if i >= N else None),
 }
+# names no decoder layer has: every physical MTP depth holds them, in every layout
+MTP_ONLY = re.compile(r"\.(enorm|hnorm|eh_proj|final_layernorm|transformer\.shared_head\.\w+)\.weight$")
 # module names inside a depth built with sublayers -> M3's decoder-layer names ({ffn}: block_sparse_moe or mlp)
 SUBLAYER_NAMES = [("sublayers.0.norm.", "transformer_layer.input_layernorm."),
                   ("sublayers.0.mixer.", "transformer_layer.self_attn."),
@@ -2246,8 +2268,11 @@ class Checkpoint:
         self.bytes_read = 0
 
     def _mtp_layout(self) -> str:
+        """Found from the keys only MTP depths have (MTP_ONLY), so trunk layers beyond
+        num_hidden_layers never pass for Step3p7 depths."""
         N = self.config.num_hidden_layers
-        found = sorted({layout for layout in MTP_LAYOUTS for k in self.files if mtp_depth_of(k, layout, N) is not None})
+        found = sorted({layout for layout in MTP_LAYOUTS for k in self.files
+                        if MTP_ONLY.search(k) and mtp_depth_of(k, layout, N) is not None})
         if len(found) > 1:
             raise ValueError(f"checkpoint {str(self.path)!r} holds MTP keys of the layouts {found}: one layout per "
                              f"checkpoint")
@@ -2307,7 +2332,7 @@ class Checkpoint:
 
     def mtp_depths(self) -> int:
         """How many physical MTP depths the checkpoint ships (numbered 0, 1, ... without gaps)."""
-        shipped = sorted({d for k in self.files if (d := self.mtp_depth(k)) is not None})
+        shipped = sorted({d for k in self.files if MTP_ONLY.search(k) and (d := self.mtp_depth(k)) is not None})
         if shipped != list(range(len(shipped))):
             raise ValueError(f"checkpoint {str(self.path)!r} ships MTP depths {shipped} ({self.mtp_layout} layout): "
                              f"they must be 0..n-1")
@@ -2399,9 +2424,9 @@ def load_meta_model(ckpt: Checkpoint, dtype: torch.dtype, mtp_depths: int | None
     expected = {checkpoint_key(k, cfg, ckpt.mtp_layout): t for k, t in model.state_dict(keep_vars=True).items()
                 if not drafter_only or k.startswith(DRAFTER_MODULES)}
 
-    def not_built(key: str) -> bool:            # no weight of the model, an MTP depth not asked for, the trunk of a drafter
+    def not_built(key: str) -> bool:     # no weight of the model, a shipped MTP depth not asked for, a drafter's trunk
         depth = ckpt.mtp_depth(key)
-        return bool(IGNORED_KEYS.search(key)) or (depth is not None and depth >= physical) or \
+        return bool(IGNORED_KEYS.search(key)) or (depth is not None and physical <= depth < shipped) or \
             (drafter_only and depth is None)
     problems = ckpt.problems(expected, not_built)
     if any(k.startswith(("model.language_model.", "model.vision_tower.")) for k in ckpt.files):
@@ -2409,10 +2434,12 @@ def load_meta_model(ckpt: Checkpoint, dtype: torch.dtype, mtp_depths: int | None
                            "takes the upstream layout (language_model.model.*, see README)")
     heads = sum(p.endswith("output.weight") and ckpt.mtp_depth(p.split(" ")[1]) is not None for p in problems)
     if heads:
-        problems.insert(0, f"hint: per-depth MTP heads (`output`) are {'missing' if cfg.mtp.head == 'per_depth' else 'present'}"
-                           f": load with mtp=MTPConfig(head={'shared' if cfg.mtp.head == 'per_depth' else 'per_depth'!r})")
+        other = "shared" if cfg.mtp.head == "per_depth" else "per_depth"
+        problems.insert(0, f"hint: per-depth MTP heads (`output`) are {'missing' if other == 'shared' else 'present'}: "
+                           f"load with mtp=dataclasses.replace(config.mtp, head={other!r})")
     if problems:
-        raise ValueError(f"checkpoint {str(ckpt.path)!r} does not match its config.json ({len(problems)} "
+        source = "its config.json" + (" with the MTP options passed as mtp=" if mtp is not None else "")
+        raise ValueError(f"checkpoint {str(ckpt.path)!r} does not match {source} ({len(problems)} "
                          f"problem{'s' * (len(problems) != 1)}):\n  " + "\n  ".join(problems))
     return model
 
@@ -2571,12 +2598,13 @@ class Tracer:
         self.handles = []
         text = model.language_model.model
         # hooks on the pieces themselves (not on TextModel.forward), so a streamed run is traced alike
-        self._pre(text.layers[0], lambda a: self._put("embeddings", a[0]))
+        self._pre(text.layers[0], self._enter)
         for i, layer in enumerate(text.layers):
             self._layer(layer.self_attn, layer.ffn_module, lambda i=i: f"layers.{i}.")
             self._post(layer, lambda y, i=i: self._put(f"layers.{i}.hidden", y))
         self._post(text.norm, lambda y: self._put("hidden", y))
-        self.depth = -1                    # the MTP depth running (0-based): a repeated depth runs M times
+        self.depth = -1                    # the MTP depth running (0-based; a repeated depth runs M times),
+                                           # reset as each forward enters layer 0
         for depth in text.mtp["layers"] if model.config.num_mtp_modules else []:
             self._pre(depth, lambda a: setattr(self, "depth", self.depth + 1))
             self._layer(depth.self_attn, depth.ffn_module, lambda: f"mtp.{self.depth}.layer.")
@@ -2587,6 +2615,11 @@ class Tracer:
                                  (model.patch_merge_mlp, "features")]:
                 calls = iter(media)
                 self._post(module, lambda y, part=part, calls=calls: self._put(f"vision.{next(calls)}.{part}", y))
+
+    def _enter(self, args):
+        """A forward enters layer 0: its input is the embeddings; no MTP depth has run yet."""
+        self._put("embeddings", args[0])
+        self.depth = -1
 
     def _pre(self, module: nn.Module, fn):
         self.handles.append(module.register_forward_pre_hook(lambda m, args: fn(args)))
@@ -2871,7 +2904,7 @@ def mtp_variant_cases(text: M3Config, base: M3Config) -> list[dict]:
     small, media = replace(text, **trunk), replace(base, **trunk)
     variant = lambda cfg, depths, **mtp: replace(cfg, num_mtp_modules=depths, mtp=MTPConfig(**mtp))
     run = dict(kind="model", dtype="float32", batch=2, length=15, media=False)
-    return [
+    cases = [
         dict(run, name="mtp-pre-norm", config=variant(small, 2, pass_hidden="pre_norm"), seed=110,
              description="two depths, depth 2 fusing depth 1's output before its final_layernorm (Step3p7 "
                          "training, vLLM's drafter); mtp.0.* equal M3's, mtp.1.* differ"),
@@ -2900,6 +2933,9 @@ def mtp_variant_cases(text: M3Config, base: M3Config) -> list[dict]:
              description="each depth's summed CE divided by the main loss's valid-target count (Automodel "
                          "calculate_mtp_loss), labels with -100"),
     ]
+    # end results: what the option changes (the main logits never move)
+    return [dict(c, end_results=["logits", f"mtp.{c['config'].num_mtp_modules - 1}.logits"] +
+                 (["mtp_loss"] if c["name"].startswith("mtp-loss") else [])) for c in cases]
 
 
 def run_case(path: Path, case: dict, inputs: dict) -> dict[str, torch.Tensor]:

@@ -735,8 +735,9 @@ def test_a_step3p7_layout_checkpoint_gives_the_logits_of_the_m3_layout_one(tmp_p
 def test_per_depth_heads_must_be_asked_for_and_missing_mtp_keys_are_listed(tmp_path):
     model = model_of(tiny(vision=None, mtp=m3.MTPConfig(head="per_depth")))
     m3.save_pretrained(model, tmp_path, mtp_layout="step3p7")
-    with pytest.raises(ValueError, match=r"(?s)per-depth MTP heads .* are present: load with "
-                                         r"mtp=MTPConfig\(head='per_depth'\).*unexpected: model.layers.3.transformer."
+    with pytest.raises(ValueError, match=r"(?s)with the MTP options passed as mtp=.*per-depth MTP heads .* are "
+                                         r"present: load with mtp=dataclasses.replace\(config.mtp, head='per_depth'\)"
+                                         r".*unexpected: model.layers.3.transformer."
                                          r"shared_head.output.weight"):
         m3.from_pretrained(tmp_path, mtp=m3.MTPConfig())
     assert torch.equal(m3.from_pretrained(tmp_path).language_model.model.mtp["layers"][0].output.weight,
@@ -749,6 +750,30 @@ def test_per_depth_heads_must_be_asked_for_and_missing_mtp_keys_are_listed(tmp_p
     with pytest.raises(ValueError, match=r"(?s)3 problems.*missing: model.layers.3.enorm.weight.*missing: "
                                          r"model.layers.3.self_attn.q_proj.weight.*unexpected: model.layers.3.bogus"):
         m3.from_pretrained(tmp_path)
+
+
+def test_trunk_layers_beyond_the_config_are_unexpected_keys_not_step3p7_depths(tmp_path):
+    m3.save_pretrained(model_of(tiny(vision=None)), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(num_hidden_layers=2, moe_layer_freq=[0, 1])
+    config["sparse_attention_config"].update(sparse_attention_freq=[0, 1], sparse_disable_index_value=[0, 1])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert m3.Checkpoint(tmp_path).mtp_layout == "m3"
+    with pytest.raises(ValueError, match=r"unexpected: model.layers.2.input_layernorm.weight"):
+        m3.from_pretrained(tmp_path)
+
+
+def test_mtp_depths_count_from_one_and_a_tracer_names_each_forward_alike():
+    model = model_of(tiny(vision=None, num_mtp_modules=2))
+    with pytest.raises(ValueError, match=r"MTP depth k must be an int in 1..2 \(counted from 1\), got 0"):
+        model.language_model.model.mtp_depth(0)
+    tracer = m3.Tracer(model, [])
+    with torch.no_grad():
+        model(torch.randint(0, 500, (1, 9)))
+        first = dict(tracer.out)
+        model(torch.randint(0, 500, (1, 9)))
+    tracer.close()
+    assert list(tracer.out) == list(first) and "mtp.1.hidden" in first and "mtp.2.hidden" not in first
 
 
 def test_a_checkpoint_with_two_mtp_layouts_is_refused(tmp_path):
@@ -1715,10 +1740,15 @@ def padded(rows: list[torch.Tensor], left: bool = True) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+PADDED_MTP = [m3.MTPConfig(), m3.MTPConfig(embed_source="inputs_embeds", zero_position0=True, pass_hidden="pre_norm")]
+
+
+@pytest.mark.parametrize("mtp", PADDED_MTP)
 @given(lengths=st.lists(st.integers(1, 45), min_size=2, max_size=3), left=st.booleans(), seed=seeds)
-@few(5)
-def test_prop_padded_rows_equal_their_rows_alone(lengths, left, seed):
-    model = model_of(tiny(vision=None), seed)
+@example(lengths=[9, 30], left=False, seed=0)          # right padding: a row's tail meets pads, not its end
+@few(4)
+def test_prop_padded_rows_equal_their_rows_alone(mtp, lengths, left, seed):
+    model = model_of(tiny(vision=None, num_mtp_modules=2, mtp=mtp), seed)
     g = torch.Generator().manual_seed(seed)
     rows = [torch.randint(0, 500, (n,), generator=g) for n in lengths]
     ids, mask = padded(rows, left)
@@ -1729,22 +1759,44 @@ def test_prop_padded_rows_equal_their_rows_alone(lengths, left, seed):
             at = slice(S - len(r), S) if left else slice(0, len(r))
             alone = model(r[None])
             torch.testing.assert_close(out.logits[b, at], alone.logits[0], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-            torch.testing.assert_close(out.mtp_logits[0][b, at], alone.mtp_logits[0][0], rtol=FP32_OP_TOL,
-                                       atol=FP32_OP_TOL)
+            for mine, its in zip(out.mtp_logits, alone.mtp_logits):
+                torch.testing.assert_close(mine[b, at], its[0], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
     assert torch.isfinite(out.loss)
 
 
-def test_padded_batch_generates_what_each_row_generates_alone():
-    model = model_of(tiny(vision=None))
+@pytest.mark.parametrize("depths, options", [(1, m3.MTPConfig()), (2, m3.MTPConfig.vllm_drafter(repeated_layer=True)),
+                                             (2, m3.MTPConfig(zero_position0=True, pass_hidden="pre_norm"))])
+def test_padded_batch_generates_and_drafts_what_each_row_does_alone(depths, options):
+    model = model_of(tiny(vision=None, num_mtp_modules=depths, mtp=options))
     g = torch.Generator().manual_seed(3)
     rows = [torch.randint(0, 500, (n,), generator=g) for n in (40, 9, 33)]
     ids, mask = padded(rows)
     for mtp in (False, True):
-        drafts = 2 if mtp else None
-        tokens, _ = model.generate(ids, 6, attention_mask=mask, mtp=mtp, draft_tokens=drafts)
+        drafts, trace = (3 if mtp else None), []
+        tokens, _ = model.generate(ids, 6, attention_mask=mask, mtp=mtp, draft_tokens=drafts, draft_trace=trace)
         for b, r in enumerate(rows):
-            alone, _ = model.generate(r[None], 6, mtp=mtp, draft_tokens=drafts)
-            assert torch.equal(tokens[b, ids.shape[1]:], alone[0, len(r):])
+            alone, mine = [], []
+            alone_tokens, _ = model.generate(r[None], 6, mtp=mtp, draft_tokens=drafts, draft_trace=mine)
+            assert torch.equal(tokens[b, ids.shape[1]:], alone_tokens[0, len(r):])
+            if mtp:                      # the first step's drafts: before any rollback makes rows differ
+                torch.testing.assert_close(trace[0]["draft_logits"][b], mine[0]["draft_logits"][0],
+                                           rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+
+
+def test_the_drafter_sees_the_vision_features_with_the_rolled_embeddings():
+    """embed_source="inputs_embeds": the first pass over a prompt with media fuses its spliced
+    embeddings, so draft 1 equals depth 1 of a forward over the prompt plus the new token."""
+    model = model_of(tiny(mtp=m3.MTPConfig(embed_source="inputs_embeds", zero_position0=True)))
+    inputs = m3.demo_inputs(model.config)
+    inputs.pop("labels")
+    trace = []
+    with torch.no_grad():
+        tokens, _ = model.generate(max_new_tokens=2, mtp=True, draft_tokens=1, draft_trace=trace, **inputs)
+        S = inputs["input_ids"].shape[1]
+        whole = model(**dict(inputs, input_ids=tokens[:, :S + 1]))
+    assert int(tokens[0, S]) not in (model.config.image_token_index, model.config.video_token_index)
+    torch.testing.assert_close(trace[0]["draft_logits"][:, 0], whole.mtp_logits[0][:, S - 1],
+                               rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
 
 
 def acceptance_model(mtp_modules: int = 1, mtp: m3.MTPConfig = m3.MTPConfig.vllm_drafter()) -> m3.MiniMaxM3:
