@@ -546,15 +546,16 @@ def index_block_scores(iq: torch.Tensor, ik: torch.Tensor, q_start: int, block_s
     """
     Sc = iq.shape[1]
     kv_len = min(ik.shape[1], q_start + Sc)
-    nb = -(-kv_len // block_size)
-    # zero keys pad the last block; they sit after every query of the chunk, so the mask drops them
-    ik = F.pad(ik[:, :kv_len].float(), (0, 0, 0, nb * block_size - kv_len))
-    s = iq.float().transpose(1, 2) @ ik[:, None].transpose(-1, -2)                # [B, Hi, Sc, nb*bs]
+    full = kv_len // block_size * block_size
+    s = iq.float().transpose(1, 2) @ ik[:, None, :kv_len].float().transpose(-1, -2)   # [B, Hi, Sc, kv_len]
     # keys before q_start are in every query's past: only the chunk's own span needs the mask
     q_slot = torch.arange(q_start, q_start + Sc, device=iq.device)[:, None]
-    future = torch.arange(q_start, nb * block_size, device=iq.device)[None, :] > q_slot
+    future = torch.arange(q_start, kv_len, device=iq.device)[None, :] > q_slot
     s[..., q_start:].masked_fill_(future, float("-inf"))
-    return s.unflatten(-1, (nb, block_size)).amax(-1)                            # [B, Hi, Sc, nb]
+    blocks = s[..., :full].unflatten(-1, (full // block_size, block_size)).amax(-1)   # whole blocks
+    if full == kv_len:
+        return blocks                                                            # [B, Hi, Sc, nb]
+    return torch.cat([blocks, s[..., full:].amax(-1, keepdim=True)], dim=-1)     # + the partial last block
 
 
 @kernel_twin
@@ -608,10 +609,12 @@ def lightning_indexer(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk:
     # ~8 MB of torch scores per chunk; the Triton kernel keeps no [Sc, Sk] scores, so one chunk
     Sc = query_chunk or (S if _kernels is not None else max(1, (1 << 21) // (Hi * max(ik.shape[1], 1))))
     out = []
-    for s0 in range(0, S, Sc):
+    # last chunk first: the score buffers shrink from chunk to chunk, so each fits in the memory the
+    # previous one freed (growing ones take fresh pages from the OS every time: 2x slower at 16k)
+    for s0 in reversed(range(0, S, Sc)):
         scores = index_block_scores(iq[:, s0:s0 + Sc], ik, q_start + s0, block_size)
         out.append(select_blocks(scores, q_start + s0, block_size, topk, init_blocks, local_blocks))
-    return torch.cat(out, dim=2)
+    return torch.cat(out[::-1], dim=2)
 
 
 @kernel_twin
@@ -622,35 +625,44 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     whose block is in block_ids[b, kv_head, i] (M3: scale = Dh^-0.5).
 
     q [B, S, H, Dh]; k/v [B, Sk, Hkv, Dh]; block_ids int32 [B, Hkv, S, topk] (-1 = empty slot).
-    Each query chunk gathers only its selected blocks ([B, Hkv, Sc, topk*bs, Dh]), so memory grows
-    linearly with S; no [S, S] mask or score matrix exists. fp32 softmax. -> [B, S, H, Dh].
+    -> [B, S, H, Dh]; fp32 scores, softmax and accumulation.
+
+    The G = H / Hkv query heads of a KV head share its selection, so each (query, KV head) is one
+    [G, Dh] x [Dh, topk*bs] matmul against its own keys: K and V are first copied block-major
+    ([B*Hkv*nb, bs*Dh], one contiguous tile per block), then each query chunk gathers its blocks
+    as whole tiles (one index_select each for K and V) and runs batched matmuls. The mask is one
+    additive row per (query, KV head), broadcast over the G heads: -inf for empty slots and for the
+    keys of the query's own block that lie in its future. Memory grows linearly with S; no [S, S]
+    mask or score matrix exists. (Selections differ from query to query, so a query block's union
+    of blocks is nearly all of its past for scattered selections: gathering per query keeps the
+    FLOPs at the selected ones.)
     """
     B, S, H, Dh = q.shape
     Sk, Hkv, topk = k.shape[1], k.shape[2], block_ids.shape[-1]
-    group, nb = H // Hkv, -(-Sk // block_size)
-    pad = (0, 0, 0, 0, 0, nb * block_size - Sk)
-    kb = F.pad(k, pad).view(B, nb, block_size, Hkv, Dh).permute(0, 3, 1, 2, 4)   # [B, Hkv, nb, bs, Dh]
-    vb = F.pad(v, pad).view(B, nb, block_size, Hkv, Dh).permute(0, 3, 1, 2, 4)
-    bi = torch.arange(B, device=q.device)[:, None, None, None]
-    hi = torch.arange(Hkv, device=q.device)[None, :, None, None]
+    G, nb, K = H // Hkv, -(-Sk // block_size), topk * block_size
+    tiles = lambda x: F.pad(x.float(), (0, 0, 0, 0, 0, nb * block_size - Sk)).view(B, nb, block_size, Hkv, Dh) \
+        .permute(0, 3, 1, 2, 4).reshape(B * Hkv * nb, block_size * Dh)                  # [B*Hkv*nb, bs*Dh]
+    kt, vt = tiles(k), tiles(v)
+    first = (torch.arange(B * Hkv, device=q.device) * nb).view(B, Hkv, 1, 1)          # row of each (b, h)'s block 0
     offs = torch.arange(block_size, device=q.device)
-    # bound the gathered keys [Hkv, Sc, topk*bs, Dh] and the scores [H, Sc, topk*bs] to ~2^24 elements
-    Sc = query_chunk or max(1, (1 << 24) // (max(H, Hkv * Dh) * topk * block_size))
+    # the gathered keys [B*Hkv*Sc, K, Dh] and the scores [B*Hkv*Sc, G, K] stay within ~2^19 fp32
+    # (2 MB), so a chunk's matmuls run from cache: at S = 16k, 4x faster than chunks of 8 MB
+    Sc = query_chunk or max(1, (1 << 19) // (B * Hkv * max(G, Dh) * K))
     out = torch.empty_like(q)
     for s0 in range(0, S, Sc):
-        ids = block_ids[:, :, s0:s0 + Sc].long()                                  # [B, Hkv, Sc, topk]
+        ids = block_ids[:, :, s0:s0 + Sc].long()                                  # [B, Hkv, n, topk]
         n = ids.shape[2]
-        safe = ids.clamp(min=0)
-        kg = kb[bi, hi, safe].flatten(3, 4).float()                               # [B, Hkv, Sc, topk*bs, Dh]
-        vg = vb[bi, hi, safe].flatten(3, 4).float()
-        slot = (safe[..., None] * block_size + offs).flatten(3)                   # [B, Hkv, Sc, topk*bs]
+        rows = (ids.clamp(min=0) + first).flatten()
+        kg = kt.index_select(0, rows).view(-1, K, Dh)                             # [B*Hkv*n, K, Dh]
+        vg = vt.index_select(0, rows).view(-1, K, Dh)
+        slot = (ids.clamp(min=0)[..., None] * block_size + offs).flatten(3)       # [B, Hkv, n, K]
         q_slot = torch.arange(q_start + s0, q_start + s0 + n, device=q.device)[:, None]
         keep = (ids >= 0).repeat_interleave(block_size, dim=-1) & (slot <= q_slot)
-        qc = q[:, s0:s0 + n].float().view(B, n, Hkv, group, Dh).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Sc, Dh]
-        scores = torch.einsum("bhgcd,bhckd->bhgck", qc, kg) * scale
-        scores = scores.masked_fill(~keep[:, :, None], float("-inf"))
-        o = torch.einsum("bhgck,bhckd->bhgcd", scores.softmax(-1), vg)            # [B, Hkv, G, Sc, Dh]
-        out[:, s0:s0 + n] = o.permute(0, 3, 1, 2, 4).reshape(B, n, H, Dh).to(q.dtype)
+        bias = torch.zeros(keep.shape, device=q.device).masked_fill_(~keep, float("-inf")).view(-1, 1, K)
+        qc = q[:, s0:s0 + n].float().view(B, n, Hkv, G, Dh).transpose(1, 2).reshape(-1, G, Dh)   # [B*Hkv*n, G, Dh]
+        scores = torch.bmm(qc, kg.transpose(1, 2)).mul_(scale).add_(bias)        # [B*Hkv*n, G, K]
+        o = torch.bmm(scores.softmax(-1), vg).view(B, Hkv, n, G, Dh)
+        out[:, s0:s0 + n] = o.transpose(1, 2).reshape(B, n, H, Dh).to(q.dtype)
     return out
 
 
@@ -3389,9 +3401,38 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# one attention layer at the released head ratios, head dims scaled down 4x: 16 query heads per KV
+# head, index dim = head dim = 32, one index head per KV head, blocks of 16, top-16, 1 local block
+ATTENTION_BENCH = dict(H=16, Hkv=1, Dh=32, block=16, topk=16, init=0, local=1)
+
+
+def _bench_attention(impl: str, S: int) -> dict:
+    """One attention layer on random q/k/v (and index q/k) in this (fresh) process: dense causal
+    SDPA, or the lightning indexer then block-sparse attention, each timed."""
+    c = ATTENTION_BENCH
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, S, h, c["Dh"], generator=g) for h in (c["H"], c["Hkv"], c["Hkv"]))
+    iq, ik = torch.randn(1, S, c["Hkv"], c["Dh"], generator=g), torch.randn(1, S, c["Dh"], generator=g)
+    before, times = _peak_rss_bytes(), {}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        if impl == "attention-dense":
+            y = causal_attention(q, k, v, c["Dh"] ** -0.5)
+        else:
+            ids = lightning_indexer(iq, ik, c["block"], c["topk"], c["init"], c["local"])
+            times["indexer"] = time.perf_counter() - t0
+            y = sparse_attention(q, k, v, ids, c["block"], c["Dh"] ** -0.5)
+            times["sparse"] = time.perf_counter() - t0 - times["indexer"]
+        seconds = time.perf_counter() - t0
+    return dict(impl=impl, S=S, seconds=seconds, peak_mb=(_peak_rss_bytes() - before) / 2 ** 20,
+                checksum=float(y.double().abs().mean()), **times)
+
+
 def _bench_one(impl: str, S: int, ckpt: str) -> dict:
     """One measurement in this (fresh) process: forward of the layer stack on S random embeddings."""
     torch.manual_seed(0)
+    if impl in ("attention-dense", "attention-sparse"):
+        return _bench_attention(impl, S)
     if impl == "transformers":
         from transformers import MiniMaxM3SparseForConditionalGeneration
         hf = MiniMaxM3SparseForConditionalGeneration.from_pretrained(ckpt, attn_implementation="eager").eval()
@@ -3419,30 +3460,58 @@ def _bench_one(impl: str, S: int, ckpt: str) -> dict:
 
 
 def bench(lengths=(4096, 16384, 65536), dense_max=16384) -> None:
-    """Prints forward time and peak memory (RSS growth during the forward, each run in its own
-    process) of the tiny sparse layer stack, dense causal attention on the same weights where it
-    fits, and transformers' eager forward at S = 4096 when transformers is importable."""
-    import subprocess
+    """Two tables, each measurement in its own process (time; peak memory = RSS growth during it):
+    1. one attention layer at the released head ratios (ATTENTION_BENCH): dense causal SDPA against
+       the lightning indexer + block-sparse attention, with the GFLOP/s the sparse attention
+       achieves on the FLOPs of the selected blocks, at every S in `lengths`;
+    2. the tiny sparse layer stack's forward, dense causal attention on the same weights where
+       S <= dense_max, and transformers' eager forward at the first S when it is importable."""
     with tempfile.TemporaryDirectory() as tmp:
         model = MiniMaxM3(replace(bench_config(sparse=True), vision=M3Config.tiny().vision))
         save_pretrained(init_random_(model), tmp)
-        runs = [("sparse", S) for S in lengths] + [("dense", S) for S in lengths if S <= dense_max]
+        runs = [(f"attention-{impl}", S) for S in lengths for impl in ("dense", "sparse")]
+        runs += [("sparse", S) for S in lengths] + [("dense", S) for S in lengths if S <= dense_max]
         try:
             import transformers  # noqa: F401
             runs.append(("transformers", lengths[0]))
         except ImportError:
             print("transformers is not importable: skipping the transformers eager comparison")
-        results = []
-        for impl, S in runs:
-            cmd = [sys.executable, os.path.abspath(__file__), "bench", "--one", impl, str(S), tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                raise RuntimeError(f"bench run {impl} S={S} failed:\n{proc.stderr}")
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        results = [_bench_process(impl, S, tmp) for impl, S in runs]
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    _print_attention_bench([r for r in results if r["impl"].startswith("attention-")])
+    _print_stack_bench([r for r in results if not r["impl"].startswith("attention-")])
+
+
+def _bench_process(impl: str, S: int, ckpt: str) -> dict:
+    """One measurement in a fresh process (its peak RSS is the run's alone)."""
+    import subprocess
+    cmd = [sys.executable, os.path.abspath(__file__), "bench", "--one", impl, str(S), ckpt]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"bench run {impl} S={S} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _print_attention_bench(results: list[dict]) -> None:
+    c = ATTENTION_BENCH
+    print(f"\n1. one attention layer, H={c['H']} query heads per KV head (Hkv={c['Hkv']}), Dh = index dim = "
+          f"{c['Dh']}, block {c['block']}, top-{c['topk']}, batch 1; random q/k/v")
+    print(f"{'S':>7}{'dense s':>9}{'dense MB':>10}{'indexer s':>11}{'sparse s':>10}{'idx+sparse s':>14}"
+          f"{'sparse MB':>11}{'sparse GFLOP/s':>16}{'(idx+sparse)/dense':>20}")
+    dense = {r["S"]: r for r in results if r["impl"] == "attention-dense"}
+    for r in (r for r in results if r["impl"] == "attention-sparse"):
+        d = dense[r["S"]]
+        # the selected blocks' FLOPs: q k^T and p v, 2 * Dh each, over topk * block keys per query head
+        flops = 4 * r["S"] * c["H"] * c["topk"] * c["block"] * c["Dh"]
+        print(f"{r['S']:>7}{d['seconds']:>9.2f}{d['peak_mb']:>10.0f}{r['indexer']:>11.2f}{r['sparse']:>10.3f}"
+              f"{r['seconds']:>14.2f}{r['peak_mb']:>11.0f}{flops / r['sparse'] / 1e9:>16.1f}"
+              f"{r['seconds'] / d['seconds']:>20.2f}")
+
+
+def _print_stack_bench(results: list[dict]) -> None:
     cfg = bench_config(sparse=True)
-    print(f"tiny width (D={cfg.hidden_size}, H={cfg.num_attention_heads}, Hkv={cfg.num_key_value_heads}, "
-          f"block {cfg.sparse_block_size}, top-{cfg.sparse_topk_blocks}), 2 MoE layers, batch 1, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"\n2. tiny width (D={cfg.hidden_size}, H={cfg.num_attention_heads}, Hkv={cfg.num_key_value_heads}, "
+          f"block {cfg.sparse_block_size}, top-{cfg.sparse_topk_blocks}), 2 MoE layers, batch 1")
     print(f"{'attention':<14}{'S':>8}{'forward s':>12}{'peak MB':>10}")
     for r in results:
         print(f"{r['impl']:<14}{r['S']:>8}{r['seconds']:>12.2f}{r['peak_mb']:>10.0f}")

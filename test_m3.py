@@ -1593,13 +1593,14 @@ def test_prop_indexer(seed, S, bs, topk, init, local, Hi, chunk, ties):
 # ---- Block-sparse attention ------------------------------------------------------------------
 
 @st.composite
-def selections(draw, B, Hkv, S, bs, topk):
-    """Any valid selection: per (b, h, i) a set of causal blocks of size <= topk, ascending, -1 padded."""
+def selections(draw, B, Hkv, S, bs, topk, q_start=0):
+    """Any valid selection: per (b, h, i) a set of causal blocks of size <= topk, ascending, -1 padded
+    (query i at slot q_start + i)."""
     ids = torch.full((B, Hkv, S, topk), -1, dtype=torch.int32)
     for b in range(B):
         for h in range(Hkv):
             for i in range(S):
-                c = i // bs
+                c = (q_start + i) // bs
                 chosen = sorted(draw(st.sets(st.integers(0, c), min_size=1, max_size=min(topk, c + 1))))
                 ids[b, h, i, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
     return ids
@@ -1630,6 +1631,42 @@ def test_prop_block_sparse_attention(seed, S, bs, topk, Hkv, group, data):
     every = m3.lightning_indexer(randn(seed, 1, S, Hkv, 4), randn(seed, 1, S, 4), bs, -(-S // bs), 0, 1)
     torch.testing.assert_close(m3.sparse_attention(q, k, v, every, bs, 0.35),
                                m3.causal_attention(q, k, v, 0.35), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+
+
+def gathered_sparse_attention(q, k, v, block_ids, block_size, scale, q_start=0):
+    """sparse_attention's first formulation, kept as a brute-force definition: every query gathers
+    its own topk*bs keys ([B, Hkv, S, topk*bs, Dh]) and masks them elementwise."""
+    B, S, H, Dh = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    group, nb = H // Hkv, -(-Sk // block_size)
+    pad = (0, 0, 0, 0, 0, nb * block_size - Sk)
+    kb = F.pad(k, pad).view(B, nb, block_size, Hkv, Dh).permute(0, 3, 1, 2, 4)   # [B, Hkv, nb, bs, Dh]
+    vb = F.pad(v, pad).view(B, nb, block_size, Hkv, Dh).permute(0, 3, 1, 2, 4)
+    ids = block_ids.long()
+    safe = ids.clamp(min=0)
+    bi, hi = torch.arange(B)[:, None, None, None], torch.arange(Hkv)[None, :, None, None]
+    kg, vg = kb[bi, hi, safe].flatten(3, 4).float(), vb[bi, hi, safe].flatten(3, 4).float()
+    slot = (safe[..., None] * block_size + torch.arange(block_size)).flatten(3)          # [B, Hkv, S, topk*bs]
+    keep = (ids >= 0).repeat_interleave(block_size, dim=-1) & (slot <= torch.arange(q_start, q_start + S)[:, None])
+    qc = q.float().view(B, S, Hkv, group, Dh).permute(0, 2, 3, 1, 4)                      # [B, Hkv, G, S, Dh]
+    scores = torch.einsum("bhgcd,bhckd->bhgck", qc, kg) * scale
+    o = torch.einsum("bhgck,bhckd->bhgcd", scores.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1), vg)
+    return o.permute(0, 3, 1, 2, 4).reshape(B, S, H, Dh).to(q.dtype)
+
+
+@given(seed=seeds, S=st.integers(1, 23), past=st.integers(0, 13), bs=st.integers(1, 6), topk=st.integers(1, 5),
+       Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4]), B=st.integers(1, 2), data=st.data())
+def test_prop_sparse_attention_equals_its_gathered_definition(seed, S, past, bs, topk, Hkv, group, B, data):
+    """The block-major, per-(query, KV head) matmul formulation against the per-query gather: any
+    selection (-1 padding, different selections inside one query block), lengths that are not a
+    multiple of the block, own blocks partly in the future, queries after `past` cached keys."""
+    H = Hkv * group
+    q, k, v = randn(seed, B, S, H, 8), randn(seed + 1, B, past + S, Hkv, 8), randn(seed + 2, B, past + S, Hkv, 8)
+    ids = data.draw(selections(B, Hkv, S, bs, topk, q_start=past))
+    chunk = data.draw(st.one_of(st.none(), st.integers(1, S)))
+    torch.testing.assert_close(m3.sparse_attention(q, k, v, ids, bs, 0.35, q_start=past, query_chunk=chunk),
+                               gathered_sparse_attention(q, k, v, ids, bs, 0.35, q_start=past),
+                               rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
 
 
 # ---- Model -----------------------------------------------------------------------------------
@@ -2329,6 +2366,17 @@ def test_golden_cases_pass_through_the_triton_kernels(capsys):
         m3.set_kernels("torch")
     out = capsys.readouterr().out
     assert status == V.PASS and out.count("PASS (exit 0)") == len(V.load_manifest(GOLDEN)["cases"]), out[-2000:]
+
+
+def test_attention_benchmark_measures_both_paths_and_prints_the_ratio(capsys):
+    runs = [m3._bench_attention(f"attention-{impl}", 512) for impl in ("dense", "sparse")]
+    assert runs[0]["seconds"] > 0 and runs[1]["indexer"] > 0 and runs[1]["sparse"] > 0
+    assert runs[1]["seconds"] >= runs[1]["indexer"] + runs[1]["sparse"]
+    m3._print_attention_bench(runs)
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[0] == "512" and float(row[-1]) == pytest.approx(runs[1]["seconds"] / runs[0]["seconds"], abs=0.01)
+    flops = 4 * 512 * 16 * 16 * 16 * 32                    # selected blocks: H * topk * block keys per query
+    assert float(row[-2]) == pytest.approx(flops / runs[1]["sparse"] / 1e9, rel=0.01)
 
 
 def test_kernel_benchmark_runs_its_cases_and_says_when_there_is_no_gpu(capsys):
