@@ -646,8 +646,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     first = (torch.arange(B * Hkv, device=q.device) * nb).view(B, Hkv, 1, 1)          # row of each (b, h)'s block 0
     offs = torch.arange(block_size, device=q.device)
     # the gathered keys [B*Hkv*Sc, K, Dh] and the scores [B*Hkv*Sc, G, K] stay within ~2^19 fp32
-    # (2 MB), so a chunk's matmuls run from cache: at S = 16k, 4x faster than chunks of 8 MB
-    Sc = query_chunk or max(1, (1 << 19) // (B * Hkv * max(G, Dh) * K))
+    # (2 MB) on a CPU, so a chunk's matmuls run from cache (at S = 16k, 4x faster than chunks of
+    # 8 MB); a GPU wants few, large launches instead (~2^26 fp32: at the released shapes 64 queries,
+    # where 2 MB would be 1 query per launch and 300x slower than the Triton kernel)
+    budget = 1 << (19 if q.device.type == "cpu" else 26)
+    Sc = query_chunk or max(1, budget // (B * Hkv * max(G, Dh) * K))
     out = torch.empty_like(q)
     for s0 in range(0, S, Sc):
         ids = block_ids[:, :, s0:s0 + Sc].long()                                  # [B, Hkv, n, topk]
