@@ -232,6 +232,10 @@ class M3Config:
         """MTP depths with weights of their own: one when repeated, else num_mtp_modules."""
         return min(self.num_mtp_modules, 1) if self.mtp.repeated_layer else self.num_mtp_modules
 
+    def mtp_physical(self, k: int) -> int:
+        """The physical depth (its module and its cache, 0-based) that MTP depth k = 1..M runs."""
+        return 0 if self.mtp.repeated_layer else k - 1
+
     # ---- presets ------------------------------------------------------------------------
     @classmethod
     def minimax_m3(cls) -> "M3Config":
@@ -655,10 +659,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     for s0 in range(0, S, Sc):
         ids = block_ids[:, :, s0:s0 + Sc].long()                                  # [B, Hkv, n, topk]
         n = ids.shape[2]
-        rows = (ids.clamp(min=0) + first).flatten()
+        safe = ids.clamp(min=0)
+        rows = (safe + first).flatten()
         kg = kt.index_select(0, rows).view(-1, K, Dh)                             # [B*Hkv*n, K, Dh]
         vg = vt.index_select(0, rows).view(-1, K, Dh)
-        slot = (ids.clamp(min=0)[..., None] * block_size + offs).flatten(3)       # [B, Hkv, n, K]
+        slot = (safe[..., None] * block_size + offs).flatten(3)                   # [B, Hkv, n, K]
         q_slot = torch.arange(q_start + s0, q_start + s0 + n, device=q.device)[:, None]
         keep = (ids >= 0).repeat_interleave(block_size, dim=-1) & (slot <= q_slot)
         bias = torch.zeros(keep.shape, device=q.device).masked_fill_(~keep, float("-inf")).view(-1, 1, K)
@@ -905,7 +910,7 @@ class TextModel(nn.Module):
         """The module of depth k = 1..M: the one physical depth when repeated."""
         if not (isinstance(k, int) and 1 <= k <= self.cfg.num_mtp_modules):
             raise ValueError(f"MTP depth k must be an int in 1..{self.cfg.num_mtp_modules} (counted from 1), got {k!r}")
-        return self.mtp["layers"][0 if self.cfg.mtp.repeated_layer else k - 1]
+        return self.mtp["layers"][self.cfg.mtp_physical(k)]
 
     def mtp_embeddings(self, k: int, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, positions: torch.Tensor,
                        spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
@@ -1801,7 +1806,7 @@ def _draft(model: MiniMaxM3, cache: Cache, x: torch.Tensor, h: torch.Tensor, n: 
     logits = [mtp_logits(model, 1, x)[:, -1]]
     for j in range(1, n):
         k = j % cfg.num_mtp_modules + 1
-        physical = 0 if cfg.mtp.repeated_layer else k - 1
+        physical = cfg.mtp_physical(k)
         layer = cache.mtp[physical]
         history = cache.mask if physical == 0 else cache.mask[:, :0]
         mask = F.pad(history, (0, layer.length + 1 - history.shape[1]), value=1)
@@ -1824,13 +1829,18 @@ def _draft(model: MiniMaxM3, cache: Cache, x: torch.Tensor, h: torch.Tensor, n: 
 # same SwiGLU-OAI model, so its value says nothing.
 
 def config_from_json(path: str | os.PathLike) -> M3Config:
+    return config_from_dict(read_config_json(path))
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    """config.json as a dict; an unreadable file or one that holds no JSON object is a ValueError."""
     try:
         d = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read config {str(path)!r}: {e}") from e
     if not isinstance(d, dict):
         raise ValueError(f"config {str(path)!r} must hold a JSON object, got {type(d).__name__}")
-    return config_from_dict(d)
+    return d
 
 
 def config_from_dict(d: dict) -> M3Config:
@@ -2274,8 +2284,9 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.config = M3Config.from_json(self.path / "config.json")
-        self.drafter = "MiniMaxM3MTP" in (json.loads((self.path / "config.json").read_text()).get("architectures") or [])
+        raw = read_config_json(self.path / "config.json")
+        self.config = config_from_dict(raw)
+        self.drafter = "MiniMaxM3MTP" in (raw.get("architectures") or [])
         self._handles: dict[Path, object] = {}
         self.files = self._locate()
         self.mtp_layout = self._mtp_layout()
@@ -3309,9 +3320,8 @@ def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dty
                 h = text.norm(h)
             heads, h_k, own_head = [], h, cfg.mtp.head == "per_depth"    # per depth: its logits or its head's input
             for p in range(cfg.mtp_physical_depths):                     # a repeated depth: loaded once, run M times
-                ks = range(1, M + 1) if cfg.mtp.repeated_layer else [p + 1]
                 with pieces.piece(f"MTP depth {p + 1}/{cfg.mtp_physical_depths}", depth(p)):
-                    for k in ks:
+                    for k in (k for k in range(1, M + 1) if cfg.mtp_physical(k) == p):
                         normed, h_k = text.mtp_step(k, h_k, shifted[k - 1], cos, sin)
                         heads.append(text.mtp_depth(k).head(normed, lm_head) if own_head else normed)
             with pieces.piece("lm_head", ("language_model.lm_head.",)):
