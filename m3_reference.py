@@ -2800,6 +2800,32 @@ def run_component_case(path: Path, name: str, inputs: dict) -> dict[str, torch.T
             model.vision_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
             tracer.close()
             return tracer.out
+    return run_piece_case(name, cfg, weights, inputs)
+
+
+def run_piece_case(name: str, cfg: M3Config, weights: dict[str, torch.Tensor],
+                   inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The component cases of the pieces around the layers: the multimodal splice, the MTP fusion,
+    the losses and MXFP8 dequantisation (weights under their checkpoint keys)."""
+    T = "language_model.model."
+    with torch.no_grad():
+        if name == "splice":
+            e = splice(F.embedding(inputs["input_ids"], weights[T + "embed_tokens.weight"]), inputs["input_ids"],
+                       inputs["image_features"], cfg.image_token_index, "image")
+            return {"embeddings": splice(e, inputs["input_ids"], inputs["video_features"], cfg.video_token_index, "video")}
+        if name == "mtp_fusion":                     # MTPDepth.forward up to its decoder layer
+            depth = T + "mtp.layers.0."
+            e = F.embedding(mtp_input_ids(inputs["input_ids"], 1), weights[T + "embed_tokens.weight"])
+            e_n = rms_norm(e, weights[depth + "enorm.weight"], cfg.rms_norm_eps)
+            h_n = rms_norm(inputs["hidden"], weights[depth + "hnorm.weight"], cfg.rms_norm_eps)
+            return {"embedding": e, "embedding.normed": e_n, "hidden.normed": h_n,
+                    "fused": F.linear(torch.cat([e_n, h_n], dim=-1), weights[depth + "eh_proj.weight"])}
+        if name == "losses":
+            out = M3Output(inputs["logits"], [inputs[f"mtp.{d}.logits"] for d in range(cfg.num_mtp_modules)])
+            out = add_losses(out, inputs["labels"], cfg.mtp)
+            return {"lm_loss": out.lm_loss, "mtp_loss": out.mtp_loss, "loss": out.loss}
+        if name == "mxfp8":
+            return {"weight": dequant_mxfp8(inputs["weight"].view(torch.float8_e4m3fn), inputs["weight_scale_inv"])}
     raise ValueError(f"unknown component case {name!r}")
 
 
@@ -2827,6 +2853,23 @@ def _component_inputs(name: str, cfg: M3Config, seed: int) -> dict[str, torch.Te
         return {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
     pixels = lambda *shape: torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
     img, vid = cfg.image_token_index, cfg.video_token_index
+    ids = lambda *shape: torch.randint(0, cfg.image_token_index, shape, generator=g)
+    if name == "splice":                 # images in both rows, the video's rows between them (row-major)
+        input_ids = ids(2, 12)
+        input_ids[0, 2:5], input_ids[0, 7:9], input_ids[1, 0:2], input_ids[1, 4:7] = img, vid, vid, img
+        return {"input_ids": input_ids, "image_features": r(6, cfg.hidden_size), "video_features": r(4, cfg.hidden_size)}
+    if name == "mtp_fusion":
+        return {"input_ids": ids(2, 13), "hidden": r(2, 13, cfg.hidden_size, scale=2.0)}
+    if name == "losses":                 # -100 inside and at the last positions, where depth 2's targets end
+        labels = ids(2, 11)
+        labels[0, [3, 9, 10]], labels[1, [0, 5]] = -100, -100
+        logits = {f"mtp.{d}.logits": r(2, 11, cfg.vocab_size, scale=3.0) for d in range(cfg.num_mtp_modules)}
+        return {"logits": r(2, 11, cfg.vocab_size, scale=3.0), **logits, "labels": labels}
+    if name == "mxfp8":                  # 80 inputs: 3 blocks, the last one partial; scales 2^-60 .. 2^60
+        codes = torch.arange(256, dtype=torch.uint8)
+        codes = codes[(codes & 0x7F) != 0x7F]                 # every e4m3 code but the two NaNs
+        weight = codes[torch.randint(0, codes.numel(), (6, 80), generator=g)]
+        return {"weight": weight, "weight_scale_inv": torch.randint(67, 188, (6, 3), generator=g, dtype=torch.uint8)}
     if name == "preprocess_image":       # no resize; 56 up and 112 down; aspect 35 with a short side under 14 px
         return {"image.0": pixels(56, 56, 3), "image.1": pixels(50, 120, 3), "image.2": pixels(12, 420, 3),
                 "input_ids": torch.tensor([[5, img, 6, 7, img, 8, img, 9]])}
@@ -2847,20 +2890,36 @@ COMPONENT_CASES = [
          description="per-head q norm + partial NeoX RoPE (rotary_dim 4 of head_dim 8) at positions 0, 11, ..., 396"),
     dict(name="vision_rope", component="vision_rope", seed=3, end_results=["q"],
          description="3D RoPE positions in merge-window order for an image and a video of max_frames + 1 groups"),
-    dict(name="moe", component="moe", seed=4, end_results=["out"],
+    dict(name="moe", component="moe", seed=4, end_results=["out"], pins=[r"router\.(ids|weights)"],
          description="router (biased scores, ids, weights) and MoE output of layer 1, 13 tokens"),
     dict(name="attention", component="attention", seed=5, end_results=["out"],
          description="dense causal GQA attention of layer 0 (4 query / 2 KV heads), S = 37"),
     dict(name="sparse_attention", component="sparse_attention", seed=6, overrides=dict(sparse_topk_blocks=6),
-         end_results=["out"],
+         end_results=["out"], pins=[r"indexer\.block_ids"],
          description="indexer block scores/ids and block-sparse attention of layer 1, S = 37: not a multiple "
                      "of the block size 8, top-6 above its 5 blocks so every causal block is kept"),
     dict(name="sparse_attention_top3", component="sparse_attention", seed=8, end_results=["out"],
+         pins=[r"indexer\.block_ids"],
          description="as sparse_attention with top-3 (1 init + 1 local forced) of the 5 blocks: queries in "
                      "blocks 3 and 4 drop 1 and 2 of their causal blocks"),
     dict(name="vision", component="vision", seed=7, end_results=["vision.image.features", "vision.video.features"],
          description="vision tower, projector and merger: images of grids (1, 2, 2) and (1, 2, 4) and a video of "
                      "3 temporal groups cut into segments of 2"),
+    dict(name="splice", component="splice", seed=9, end_results=["embeddings"],
+         description="multimodal splice: embed_tokens of 2 rows of 12 ids, then 6 image and 4 video feature rows "
+                     "put at their placeholders in row-major order (images in both rows, a video run in each)"),
+    dict(name="mtp_fusion", component="mtp_fusion", seed=10, end_results=["fused"],
+         description="MTP depth 1's input: eh_proj(cat[enorm(embed_tokens(ids shifted left by 1, tail 0)), "
+                     "hnorm(hidden)]), embedding first; hidden stands for the main model's output after its norm"),
+    dict(name="losses", component="losses", seed=11, overrides=dict(num_mtp_modules=2), end_results=["loss"],
+         pins=[r"lm_loss|mtp_loss"],
+         description="lm_loss = CE(logits[:, i], labels[:, i + 1]); mtp_loss = 0.1 / 2 * sum_k CE(mtp.{k-1}.logits"
+                     "[:, i], labels[:, i + 1 + k]) for two depths, each mean over its own valid targets (-100 and "
+                     "targets past the end skipped); loss = their sum"),
+    dict(name="mxfp8", component="mxfp8", seed=12, end_results=["weight"],
+         description="MXFP8 dequantisation w[o, i] = e4m3(weight[o, i]) * 2^(weight_scale_inv[o, i // 32] - 127) "
+                     "of a [6, 80] weight (every e4m3 code but NaN; 3 scale columns = ceil(80 / 32), the last block "
+                     "partial; E8M0 scales from 2^-60 to 2^60); inputs are the raw bytes, uint8"),
 ]
 
 
@@ -2874,11 +2933,12 @@ def golden_cases() -> list[dict]:
     cases += [
         dict(name="preprocess-image", kind="component", component="preprocess_image", dtype="float32", seed=200,
              config=base, end_results=[f"image.{i}.pixel_values" for i in range(3)] + ["expanded_ids"],
+             pins=[r"image\.\d\.grid_thw"],
              description="three images through the processor: 56x56 (no resize), 50x120 (to 56x112: one side "
                          "rounds up, one down), 12x420 (aspect 35, short side under 14 px: to 28x420); the "
                          "prompt's three placeholders expanded with start/end ids"),
         dict(name="preprocess-video", kind="component", component="preprocess_video", dtype="float32", seed=201,
-             config=base, end_results=["video.pixel_values", "expanded_ids"],
+             config=base, end_results=["video.pixel_values", "expanded_ids"], pins=[r"video\.(grid_thw|timestamps)"],
              description="3 frames of 45x70 (to 56x56: 2.5 rounds to 2), padded to 4 frames = 2 temporal groups, "
                          "source fps 2.5 at frame indices 0, 4, 9 (timestamps 0.0 and 3.6 s); the placeholder "
                          "expanded with per-group timestamp ids"),
@@ -2888,10 +2948,11 @@ def golden_cases() -> list[dict]:
              description="two images of different grids and a video of 3 temporal groups (segments of 2)"),
         dict(name="sparse-edge-b4", kind="model", seed=102, batch=1, length=203, media=False, dtype="float32",
              config=replace(text, sparse_block_size=4, sparse_topk_blocks=5, sparse_init_block=2, sparse_local_block=2),
+             pins=[r"layers\.\d+\.indexer\.block_ids"],
              description="block 4, top-5 with 2 init + 2 local blocks, 203 tokens: most of 51 blocks dropped"),
         dict(name="sparse-edge-b7", kind="model", seed=103, batch=1, length=150, media=False, dtype="float32",
              config=replace(text, sparse_block_size=7, sparse_topk_blocks=3, sparse_init_block=2, sparse_local_block=2,
-                            num_mtp_modules=0),
+                            num_mtp_modules=0), pins=[r"layers\.\d+\.indexer\.block_ids"],
              description="block 7, top-3 with 2 init + 2 local blocks, 150 tokens: from block 3 on, more are "
                          "forced than fit, so the init blocks and the own block stay and the other local drops"),
         dict(name="mtp-depth-2", kind="model", config=replace(text, num_mtp_modules=2), dtype="float32", seed=104,
@@ -2900,6 +2961,7 @@ def golden_cases() -> list[dict]:
              description="the vision-language case with bf16 weights and activations"),
         dict(name="decode", kind="decode", config=replace(text, sparse_block_size=4, num_mtp_modules=0),
              dtype="float32", seed=105, steps=[37, 1, 1, 3, 1, 2], end_results=[f"step.{s}.logits" for s in range(6)],
+             pins=[r"step\.\d+\.layers\.\d+\.indexer\.block_ids"],
              description="a cached forward (no MTP depth: a cached call runs none): a 37-token prefill, then calls "
                          "of 1, 1, 3, 1 and 2 tokens (input `steps`); block 4, top-3 with 1 init + 1 local block, "
                          "so from the fourth block on new queries drop blocks of the cached history; per call s, "
@@ -2912,7 +2974,7 @@ def golden_cases() -> list[dict]:
                          "row 0 drops blocks); `generated`: the max_new_tokens tokens of greedy decoding"),
         dict(name="mtp-speculative", kind="speculative", config=replace(text, mtp=MTPConfig.vllm_drafter()), dtype="float32", seed=107, lengths=[30, 22],
              max_new_tokens=12, draft_tokens=3, weights=agreeing_mtp_,
-             end_results=["generated"],
+             end_results=["generated"], pins=[r"step\.\d+\.(draft_logits|drafts|accepted)"],
              description="MTP speculative decoding, drafting as vLLM does, of two left-padded rows (30 and 22 "
                          "tokens), 3 drafts per step; weights bent (agreeing_mtp_) so that some drafts are kept "
                          "and some rolled back; per main-model call s after the prefill: `step.{s}.draft_logits`, "
@@ -2961,7 +3023,8 @@ def mtp_variant_cases(text: M3Config, base: M3Config) -> list[dict]:
     ]
     # end results: what the option changes (the main logits never move)
     return [dict(c, end_results=["logits", f"mtp.{c['config'].num_mtp_modules - 1}.logits"] +
-                 (["mtp_loss"] if c["name"].startswith("mtp-loss") else [])) for c in cases]
+                 (["mtp_loss"] if c["name"].startswith("mtp-loss") else []),
+                 pins=[r"lm_loss|loss"] if c["name"].startswith("mtp-loss") else []) for c in cases]
 
 
 def run_case(path: Path, case: dict, inputs: dict) -> dict[str, torch.Tensor]:
@@ -3116,11 +3179,20 @@ def make_case(case: dict, path: Path) -> dict:
             **({"component": case["component"]} if case["kind"] == "component" else {}),
             "dtype": case["dtype"], "seed": case["seed"], "tie_tol": V.tie_tolerance(case["dtype"]),
             "config": cfg.to_dict(), "inputs": {k: list(v.shape) for k, v in inputs.items()},
-            "end_results": case["end_results"],
+            "end_results": case["end_results"], "required": required_outputs(case, list(outputs)),
             "outputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
                          **V.tolerance(k, v.is_floating_point(), case["dtype"], case["kind"])}
                         for k, v in outputs.items()],
             "files": {f.name: V.sha256(f) for f in sorted(path.iterdir())}}
+
+
+def required_outputs(case: dict, names: list[str]) -> list[str]:
+    """What the case exists to pin, in forward order (golden/verify.py: a file without one of these
+    gets no verdict): its end results, every MTP depth's logits (the main logits do not see the
+    depths' conventions), and the names its `pins` patterns match (selections in the
+    sparse-selection cases, the drafter's drafts and their logits, the losses, a processor's grids)."""
+    pins = [r"(?:(?:step|row)\.\d+\.)?mtp\.\d+\.logits", *case.get("pins", [])]
+    return [n for n in names if n in case["end_results"] or any(re.fullmatch(p, n) for p in pins)]
 
 
 def _component_weight_keys(name: str, model: MiniMaxM3) -> set[str]:
@@ -3130,7 +3202,11 @@ def _component_weight_keys(name: str, model: MiniMaxM3) -> set[str]:
               "moe": ("language_model.model.layers.1.block_sparse_moe.",),
               "attention": ("language_model.model.layers.0.self_attn.",),
               "sparse_attention": ("language_model.model.layers.1.self_attn.",),
-              "vision": ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")}.get(name, ())
+              "vision": ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp."),
+              "splice": ("language_model.model.embed_tokens.",),
+              "mtp_fusion": ("language_model.model.embed_tokens.",
+                             *(f"language_model.model.mtp.layers.0.{n}." for n in ("enorm", "hnorm", "eh_proj")))
+              }.get(name, ())
     return {k for k in keys if k.startswith(prefix)} if prefix else set()
 
 

@@ -2765,7 +2765,8 @@ def _mispair_router_weights(o):
 
 @pytest.mark.parametrize("edit, status, says", [
     (_rename, V.UNUSABLE, ["nothing compared", "not in the reference, ignored: model.embeddings"]),
-    (lambda o: o.pop("logits"), V.UNUSABLE, ["the end result logits is missing"]),
+    (lambda o: o.pop("logits"), V.UNUSABLE, ["required tensor missing: logits"]),
+    (lambda o: o.pop("mtp.0.logits"), V.UNUSABLE, ["required tensor missing: mtp.0.logits"]),
     (lambda o: o["layers.1.hidden"].__setitem__((0, 3, 5), float("nan")), V.DIVERGED,
      ["first divergence: layers.1.hidden", "1 NaN"]),
     (lambda o: o.update({"layers.0.hidden": o["layers.0.hidden"][:, :-1]}), V.DIVERGED,
@@ -2789,7 +2790,7 @@ def test_bad_foreign_files_get_their_status_and_name_the_tensor(tmp_path, capsys
 def test_a_component_case_without_one_of_its_end_results_is_unusable(tmp_path, capsys):
     got, out = _verify(capsys, "--case", "component-vision", "--outputs",
                        _foreign(tmp_path, "component-vision", lambda o: o.pop("vision.video.features")))
-    assert got == V.UNUSABLE and "the end result vision.video.features is missing" in out
+    assert got == V.UNUSABLE and "required tensor missing: vision.video.features" in out
 
 
 def test_verifier_points_at_the_first_perturbed_tensor(tmp_path, capsys):
@@ -2837,41 +2838,110 @@ def _swap_near_tie(case: str):
     return swap[0], lambda o: _swap(o, *swap)
 
 
+def _tie_query(case: str) -> int:
+    """The position of the query whose selection _swap_near_tie swaps (batch row 0)."""
+    return _near_tie(case)[2][2]
+
+
+def _bump_from(o, names, pos: int, row: int = 0, by: float = 1.0):
+    """Add `by` to [B, S, ...] tensors at batch row `row`, positions pos.. (what a tie there can reach)."""
+    for n in names:
+        o[n] = o[n].clone()
+        o[n][row, pos:] += by
+
+
+def _stream_after(name: str, o) -> list[str]:
+    """The residual-stream tensors after the layer of `name` (its own hidden included), `hidden`
+    and `logits`, in its padded row if it is in one: bumped together, they keep a near tie there in
+    effect (a stream tensor that passes ends it)."""
+    row, layer = re.match(r"(row\.\d+\.)?layers\.(\d+)\.", name).groups()
+    row = row or ""
+    return [n for n in V.forward_order(o) if (m := re.fullmatch(re.escape(row) + r"layers\.(\d+)\.hidden", n))
+            and int(m.group(1)) >= int(layer)] + [row + "hidden", row + "logits"]
+
+
 def test_a_swapped_near_tie_block_is_a_near_tie_and_passes(tmp_path, capsys):
     name, swap = _swap_near_tie("bf16")     # bf16 rankers flip choices within its tie_tol; fp32 cases hold none
     got, out = _verify(capsys, "--case", "bf16", "--outputs", _foreign(tmp_path, "bf16", swap))
-    assert got == V.PASS and "pass (with near ties)" in out
+    assert got == V.PASS and "pass, all 32 compared (with near ties)" in out
     assert "near tie" in _row(out, name)
-    assert "(after a near tie)" in _row(out, "logits") and "(after a near tie)" not in _row(out, "embeddings")
+    after = V.forward_order(_outputs("bf16"))
+    assert "(after a near tie)" in _row(out, after[after.index(name) + 1])
+    # the layer's hidden state passed: what follows is computed from it, the tie is over
+    assert "(after a near tie)" not in _row(out, "logits") and "(after a near tie)" not in _row(out, "embeddings")
 
 
-def test_a_divergence_after_a_near_tie_is_inconclusive(tmp_path, capsys):
+def test_a_divergence_a_near_tie_can_have_caused_is_inconclusive(tmp_path, capsys):
     name, swap = _swap_near_tie("bf16")
+    p = _tie_query("bf16")
 
     def edit(o):
         swap(o)
-        o["logits"] = o["logits"] + 1.0
+        _bump_from(o, _stream_after(name, o), p)           # the tie's row, from its position on
     got, out = _verify(capsys, "--case", "bf16", "--outputs", _foreign(tmp_path, "bf16", edit))
-    assert got == V.INCONCLUSIVE
-    assert f"first divergence: logits, after the near tie in {name}" in out and "--layerwise" in out
+    assert got == V.INCONCLUSIVE, out
+    assert f"first divergence: layers.1.hidden, after the near tie in {name}" in out and "--layerwise" in out
+
+
+@pytest.mark.parametrize("where", ["every logit", "before the tie's position", "after the stream passed"])
+def test_a_divergence_no_near_tie_can_have_caused_diverges(tmp_path, capsys, where):
+    name, swap = _swap_near_tie("bf16")
+    p = _tie_query("bf16")
+
+    def edit(o):
+        swap(o)
+        if where == "every logit":                          # the stream passes; +1 everywhere
+            o["logits"] = o["logits"] + 1.0
+        elif where == "before the tie's position":
+            _bump_from(o, _stream_after(name, o), p)
+            o["logits"][0, p - 1] += 1.0
+        else:
+            _bump_from(o, _stream_after(name, o)[:-2], p)   # the layers, but `hidden` passes
+            _bump_from(o, ["logits"], p)
+    got, out = _verify(capsys, "--case", "bf16", "--outputs", _foreign(tmp_path, "bf16", edit))
+    assert got == V.DIVERGED, out
+
+
+@pytest.mark.parametrize("row, pos, status", [(0, 3, V.INCONCLUSIVE), (0, 5, V.INCONCLUSIVE),
+                                              (0, 2, V.DIVERGED), (1, 3, V.DIVERGED)])
+def test_a_router_near_tie_excuses_its_own_row_from_its_token_on(row, pos, status):
+    """Batch of 2 x 6 tokens: a router near tie at token 3 of row 0 (flattened row 3), then the
+    logits fail at one (row, position)."""
+    B, S, E = 2, 6, 4
+    rng = np.random.default_rng(0)
+    scores = rng.random((B * S, E)).astype(np.float32)
+    scores[3] = [0.9, 0.5, 0.5004, 0.1]                       # experts 1 and 2 within tie_tol
+    ids = np.sort(np.argsort(-scores, -1, kind="stable")[:, :2], -1)
+    ref = {"layers.0.router.scores": scores, "layers.0.router.ids": ids,
+           "logits": rng.random((B, S, 8)).astype(np.float32)}
+    theirs = {k: v.copy() for k, v in ref.items()}
+    assert ids[3].tolist() == [0, 2]
+    theirs["layers.0.router.ids"][3] = [0, 1]
+    theirs["logits"][row, pos] += 1.0
+    rules = V.Rules([{"name": n, "shape": list(ref[n].shape), **V.tolerance(n, ref[n].dtype.kind == "f", "float32",
+                                                                             "model")} for n in ref],
+                    ["logits"], V.FP32_TIE_TOL, None, "float32")
+    rows = V.compare(rules, ref, theirs)
+    assert rows[1]["status"] == "near tie" and V.verdict(rules, rows)[0] == status
 
 
 def test_layerwise_keeps_a_near_tie_inside_its_own_layer(tmp_path, capsys):
     name, swap = _swap_near_tie("bf16")
-    layer = V.stage(name)                                     # e.g. layers.1
+    layer, p = V.stage(name), _tie_query("bf16")            # e.g. layers.1
     later = f"layers.{int(layer.split('.')[1]) + 1}.hidden"
 
-    def edit(bump):
+    def edit(*bump):
         def apply(o):
             swap(o)
-            o[bump] = o[bump] + 1.0
+            _bump_from(o, bump, p)
         return apply
-    theirs = _foreign(tmp_path, "bf16", edit(later))
+    theirs = _foreign(tmp_path, "bf16", edit(f"{layer}.hidden", later))
     assert _verify(capsys, "--case", "bf16", "--outputs", theirs)[0] == V.INCONCLUSIVE
     got, out = _verify(capsys, "--case", "bf16", "--outputs", theirs, "--layerwise")
     assert got == V.DIVERGED and f"first divergence: {later}" in out
     same_layer = _foreign(tmp_path, "bf16", edit(f"{layer}.hidden"))
-    assert _verify(capsys, "--case", "bf16", "--outputs", same_layer, "--layerwise")[0] == V.INCONCLUSIVE
+    got, out = _verify(capsys, "--case", "bf16", "--outputs", same_layer, "--layerwise")
+    assert got == V.INCONCLUSIVE and "run that stage on the stored selection" in out and "rerun" not in out
 
 
 def test_a_swap_far_from_a_tie_diverges(tmp_path, capsys):
@@ -2964,9 +3034,9 @@ def test_reference_mode_classifies_near_ties_with_the_reference_dtype(tmp_path, 
 
     def after(o):
         swap(o)
-        o["mtp.0.logits"] = o["mtp.0.logits"] + 1.0
+        _bump_from(o, _stream_after(name, o) + ["mtp.0.hidden", "mtp.0.logits"], _tie_query("bf16"))
     got, out = _verify(capsys, "--reference", ref, "--outputs", _foreign(tmp_path, "bf16", after), "--config", config)
-    assert got == V.INCONCLUSIVE and "first divergence: mtp.0.logits, after the near tie" in out
+    assert got == V.INCONCLUSIVE and f"first divergence: {V.stage(name)}.hidden, after the near tie in {name}" in out
 
 
 def test_forward_order_of_names_matches_the_generator():
@@ -3081,10 +3151,10 @@ def test_missing_end_result_outranks_an_inconclusive_failure(tmp_path, capsys):
 
     def edit(o):
         swap(o)
-        o["layers.2.hidden"] = o["layers.2.hidden"] + 1.0
+        _bump_from(o, _stream_after(name, o), _tie_query("bf16"))
         del o["logits"]
     got, out = _verify(capsys, "--case", "bf16", "--outputs", _foreign(tmp_path, "bf16", edit))
-    assert got == V.UNUSABLE and "the end result logits is missing" in out
+    assert got == V.UNUSABLE and "required tensor missing: logits" in out
 
 
 def test_layerwise_stages():
@@ -3103,7 +3173,9 @@ def test_list_names_every_case_its_inputs_and_end_results(capsys):
     for entry in V.load_manifest(GOLDEN)["cases"]:
         assert f"{entry['name']}  ({entry['kind']}" in out
     assert "inputs:  x [2, 37, 32], position_ids [2, 37]" in out
-    assert out.count("(end result)") == sum(len(e["end_results"]) for e in V.load_manifest(GOLDEN)["cases"])
+    cases = V.load_manifest(GOLDEN)["cases"]
+    assert out.count("(required, end result)") == sum(len(e["end_results"]) for e in cases)
+    assert out.count("(required") == sum(len(e["required"]) for e in cases)
 
 
 def test_the_top3_sparse_component_case_drops_causal_blocks():
@@ -3149,18 +3221,20 @@ def test_the_decode_case_drops_blocks_of_the_cached_history(tmp_path, capsys):
 
 def test_a_near_tie_in_one_padded_row_excuses_only_that_row(tmp_path, capsys):
     name, swap = _swap_near_tie("padded-batch")
-    row = V.tie_scope(name, False)                                  # e.g. row.0
-    other = next(f"row.{b}.logits" for b in range(3) if f"row.{b}" != row)
+    row = name[:name.index(".layers")]                              # e.g. row.0
+    other = next(f"row.{b}." for b in range(3) if f"row.{b}" != row)
+    own = _stream_after(name, _outputs("padded-batch"))
 
-    def bump(target):
+    def bump(others):
         def edit(o):
             swap(o)
-            o[target] = o[target] + 5.0
+            _bump_from(o, own, _tie_query("padded-batch"))
+            _bump_from(o, others, 0)
         return edit
-    got, out = _verify(capsys, "--case", "padded-batch", "--outputs", _foreign(tmp_path, "padded-batch", bump(other)))
+    theirs = _foreign(tmp_path, "padded-batch", bump([n.replace(row + ".", other) for n in own]))
+    got, out = _verify(capsys, "--case", "padded-batch", "--outputs", theirs)
     assert got == V.DIVERGED and f"first divergence: {other}" in out
-    got, out = _verify(capsys, "--case", "padded-batch", "--outputs",
-                       _foreign(tmp_path, "padded-batch", bump(f"{row}.logits")))
+    got, out = _verify(capsys, "--case", "padded-batch", "--outputs", _foreign(tmp_path, "padded-batch", bump([])))
     assert got == V.INCONCLUSIVE and f"after the near tie in {name}" in out
 
 
@@ -3171,7 +3245,7 @@ def test_reference_mode_needs_every_call_and_row_logits(tmp_path, capsys):
         assert V.end_results(V.forward_order(V.read_safetensors(ref))) == ends
         only = _write(tmp_path / "only.safetensors", {k: v for k, v in _outputs(case).items() if k not in ends})
         got, out = _verify(capsys, "--reference", ref, "--config", GOLDEN / case / "config.json", "--outputs", only)
-        assert got == V.UNUSABLE and f"the end result {ends[0]}" in out, case
+        assert got == V.UNUSABLE and f"required tensors missing: {ends[0]}" in out, case
 
 
 def test_the_speculative_case_keeps_some_drafts_and_equals_the_drafter_by_hand():

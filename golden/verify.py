@@ -3,16 +3,21 @@
     python golden/verify.py --list                                     # the cases, their inputs and tensor names
     python golden/verify.py --case text --outputs theirs.safetensors   # one committed case
     python golden/verify.py --case bf16 --outputs theirs.safetensors --layerwise
+    python golden/verify.py --all --outputs-dir mine/                  # every case: mine/<case>.safetensors
     python golden/verify.py --reference ref.safetensors --outputs theirs.safetensors --config config.json
+    python golden/verify.py --dump bf16 logits logits.npy              # one stored tensor as .npy (bf16 -> fp32)
 
 Exit status: 0 pass; 1 divergence; 2 unusable input (an unreadable or tampered file, nothing
-compared, or the end result missing); 3 inconclusive (every divergence comes after an allowed
-near tie, so a correct implementation may have taken another path: check layer by layer, README).
+compared, or a required tensor missing: each case lists what it exists to pin); 3 inconclusive
+(every divergence is one that an allowed near tie before it can have caused, so a correct
+implementation may have taken another path: check layer by layer, README).
 
 This file is the one implementation of the tolerance and near-tie rules: `m3_reference.py`
 imports it both to write them into golden/manifest.json and to verify its own re-runs.
 Safetensors files are parsed here directly (the format is a JSON header and raw little-endian
 bytes), so bfloat16 tensors decode without torch: bf16 is the top half of an fp32, exactly.
+The reader is yours too: from the repository root, `from golden.verify import read_safetensors`
+gives every tensor of a file as numpy arrays (safetensors' own numpy loader rejects bfloat16).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 PASS, DIVERGED, UNUSABLE, INCONCLUSIVE = 0, 1, 2, 3
-GOLDEN_FORMAT = 2
+GOLDEN_FORMAT = 3
 FP32_COMPONENT_TOL = 1e-5     # one fp32 op chain: ~100 eps_fp32 (1.2e-7)
 FP32_MODEL_TOL = 1e-4         # a few tiny layers deep: rounding grows ~10x more
 BF16_TOL = 2 ** -5            # eps_bf16 = 2^-8 per rounding, several roundings compound
@@ -226,9 +231,10 @@ def sparse_rules(config: dict) -> dict | None:
 @dataclass
 class Rules:
     """What one comparison needs: the reference tensors' specs in forward order (name, shape,
-    compare, atol, rtol, scale), the end results that must be present, tie_tol, sparse rules."""
+    compare, atol, rtol, scale), the required tensors (what the case exists to pin: its end
+    results and more; without one of them there is no verdict), tie_tol, sparse rules."""
     outputs: list[dict]
-    end_results: list[str]
+    required: list[str]
     tie_tol: float
     sparse: dict | None
     dtype: str                    # the model dtype the tolerances assume: float32, bfloat16, float16
@@ -236,15 +242,15 @@ class Rules:
 
 def case_rules(entry: dict) -> Rules:
     """The rules of a committed case, from its manifest entry."""
-    return Rules(entry["outputs"], entry["end_results"], entry["tie_tol"], sparse_rules(entry["config"]),
+    return Rules(entry["outputs"], entry["required"], entry["tie_tol"], sparse_rules(entry["config"]),
                  entry["dtype"])
 
 
 def reference_rules(reference: dict[str, np.ndarray], dtypes: dict[str, str], config: dict | None,
                     tol: float | None = None, tie_tol: float | None = None) -> Rules:
     """Rules for any file in the golden naming (model kind): the model dtype is that of `logits`
-    (else of the first floating tensor that is not a score); `logits`, or else the last tensor in
-    forward order, is the end result; tol / tie_tol override the dtype's values."""
+    (else of the first floating tensor that is not a score); the end results and every MTP depth's
+    logits are required (`required_names`); tol / tie_tol override the dtype's values."""
     if not reference:
         raise Unusable("the reference file holds no tensors")
     names = forward_order(reference)
@@ -273,7 +279,8 @@ def reference_rules(reference: dict[str, np.ndarray], dtypes: dict[str, str], co
             if nb != -(-S // sparse["block_size"]):
                 raise Unusable(f"--config's block size {sparse['block_size']} gives {-(-S // sparse['block_size'])} "
                                f"blocks for {S} positions, but the reference's block_scores have {nb}")
-    return Rules(outputs, end_results(names), tie_tolerance(dtype) if tie_tol is None else tie_tol, sparse, dtype)
+    return Rules(outputs, required_names(names), tie_tolerance(dtype) if tie_tol is None else tie_tol, sparse,
+                 dtype)
 
 
 def end_results(names: list[str]) -> list[str]:
@@ -281,6 +288,13 @@ def end_results(names: list[str]) -> list[str]:
     and `generated`; else its last tensor in forward order."""
     ends = [n for n in names if n in ("logits", "generated") or re.fullmatch(r"(?:step|row)\.\d+\.logits", n)]
     return ["logits"] if "logits" in ends else ends or names[-1:]
+
+
+def required_names(names: list[str]) -> list[str]:
+    """What a file in the golden naming pins beyond its end results: every MTP depth's logits (a
+    drafter with the wrong conventions leaves the main logits as they are)."""
+    mtp = [n for n in names if re.fullmatch(r"(?:(?:step|row)\.\d+\.)?mtp\.\d+\.logits", n)]
+    return forward_order(set(end_results(names)) | set(mtp))
 
 
 # ---- comparison -----------------------------------------------------------------------------
@@ -291,19 +305,20 @@ def _where(index: int, shape) -> str:
 
 def _close(spec: dict, ref: np.ndarray, got: np.ndarray) -> dict:
     """Elementwise |got - ref| <= atol + rtol * scale, scale = |ref| or the largest finite |ref|.
-    Equal values (infinities included) and NaN against NaN match; any other NaN fails."""
+    Equal values (infinities included) and NaN against NaN match; any other NaN fails. The relative
+    error printed is |got - ref| / |ref|, and the absolute error where the reference is 0."""
     r, g = ref.astype(np.float64), got.astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         diff = np.where((r == g) | (np.isnan(r) & np.isnan(g)), 0.0, np.abs(g - r))
         diff = np.where(np.isnan(diff), np.inf, diff)
         scale = np.abs(np.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0))
         if spec.get("scale") == "max":
             scale = scale.max(initial=0.0)
         over = diff > spec["atol"] + spec["rtol"] * scale
-        rel = np.where(diff == 0, 0.0, diff / np.maximum(np.abs(r), 1e-30))
+        rel = np.where(r == 0, diff, diff / np.abs(r))
     row = {"abs": float(diff.max(initial=0.0)), "rel": float(np.nan_to_num(rel, nan=np.inf).max(initial=0.0)),
            "tol": f"{spec['atol']:g}+{spec['rtol']:g}{'*max|x|' if spec.get('scale') == 'max' else '|x|'}",
-           "status": "FAIL" if over.any() else "pass"}
+           "status": "FAIL" if over.any() else "pass", "bad": over}
     if over.any():
         worst = int(np.argmax(np.where(over, diff, -1.0)))
         counts = [(int((np.isnan(g) & ~np.isnan(r)).sum()), "NaN"),
@@ -321,30 +336,32 @@ def _selections(name: str, ref: np.ndarray, got: np.ndarray, scores: np.ndarray,
     a near tie when both sets have the same size, every block/expert swapped in is a valid candidate
     (a causal block, finite score), none swapped out was forced, and the swapped-in ones score, by
     the reference scores, less than tie_tol below the swapped-out ones; otherwise it diverges.
-    Block queries sit at slots first, first + 1, ... (first: the decode call's q_start)."""
+    Block queries sit at slots first, first + 1, ... (first: the decode call's q_start). `bad` and
+    `tied` mark the diverging and the near-tie rows (shape: ref's without its last axis)."""
     blocks = name.endswith("block_ids")
     if blocks and rules.sparse is None:
         raise Unusable(f"{name}: forced blocks are unknown (no sparse_attention_config in the config)")
     k = ref.shape[-1]
     ref_rows, got_rows, score_rows = ref.reshape(-1, k), got.reshape(-1, k), scores.reshape(-1, scores.shape[-1])
     S = ref.shape[-2] if blocks else None
-    differ = diverge = 0
+    bad, tied = np.zeros(len(ref_rows), bool), np.zeros(len(ref_rows), bool)
     worst_gap, first_bad = 0.0, None
     for r in np.nonzero((np.sort(ref_rows, -1) != np.sort(got_rows, -1)).any(-1))[0]:
         a, b = set(ref_rows[r].tolist()) - {-1}, set(got_rows[r].tolist()) - {-1}
         if a == b:
             continue
-        differ += 1
         gap, why = _swap_gap(a, b, score_rows[r], (first + r % S) // rules.sparse["block_size"] if blocks else None,
                              rules)
         if gap < rules.tie_tol:
-            worst_gap = max(worst_gap, gap)
+            tied[r], worst_gap = True, max(worst_gap, gap)
             continue
-        diverge += 1
+        bad[r] = True
         if first_bad is None:
             first_bad = f"first at {_where(r, ref.shape[:-1])}: {sorted(a)} -> {sorted(b)}, {why}"
+    differ, diverge = int(bad.sum() + tied.sum()), int(bad.sum())
     row = {"abs": differ, "tol": f"sets, tie<{rules.tie_tol:g}",
-           "status": "FAIL" if diverge else "near tie" if differ else "pass"}
+           "status": "FAIL" if diverge else "near tie" if differ else "pass",
+           "bad": bad.reshape(ref.shape[:-1]), "tied": tied.reshape(ref.shape[:-1])}
     if diverge:
         row["note"] = f"{diverge} of {ref_rows.shape[0]} rows beyond a near tie, {first_bad}"
     elif differ:
@@ -389,28 +406,74 @@ def _in_id_order(weights: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
     return np.take_along_axis(weights, np.argsort(ids, axis=-1, kind="stable"), axis=-1)
 
 
-def tie_scope(name: str, layerwise: bool) -> str:
-    """Which earlier near ties may excuse this tensor: those of its own stage with --layerwise,
-    those of its own row in a padded batch (`row.{b}`: rows are independent), else any ("")."""
-    if layerwise:
-        return stage(name)
+# ---- near ties: what a tie can have caused --------------------------------------------------
+
+_STATE = re.compile(r"^(?:embeddings|hidden|layers\.\d+\.hidden|mtp\.\d+\.hidden)$")       # the residual stream
+_TOKENS = re.compile(r"^(?:embeddings|hidden|logits|out|layers\.\d+\.hidden|mtp\.\d+\.(?:hidden|logits))$")
+
+
+def _split(name: str) -> tuple[str, str]:
+    """(the call prefix `step.{s}.` or `row.{b}.`, else "", and the name inside it)."""
     call = _CALL.match(name)
-    return call.group(1)[:-1] if call and call.group(1).startswith("row.") else ""
+    return (call.group(1), call.group(3)) if call else ("", name)
+
+
+def sites(name: str, reference: dict[str, np.ndarray], mask: np.ndarray) -> dict[int, float] | None:
+    """Where the marked elements of a tensor sit in the token sequence: {batch row: earliest position},
+    or None for a tensor without token axes (losses, counts, vision tensors). Layouts: [B, S, ...] for
+    the stream (`embeddings`, `hidden`s, `logits`, a component's `out`), [B, Hi, S, ...] for the
+    indexer, [B*S, ...] for the router (S from the call's logits); a padded row's tensors are row b
+    of the batch, a decode call's positions start at its q_start, and `generated` [B, n] comes after
+    every prompt position."""
+    prefix, base = _split(name)
+    if base == "generated":
+        return {int(b): np.inf for b in np.nonzero(mask.reshape(mask.shape[0], -1).any(-1))[0]}
+    if _TOKENS.match(base) and mask.ndim >= 2:
+        b, p = np.nonzero(mask.reshape(*mask.shape[:2], -1).any(-1))
+    elif "indexer.block_" in base and mask.ndim >= 3:
+        b, p = np.nonzero(mask.reshape(*mask.shape[:3], -1).any(-1).any(1))
+    elif base.startswith("router.") or ".router." in base:
+        S = next((reference[prefix + n].shape[1] for n in ("logits", "out", "embeddings")
+                  if prefix + n in reference and reference[prefix + n].ndim >= 3), None)
+        if S is None:
+            return None
+        t = np.nonzero(mask.reshape(mask.shape[0], -1).any(-1))[0]
+        b, p = t // S, t % S
+    else:
+        return None
+    if prefix.startswith("row."):
+        b = np.full_like(b, int(prefix[4:-1]))
+    first = {}
+    for row, pos in zip(b.tolist(), (p + q_start(reference, name)).tolist()):
+        first[row] = min(first.get(row, np.inf), pos)
+    return first
+
+
+def _cause(ties: list[dict], where: dict[int, float] | None) -> str | None:
+    """The earliest of the ties in effect that can have caused failures at `where` (every failing
+    batch row at or after a tie's position in that row); None when some failure has no such tie."""
+    if where is None:
+        return ties[0]["name"] if ties else None
+    causes = [next((i for i, t in enumerate(ties) if t["sites"].get(b, np.inf) <= p), None) for b, p in where.items()]
+    return None if not causes or None in causes else ties[min(causes)]["name"]
 
 
 def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np.ndarray],
             layerwise: bool = False) -> list[dict]:
     """One row per reference tensor in forward order: name, shape, max abs / rel error (rows that
-    differ, for sets), tolerance, status (pass, FAIL, near tie, missing), note, and `after`: the
-    earlier near-tie tensor this one may depend on (with layerwise, only within its own stage)."""
-    rows, ties = [], {}
+    differ, for sets), tolerance, status (pass, FAIL, near tie, missing), note, and `after`: for a
+    failure, the near tie that can have caused it (None: no tie explains it); otherwise the first
+    near tie still in effect. A near tie is in effect for the tensors after it (with layerwise: of
+    its own stage) until a residual-stream tensor of its own call passes (`embeddings`,
+    `layers.{i}.hidden`, `hidden`, `mtp.{d}.hidden`: what follows is computed from it), and explains
+    failures only in its own batch rows, at or after its own positions (`sites`)."""
+    rows, ties = [], []
     for spec in rules.outputs:
         name = spec["name"]
-        ref = reference[name]
-        scope = tie_scope(name, layerwise)
-        after = (ties.get(scope) or ties.get("")) if scope else next(iter(ties.values()), None)
+        ref, (call, base) = reference[name], _split(name)
+        active = [t for t in ties if not layerwise or t["stage"] == stage(name)]
         row = {"name": name, "shape": list(ref.shape), "abs": None, "rel": None, "tol": "", "note": "",
-               "after": after}
+               "after": active[0]["name"] if active else None}
         rows.append(row)
         got = theirs.get(name)
         if got is None:
@@ -418,61 +481,79 @@ def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np
             continue
         problem = (f"shape {list(got.shape)}, expected {list(ref.shape)}" if list(got.shape) != list(ref.shape)
                    else _kind_problem(name, spec, got))
-        if problem:
-            row.update(status="FAIL", note=problem)
-        elif spec["compare"] == "set":
+        if problem:                                   # no near tie changes a shape or a dtype
+            row.update(status="FAIL", note=problem, after=None)
+            continue
+        if spec["compare"] == "set":
             row.update(_selections(name, ref, got, reference[name.removesuffix("ids") + "scores"], rules,
                                    q_start(reference, name)))
         elif spec["compare"] == "exact":
             bad = np.asarray(got, np.int64) != np.asarray(ref, np.int64)
-            row.update(tol="exact", status="FAIL" if bad.any() else "pass",
+            row.update(tol="exact", status="FAIL" if bad.any() else "pass", bad=bad,
                        note=f"{int(bad.sum())} of {ref.size} differ, first at {_where(int(np.argmax(bad)), ref.shape)}"
                        if bad.any() else "")
         else:
             if name.endswith("router.weights"):
                 got = _in_id_order(got, theirs.get(name.removesuffix("weights") + "ids"))
             row.update(_close(spec, ref, got))
-        if row["status"] == "near tie":
-            ties.setdefault(scope, name)
+        bad, tied = row.pop("bad"), row.pop("tied", None)
+        if row["status"] == "FAIL":
+            row["after"] = _cause(active, sites(name, reference, bad)) if active else None
+        if tied is not None and tied.any():
+            ties.append({"name": name, "call": call, "stage": stage(name), "sites": sites(name, reference, tied) or {}})
+        elif row["status"] == "pass" and _STATE.match(base):
+            ties = [t for t in ties if t["call"] != call]
     return rows
 
 
-def verdict(rules: Rules, rows: list[dict]) -> tuple[int, str]:
-    """The exit status and its one-line reason, the first that applies: 1 a failure before any near
-    tie; 2 nothing compared, or an end result missing; 3 failures, all after a near tie; else 0."""
+def _names(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def verdict(rules: Rules, rows: list[dict], layerwise: bool = False) -> tuple[int, str]:
+    """The exit status and its one-line reason, the first that applies: 1 a failure no near tie
+    explains; 2 nothing compared, or a required tensor missing; 3 failures, each explained by a
+    near tie; else 0, saying how many of the optional intermediates were not given."""
     failed = [r for r in rows if r["status"] == "FAIL"]
     plain = [r for r in failed if r["after"] is None]
-    missing = {r["name"] for r in rows if r["status"] == "missing"}
-    absent = [n for n in rules.end_results if n in missing]
+    given = {r["name"] for r in rows if r["status"] != "missing"}
+    absent = [n for n in rules.required if n not in given]
     if plain:
         return DIVERGED, f"first divergence: {plain[0]['name']}"
-    if len(missing) == len(rows):
+    if not given:
         return UNUSABLE, (f"nothing compared: the file holds none of the {len(rows)} reference tensors "
                           f"(check the names against --list)")
     if absent:
-        return UNUSABLE, f"the end result {', '.join(absent)} is missing: no verdict without it"
+        return UNUSABLE, (f"required {'tensor' if len(absent) == 1 else 'tensors'} missing: {_names(absent)} "
+                          f"(what the case exists to pin, see --list); no verdict without them")
     if failed:
         first = failed[0]
+        how = ("the failure is inside the tie's own stage: run that stage on the stored selection "
+               "(README, 'Layer by layer')" if layerwise else
+               "check layer by layer from the stored inputs (README, 'Layer by layer') and rerun with --layerwise")
         return INCONCLUSIVE, (f"first divergence: {first['name']}, after the near tie in {first['after']}: "
-                              f"inconclusive. A near tie lets a correct implementation take another path; "
-                              f"check layer by layer from the stored inputs (README, 'Layer by layer') "
-                              f"and rerun with --layerwise")
-    return PASS, "pass" + (" (with near ties)" if any(r["status"] == "near tie" for r in rows) else "")
+                              f"inconclusive. A near tie lets a correct implementation take another path; {how}")
+    optional = len(rows) - len(rules.required)
+    missing = len(rows) - len(given)
+    text = f"pass, {missing} of {optional} intermediates not given" if missing else f"pass, all {len(rows)} compared"
+    return PASS, text + (" (with near ties)" if any(r["status"] == "near tie" for r in rows) else "")
 
 
-def report(title: str, rules: Rules, rows: list[dict], extra: list[str] = ()) -> int:
+def report(title: str, rules: Rules, rows: list[dict], extra: list[str] = (), layerwise: bool = False) -> int:
     """Print the forward-ordered table and the verdict; return the exit status."""
-    status, reason = verdict(rules, rows)
+    status, reason = verdict(rules, rows, layerwise)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("missing", "FAIL", "near tie")}
     print(f"\n{title}: {len(rows) - counts['missing']} tensors compared, {counts['missing']} missing, "
           f"{counts['FAIL']} failed, {counts['near tie']} near ties")
     print(f"  {'tensor':<40}{'shape':<18}{'max abs':>10}{'max rel':>10}  {'tolerance':<27}status")
     num = lambda v: "" if v is None else (f"{v}" if isinstance(v, int) else f"{v:.2e}")
+    required = set(rules.required)
     for r in rows:
         after = "  (after a near tie)" if r["after"] and r["status"] != "missing" else ""
         note = f"  {r['note']}" if r["note"] else ""
+        status_text = "MISSING (required)" if r["status"] == "missing" and r["name"] in required else r["status"]
         print(f"  {r['name']:<40}{str(r['shape']):<18}{num(r['abs']):>10}{num(r['rel']):>10}  {r['tol']:<27}"
-              f"{r['status']}{after}{note}")
+              f"{status_text}{after}{note}")
     for line in extra:
         print(f"  {line}")
     print(f"  {['PASS', 'DIVERGED', 'UNUSABLE', 'INCONCLUSIVE'][status]} (exit {status}): {reason}")
@@ -494,13 +575,13 @@ def check(title: str, rules: Rules, reference: dict, theirs: dict, layerwise: bo
     narrow = sorted(n for n, d in (their_dtypes or {}).items() if d in ("BF16", "F16") and n not in unknown)
     if narrow and rules.dtype == "float32":
         extra.append(f"stored in 16 bits for a float32 case (save float32): {', '.join(narrow)}")
-    return report(title, rules, compare(rules, reference, theirs, layerwise), extra)
+    return report(title, rules, compare(rules, reference, theirs, layerwise), extra, layerwise)
 
 
 # ---- the committed cases --------------------------------------------------------------------
 
 _CASE_KEYS = {"name": str, "description": str, "kind": str, "dtype": str, "tie_tol": (int, float), "config": dict,
-              "inputs": dict, "end_results": list, "outputs": list, "files": dict}
+              "inputs": dict, "end_results": list, "required": list, "outputs": list, "files": dict}
 
 
 def load_manifest(root: Path) -> dict:
@@ -552,8 +633,61 @@ def list_cases(entries: list[dict]) -> None:
         print(f"{e['name']}  ({e['kind']}, {e['dtype']}, tie_tol {e['tie_tol']:g}): {e['description']}")
         print("  inputs:  " + ", ".join(f"{k} {v}" for k, v in e["inputs"].items()))
         for o in e["outputs"]:
-            end = "  (end result)" if o["name"] in e["end_results"] else ""
-            print(f"  {o['name']:<40}{str(o['shape']):<18}{o['dtype']:<10}{o['compare']}{end}")
+            role = ("  (required, end result)" if o["name"] in e["end_results"]
+                    else "  (required)" if o["name"] in e["required"] else "")
+            print(f"  {o['name']:<40}{str(o['shape']):<18}{o['dtype']:<10}{o['compare']}{role}")
+
+
+def check_case(root: Path, entry: dict, outputs: Path, layerwise: bool = False) -> int:
+    """One committed case against a file of yours: print the table and return the exit status."""
+    theirs = read_safetensors(outputs)
+    reference = read_safetensors(check_case_files(root, entry) / "outputs.safetensors")
+    return check(entry["name"], case_rules(entry), reference, theirs, layerwise, safetensors_dtypes(outputs))
+
+
+def check_all(root: Path, outputs_dir: Path, layerwise: bool = False) -> int:
+    """Every committed case against DIR/<case>.safetensors, then one line per case. A case without
+    its file, or with an unreadable one, is unusable (exit 2): --all passes only when all passed."""
+    if not outputs_dir.is_dir():
+        raise Unusable(f"--outputs-dir {outputs_dir}: not a directory")
+    statuses = {}
+    for entry in load_manifest(root)["cases"]:
+        name, file = entry["name"], outputs_dir / f"{entry['name']}.safetensors"
+        try:
+            if not file.is_file():
+                raise Unusable(f"no file {file} (one file per case, named <case>.safetensors)")
+            statuses[name] = check_case(root, entry, file, layerwise)
+        except Unusable as e:
+            print(f"\n{name}: error: {e}")
+            statuses[name] = UNUSABLE
+    print("\nall cases:")
+    for name, status in statuses.items():
+        print(f"  {name:<32}{['PASS', 'DIVERGED', 'UNUSABLE', 'INCONCLUSIVE'][status]} (exit {status})")
+    others = sorted(f.name for f in outputs_dir.glob("*.safetensors") if f.stem not in statuses)
+    if others:
+        print(f"  not a case, ignored: {', '.join(others)}")
+    return worst(statuses.values())
+
+
+def dump(root: Path, case: str, tensor: str, out: Path) -> int:
+    """Write one tensor of a committed case as a .npy file (bfloat16 as float32, exactly). The name
+    is looked up in outputs.safetensors, then inputs.safetensors, then model.safetensors; prefix it
+    with `outputs:`, `inputs:` or `model:` to choose a file (component-rope has `q` in two)."""
+    path = check_case_files(root, find_case(load_manifest(root), root, case))
+    part, _, name = tensor.rpartition(":")
+    parts = [part] if part else ["outputs", "inputs", "model"]
+    if not set(parts) <= {"outputs", "inputs", "model"}:
+        raise Unusable(f"--dump: {part!r} is not a file of a case (outputs, inputs or model)")
+    found = [p for p in parts if (path / f"{p}.safetensors").is_file() and name in _header(path / f"{p}.safetensors")[0]]
+    if not found:
+        raise Unusable(f"--dump: case {case} has no tensor {name!r} in its {' / '.join(parts)} file(s) (see --list)")
+    array = read_safetensors(path / f"{found[0]}.safetensors")[name]
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array))
+    tmp.replace(out)
+    print(f"{case} {found[0]}:{name} {array.dtype} {list(array.shape)} -> {out}")
+    return PASS
 
 
 def main(argv=None) -> int:
@@ -563,46 +697,57 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=str(Path(__file__).resolve().parent), help="golden directory (default: this one)")
     p.add_argument("--list", action="store_true", help="print the cases (or --case) with their inputs and tensors")
     p.add_argument("--case", help="a committed case to compare against")
+    p.add_argument("--all", action="store_true", help="every committed case, from --outputs-dir")
     p.add_argument("--reference", help="a reference .safetensors in the golden naming, instead of --case")
     p.add_argument("--outputs", help="your implementation's tensors (.safetensors), named as the reference")
+    p.add_argument("--outputs-dir", help="with --all: a directory of <case>.safetensors files")
     p.add_argument("--config", help="with --reference: the model's config.json (block size, forced blocks)")
     p.add_argument("--tol", type=_tolerance_arg, help="with --reference: atol = rtol instead of the dtype's")
     p.add_argument("--tie-tol", type=_tolerance_arg, help="with --reference: tie_tol instead of the dtype's")
     p.add_argument("--layerwise", action="store_true",
                    help="your tensors were computed stage by stage from the stored inputs: near ties do not "
                         "excuse later stages")
+    p.add_argument("--dump", nargs=3, metavar=("CASE", "TENSOR", "OUT.npy"),
+                   help="write one tensor of a case (outputs, inputs or model weights) as .npy, bf16 as fp32")
     args = p.parse_args(argv)
+    given = [f"--{k.replace('_', '-')}" for k in ("list", "dump", "all", "case", "reference", "outputs", "outputs_dir")
+             if getattr(args, k) not in (None, False)]
+    usage = {"--list": [["--list"], ["--list", "--case"]], "--dump": [["--dump"]], "--all": [["--all", "--outputs-dir"]],
+             "--case": [["--case", "--outputs"]], "--reference": [["--reference", "--outputs"]]}
+    if given not in usage.get(given[0] if given else "", []):
+        p.error(f"got {' '.join(given) or 'no mode'}; give one of: --list [--case C]; --case C --outputs F; "
+                f"--all --outputs-dir D; --reference R --outputs F [--config C]; --dump CASE TENSOR OUT.npy")
+    if args.reference is None and (args.config or args.tol is not None or args.tie_tol is not None):
+        p.error("--config, --tol and --tie-tol go with --reference; a case carries its own")
+    root = Path(args.root)
     try:
+        if args.dump:
+            return dump(root, args.dump[0], args.dump[1], Path(args.dump[2]))
         if args.list:
-            if args.outputs or args.reference:
-                p.error("--list only lists (with --case: one case); compare without it")
-            manifest = load_manifest(Path(args.root))
-            list_cases([find_case(manifest, args.root, args.case)] if args.case else manifest["cases"])
+            manifest = load_manifest(root)
+            list_cases([find_case(manifest, root, args.case)] if args.case else manifest["cases"])
             return PASS
-        if args.outputs is None or (args.case is None) == (args.reference is None):
-            p.error("give --outputs with exactly one of --case and --reference (or --list)")
-        if args.case is not None and (args.config or args.tol is not None or args.tie_tol is not None):
-            p.error("--config, --tol and --tie-tol go with --reference; a case carries its own")
-        theirs = read_safetensors(Path(args.outputs))
+        if args.all:
+            return check_all(root, Path(args.outputs_dir), args.layerwise)
         if args.case is not None:
-            root = Path(args.root)
-            entry = find_case(load_manifest(root), root, args.case)
-            reference = read_safetensors(check_case_files(root, entry) / "outputs.safetensors")
-            rules, title = case_rules(entry), args.case
-        else:
-            reference = read_safetensors(Path(args.reference))
-            config = None
-            if args.config:
-                try:
-                    config = json.loads(Path(args.config).read_text())
-                except (OSError, json.JSONDecodeError) as e:
-                    raise Unusable(f"cannot read --config {args.config}: {e}") from e
-            rules = reference_rules(reference, safetensors_dtypes(Path(args.reference)), config, args.tol, args.tie_tol)
-            title = args.reference
-        return check(title, rules, reference, theirs, args.layerwise, safetensors_dtypes(Path(args.outputs)))
+            return check_case(root, find_case(load_manifest(root), root, args.case), Path(args.outputs), args.layerwise)
+        return check_reference(Path(args.reference), Path(args.outputs), args)
     except Unusable as e:
         print(f"error: {e}", file=sys.stderr)
         return UNUSABLE
+
+
+def check_reference(path: Path, outputs: Path, args) -> int:
+    """A file of yours against any reference file in the golden naming (--reference)."""
+    theirs, reference = read_safetensors(outputs), read_safetensors(path)
+    config = None
+    if args.config:
+        try:
+            config = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise Unusable(f"cannot read --config {args.config}: {e}") from e
+    rules = reference_rules(reference, safetensors_dtypes(path), config, args.tol, args.tie_tol)
+    return check(str(path), rules, reference, theirs, args.layerwise, safetensors_dtypes(outputs))
 
 
 def _tolerance_arg(text: str) -> float:
