@@ -36,6 +36,7 @@ noted where it applies.
     python m3_reference.py golden --out golden  # regenerate the golden cases (fixed seeds)
     python m3_reference.py verify golden/       # re-run the reference on every golden case
     python m3_reference.py run --checkpoint DIR --prompt-ids 1,2,3   # streamed forward, one layer resident
+    python m3_reference.py check --checkpoint DIR   # read every weight once: formats, scales, NaN/Inf
     python m3_reference.py generate --mtp       # greedy decoding with MTP drafts (tiny preset)
     python golden/verify.py --case text --outputs theirs.safetensors   # another stack, numpy only
 
@@ -1847,22 +1848,34 @@ def config_from_dict(d: dict) -> M3Config:
     """Accept the upstream checkpoint form (`text_config.sparse_attention_config`,
     `moe_layer_freq`, `rope_theta`, `img_token_compression_config`, ...) and the transformers
     form (`layer_types`, `mlp_layer_types`, `index_*`, `rope_parameters`). A dict without
-    `text_config` is a text-only config. Absent scalar keys take the released model's values;
-    absent layer lists and derived sizes follow their readers (no sparse layers, every layer MoE,
-    head_dim = D / H, rotary_dim = head_dim / 2, no MTP depth in the transformers form).
+    `text_config` is a text-only config, unless it has `vision_config` or names a
+    ...ForConditionalGeneration architecture (an error). The required keys (REQUIRED_* below)
+    must all be present, or one ValueError lists those absent; absent optional scalars take the
+    released model's values, absent layer lists and derived sizes follow their readers (no sparse
+    layers, every layer MoE, rotary_dim = head_dim / 2, no MTP depth in the transformers form).
     `model_type` strings are never read (the checkpoint's text part says "minimax_m2")."""
     if not isinstance(d, dict):
         raise TypeError(f"config must be a dict, got {type(d).__name__}")
+    architectures = d.get("architectures") if isinstance(d.get("architectures"), list) else []
+    if "text_config" not in d and ("vision_config" in d or any(
+            isinstance(a, str) and a.endswith("ForConditionalGeneration") for a in architectures)):
+        raise ValueError("config key 'text_config' is missing: a vision-language config (it has vision_config "
+                         "or a ...ForConditionalGeneration architecture) keeps the text model's keys there; "
+                         "only a text-only config is flat")
+    missing = _missing_keys(d)
+    if missing:
+        raise ValueError(f"config is missing required key{'s' * (len(missing) > 1)} {', '.join(missing)}: the "
+                         f"model's dimensions have no default (a guess would only show up as mismatched tensors)")
     if "text_config" not in d:
         return M3Config(**_text_fields(d, "config"), vision=None)
     text = _sub(d, "text_config", "config")
-    vision = _vision_fields(_sub(d, "vision_config", "config", {}), d)
+    vision = _vision_fields(_sub(d, "vision_config", "config"), d)
     top = _Reader(d, "config")
     # placeholder and bracket ids: `*_token_index` upstream, `*_token_id` in transformers
     ids = {f"{name}_token_index": top.int(f"{name}_token_index", top.int(f"{name}_token_id", default))
            for name, default in [("image", 200025), ("video", 200026), ("vision_start", 200029), ("vision_end", 200030)]}
     return M3Config(**_text_fields(text, "text_config"), vision=vision, **ids,
-                    projector_hidden_size=top.int("projector_hidden_size", 6144))
+                    projector_hidden_size=top.int("projector_hidden_size"))
 
 
 def config_to_dict(c: M3Config) -> dict:
@@ -1926,6 +1939,59 @@ def config_to_dict(c: M3Config) -> dict:
             "img_token_compression_config": compression}
 
 
+# Required keys. A guessed model dimension only shows up later as thousands of mismatched tensors,
+# so every key a weight's shape depends on must be present: the text sizes, those of the layer
+# kinds the config has (MoE, dense, sparse), the vision tower's and the projector's. The MoE top-k
+# and the sparse top-k and block size too: vLLM reads them without a default. n_shared_experts
+# sizes the shared expert and its readers disagree when it is absent (vLLM: none, transformers:
+# one). Every other key keeps the released value as its default, because upstream readers default
+# it too: rms_norm_eps, rope_theta, rotary_dim (head_dim / 2), swiglu_alpha / swiglu_limit,
+# routed_scaling_factor (2.0 in transformers; vLLM's getattr gives 1.0), max_position_embeddings
+# (informational), the sparse init / local blocks and score type (vLLM reads them with .get),
+# num_mtp_modules and the placeholder ids; in vision_config num_channels 3 (CLIP's), the 2x2
+# merge and 2-frame patches (Automodel, SGLang and vLLM fall back to 2 / 2), the segment length,
+# rope_theta and layer_norm_eps. The sparse sizes are spelled per form (_SPARSE_KEYS).
+REQUIRED_TEXT = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim")
+REQUIRED_MOE = ("intermediate_size", "shared_intermediate_size", "n_shared_experts", "num_local_experts",
+                "num_experts_per_tok")
+REQUIRED_DENSE = ("dense_intermediate_size",)
+REQUIRED_VISION = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size")
+REQUIRED_TOP = ("projector_hidden_size",)
+
+
+def _absent(d: dict, where: str, keys) -> list[str]:
+    """The paths of the keys that `d` lacks or holds as null."""
+    return [f"{where}.{k}" for k in keys if d.get(k) is None]
+
+
+def _missing_keys(d: dict) -> list[str]:
+    """Every required key the config dict lacks, as a key path; the layer lists decide which
+    per-kind sizes are needed."""
+    if "text_config" not in d:
+        return _missing_text(d, "config")
+    vision = d.get("vision_config")
+    missing = _missing_text(_sub(d, "text_config", "config"), "text_config")
+    if vision is None:
+        missing.append("config.vision_config")
+    elif isinstance(vision, dict):                   # any other type is reported by _sub when it is read
+        missing += _absent(vision, "config.vision_config", REQUIRED_VISION)
+    return missing + _absent(d, "config", REQUIRED_TOP)
+
+
+def _missing_text(d: dict, where: str) -> list[str]:
+    """The text part's absent required keys: REQUIRED_TEXT and the sizes of the layer kinds it has
+    (an MTP depth is built like the last layer, so it adds no kind)."""
+    moe, sparse = _moe_freq(d, where), _sparse_freq(d, where)
+    keys = REQUIRED_TEXT + (REQUIRED_MOE if moe is None or any(moe) else ()) + \
+        (REQUIRED_DENSE if moe is not None and not all(moe) else ())
+    missing = _absent(d, where, keys)
+    if sparse is not None and any(sparse):
+        level, path, column = _sparse_level(d, where)
+        missing += _absent(level, path, [entry[column] for entry in _SPARSE_KEYS if entry[3] is None])
+    return missing
+
+
 class _Reader:
     """Typed look-ups in one level of a config dict; errors name the full key path."""
 
@@ -1984,24 +2050,27 @@ def _text_fields(d: dict, where: str) -> dict:
         r.require(key, allowed)
     out = _scalars(r, M3Config, [
         "vocab_size", "hidden_size", "num_hidden_layers", "rms_norm_eps", "max_position_embeddings",
-        "num_attention_heads", "num_key_value_heads", "dense_intermediate_size", "intermediate_size",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "dense_intermediate_size", "intermediate_size",
         "shared_intermediate_size", "n_shared_experts", "num_local_experts", "num_experts_per_tok",
         "routed_scaling_factor", "swiglu_alpha", "swiglu_limit"])
     # transformers ignores MTP and its form says nothing of it: no depths unless stated
     out["num_mtp_modules"] = r.int("num_mtp_modules", 0 if "layer_types" in d else 1)
-    # head_dim may be absent in older configs: then D / H
     out["mtp"] = _mtp_fields(_sub(d, "mtp_config", where, {}), f"{where}.mtp_config")
-    out["head_dim"] = r.int("head_dim", out["hidden_size"] // max(out["num_attention_heads"], 1))
     out.update(_rope_fields(d, where, out["head_dim"]))
     out.update(_sparse_fields(d, where))
-    # which layers are MoE: transformers' "sparse"/"dense" names per layer, or upstream 0/1 flags
-    layer_kinds = r.list("mlp_layer_types")
-    if layer_kinds is not None:
-        _check_members(layer_kinds, ("sparse", "dense"), f"{where}.mlp_layer_types")
-        out["moe_layer_freq"] = [int(k == "sparse") for k in layer_kinds]
-    else:
-        out["moe_layer_freq"] = r.list("moe_layer_freq")
+    out["moe_layer_freq"] = _moe_freq(d, where)
     return out
+
+
+def _moe_freq(d: dict, where: str) -> list | None:
+    """Which layers are MoE: transformers' "sparse"/"dense" name per layer, or upstream 0/1 flags
+    (None: no list, every layer MoE)."""
+    r = _Reader(d, where)
+    layer_kinds = r.list("mlp_layer_types")
+    if layer_kinds is None:
+        return r.list("moe_layer_freq")
+    _check_members(layer_kinds, ("sparse", "dense"), f"{where}.mlp_layer_types")
+    return [int(k == "sparse") for k in layer_kinds]
 
 
 def _mtp_fields(d: dict, where: str) -> MTPConfig:
@@ -2034,32 +2103,48 @@ def _rope_fields(d: dict, where: str, head_dim: int) -> dict:
     return dict(rope_theta=theta, rotary_dim=rotary_dim)
 
 
-# field, key in the upstream `sparse_attention_config`, flat transformers key, released value
-_SPARSE_KEYS = [("sparse_index_dim", "sparse_index_dim", "index_head_dim", 128),
-                ("sparse_num_index_heads", "sparse_num_index_heads", "index_n_heads", 4),
-                ("sparse_topk_blocks", "sparse_topk_blocks", "index_topk_blocks", 16),
-                ("sparse_block_size", "sparse_block_size", "index_block_size", 128),
+# field, key in the upstream `sparse_attention_config`, flat transformers key, default (None:
+# required when a layer is sparse; the released value stands in otherwise)
+_SPARSE_KEYS = [("sparse_index_dim", "sparse_index_dim", "index_head_dim", None),
+                ("sparse_num_index_heads", "sparse_num_index_heads", "index_n_heads", None),
+                ("sparse_topk_blocks", "sparse_topk_blocks", "index_topk_blocks", None),
+                ("sparse_block_size", "sparse_block_size", "index_block_size", None),
                 ("sparse_init_block", "sparse_init_block", None, 0),     # transformers has no init blocks
                 ("sparse_local_block", "sparse_local_block", "index_local_blocks", 1)]   # vLLM reads 0
 
 
-def _sparse_fields(d: dict, where: str) -> dict:
-    """Sparse keys from `sparse_attention_config` (upstream) or flat `index_*` (transformers).
-
-    Besides the fields: `layer_types` names each layer "minimax_m3_sparse" or "full_attention";
-    `use_sparse_attention` false turns every layer dense; `sparse_score_type` is how a block's
-    score pools its keys' scores (M3: "max"); `sparse_disable_index_value[i]` = 1 means layer i's
-    indexer only selects blocks (no index value / output projections: true of every M3 layer).
-    """
+def _sparse_level(d: dict, where: str) -> tuple[dict, str, int]:
+    """Where the sparse sizes are: (the dict, its key path, the _SPARSE_KEYS column spelling them)."""
     if d.get("sparse_attention_config") is None:
-        r = _Reader(d, where)
-        layer_types = r.list("layer_types")
-        freq = None
-        if layer_types is not None:
-            _check_members(layer_types, ("minimax_m3_sparse", "full_attention"), f"{where}.layer_types")
-            freq = [int(t == "minimax_m3_sparse") for t in layer_types]
-        return dict(sparse_attention_freq=freq, **{f: r.int(hf, default) if hf else default
-                                                   for f, _, hf, default in _SPARSE_KEYS})
+        return d, where, 2
+    return _sub(d, "sparse_attention_config", where), f"{where}.sparse_attention_config", 1
+
+
+def _sparse_fields(d: dict, where: str) -> dict:
+    """Sparse keys from `sparse_attention_config` (upstream) or flat `index_*` (transformers)."""
+    level, path, column = _sparse_level(d, where)
+    r = _Reader(level, path)
+    out = dict(sparse_attention_freq=_sparse_freq(d, where))
+    for entry in _SPARSE_KEYS:
+        name, key, default = entry[0], entry[column], entry[3]
+        if default is None:                        # required, absent only where no layer is sparse
+            default = getattr(M3Config, name)
+        out[name] = default if key is None else r.int(key, default)
+    return out
+
+
+def _sparse_freq(d: dict, where: str) -> list | None:
+    """Which layers are sparse (None: no list, no sparse layer). `layer_types` names each layer
+    "minimax_m3_sparse" or "full_attention"; upstream, `use_sparse_attention` false turns every
+    layer dense; `sparse_score_type` is how a block's score pools its keys' scores (M3: "max");
+    `sparse_disable_index_value[i]` = 1 means layer i's indexer only selects blocks (no index
+    value / output projections: true of every M3 layer)."""
+    if d.get("sparse_attention_config") is None:
+        layer_types = _Reader(d, where).list("layer_types")
+        if layer_types is None:
+            return None
+        _check_members(layer_types, ("minimax_m3_sparse", "full_attention"), f"{where}.layer_types")
+        return [int(t == "minimax_m3_sparse") for t in layer_types]
     sw = f"{where}.sparse_attention_config"
     s = _Reader(_sub(d, "sparse_attention_config", where), sw)
     s.require("sparse_score_type", ["max"])
@@ -2075,7 +2160,7 @@ def _sparse_fields(d: dict, where: str) -> dict:
         if bad:
             raise ValueError(f"config key '{sw}.sparse_disable_index_value' is 0 on sparse layers "
                              f"{bad}: the index value branch is not part of M3; allowed: 1")
-    return dict(sparse_attention_freq=freq, **{f: s.int(up, default) for f, up, _, default in _SPARSE_KEYS})
+    return freq
 
 
 def _vision_fields(v: dict, top: dict) -> VisionConfig:
@@ -2103,7 +2188,8 @@ def _vision_fields(v: dict, top: dict) -> VisionConfig:
 
 
 def _scalars(r: _Reader, cls, names: list[str]) -> dict:
-    """Scalar keys spelled as the dataclass fields; absent keys take the field defaults."""
+    """Scalar keys spelled as the dataclass fields; absent keys take the field defaults (a required
+    key is absent here only where the config's layer kinds do not use it)."""
     spec = {f.name: f for f in fields(cls)}
     return {n: (r.float if spec[n].type == "float" else r.int)(n, spec[n].default) for n in names}
 
@@ -2501,20 +2587,97 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     """Build the model from config.json + safetensors, reading one tensor at a time.
 
     The module is built on the meta device and every checkpoint tensor's name, shape and format
-    is checked first (`load_meta_model`), then each tensor is read, dequantised if MXFP8, checked
-    to be finite and cast to `dtype` on `device` (router weight and bias: fp32). The MTP depths may
-    be stored in any MTP_LAYOUTS layout (found from the keys); `mtp` replaces config.json's MTP
-    options. With drafter_only (default: a standalone MTP checkpoint) only embed_tokens, lm_head and
-    the MTP depths are read, the rest stays on the meta device, and the model serves generate's
-    drafter functions (mtp_pass, mtp_logits) but not forward.
+    is checked first (`load_meta_model`), and so is the free memory of `device` (`check_memory`);
+    then each tensor is read, dequantised if MXFP8, checked to be finite and cast to `dtype` on
+    `device` (router weight and bias: fp32). The MTP depths may be stored in any MTP_LAYOUTS layout
+    (found from the keys); `mtp` replaces config.json's MTP options. With drafter_only (default: a
+    standalone MTP checkpoint) only embed_tokens, lm_head and the MTP depths are read, the rest
+    stays on the meta device, and the model serves generate's drafter functions (mtp_pass,
+    mtp_logits) but not forward.
     """
     ckpt = Checkpoint(path)
     model = load_meta_model(ckpt, dtype, mtp_depths, mtp, drafter_only)
+    check_memory(model, dtype, torch.device(device), ckpt.path)
     with torch.no_grad():
-        for name in model.state_dict():
-            if not model.drafter_only or name.startswith(DRAFTER_MODULES):
-                load_tensor(model, ckpt, name, device)
+        for name in loaded_names(model):
+            load_tensor(model, ckpt, name, device)
     return model.eval()
+
+
+def loaded_names(model: MiniMaxM3) -> list[str]:
+    """The tensors a load reads into the meta model: all, or a drafter's only."""
+    return [n for n in model.state_dict() if not model.drafter_only or n.startswith(DRAFTER_MODULES)]
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device`: CUDA's free memory; for the CPU the host's
+    MemAvailable (page cache that can be dropped included), or the free pages where /proc/meminfo
+    is missing; None where it cannot be told (then nothing is checked)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    with contextlib.suppress(OSError):
+        found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+        if found:
+            return int(found.group(1)) * 1024
+    with contextlib.suppress(ValueError, OSError):          # a name this OS does not know
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def check_memory(model: MiniMaxM3, dtype: torch.dtype, device: torch.device, path: Path) -> None:
+    """Refuse a whole-model load whose weights (the meta model's tensors in their dtypes, the router
+    in fp32) exceed the free memory of `device`, before any tensor is read: a load that runs out
+    fails only after reading much of the checkpoint, or swaps the host to a halt."""
+    state = model.state_dict()
+    need = sum(state[n].numel() * state[n].element_size() for n in loaded_names(model))
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"checkpoint {str(path)!r} needs {_size(need)} for its weights in "
+                         f"{str(dtype).removeprefix('torch.')} on {device}, and {_size(free)} is free there: "
+                         f"run it streamed instead, one layer resident at a time (python m3_reference.py run "
+                         f"--checkpoint {path} ..., or stream_forward)")
+
+
+def check_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> int:
+    """`check`: every weight of a checkpoint read once, shard by shard, one tensor at a time.
+
+    Names, shapes and formats are checked against config.json from the headers first
+    (`load_meta_model`); then each weight is read as from_pretrained reads it (MXFP8 dequantised, an
+    E8M0 code 255 refused, cast to `dtype` with the router in fp32, found finite) and dropped. `run`
+    reads only the experts the prompt routes to, so a NaN in another expert passes it; this finds
+    it. Prints one line per shard (tensors and bytes read, problems, then each bad key) and a
+    total; returns 0 when every weight is good, else 1. An unusable checkpoint (config.json missing
+    or invalid, no weights file) is a ValueError."""
+    ckpt = Checkpoint(path)
+    try:
+        model = load_meta_model(ckpt, dtype)
+    except ValueError as e:                  # names, shapes, formats, unreadable files: one list
+        print(e)
+        print(f"FAILED: {str(ckpt.path)!r} does not match its config; no tensor read")
+        return 1
+    names = {checkpoint_key(n, model.config, ckpt.mtp_layout): n for n in loaded_names(model)}
+    by_file: dict[Path, list[str]] = {}
+    for key in sorted(names):
+        by_file.setdefault(ckpt.files[key], []).append(key)
+    bad: list[str] = []
+    with torch.no_grad():
+        for file in sorted(set(ckpt.files.values())):
+            reads, read_bytes, before = len(ckpt.reads), ckpt.bytes_read, len(bad)
+            for key in by_file.get(file, []):
+                try:          # load_tensor returns the meta tensor it replaced: putting it back drops the weight
+                    put_tensor(model, names[key], load_tensor(model, ckpt, names[key], "cpu"))
+                except ValueError as e:
+                    bad.append(str(e))
+            found = len(bad) - before
+            print(f"{file.name}: {len(ckpt.reads) - reads} tensors, {_size(ckpt.bytes_read - read_bytes)} read, "
+                  f"{found} problem{'s' * (found != 1)}", flush=True)
+            for problem in bad[before:]:
+                print(f"  {problem}")
+    print(f"{'FAILED' if bad else 'OK'}: {len(names)} weights in {len(set(ckpt.files.values()))} files, "
+          f"{_size(ckpt.bytes_read)} read; " + (f"{len(bad)} bad" if bad else "every one finite"))
+    return int(bool(bad))
 
 
 def _parse_size(size: int | str) -> int:
@@ -3918,6 +4081,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--mtp-depths", type=int, help="MTP depths to run (default: those the checkpoint ships)")
     r.add_argument("--save-outputs", help="write the inputs and outputs under the golden names (.safetensors)")
     r.add_argument("--trace", action="store_true", help="with --save-outputs: every golden intermediate too")
+    c = sub.add_parser("check", help="read every tensor of a checkpoint once: names, shapes, formats and "
+                                     "finiteness (exit 0 good, 1 a bad weight, 2 unusable input)")
+    c.add_argument("--checkpoint", required=True, help="directory with config.json and the safetensors")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the dtype whose range the weights must fit, as from_pretrained would cast them")
     d = sub.add_parser("generate", parents=[media], help="greedy / MTP speculative decoding of the tiny preset "
                                                          "(random weights) or of a checkpoint loaded whole")
     d.add_argument("--checkpoint", help="directory with config.json and the safetensors (default: the tiny preset "
@@ -3940,6 +4108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         status = _or_exit(verify_golden, args.root, args.case)
         print(f"\noverall: exit {status} (0 pass, 1 divergence, 2 unusable input, 3 inconclusive)")
         sys.exit(status)
+    elif args.command == "check":
+        sys.exit(_or_exit(check_checkpoint, args.checkpoint, getattr(torch, args.dtype)))
     elif args.command in ("run", "generate"):
         _or_exit(run_checkpoint if args.command == "run" else generate_cli, args)
     elif args.command == "bench" and args.one:

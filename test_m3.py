@@ -61,7 +61,7 @@ def upstream_config(layers=(0, 1, 1), sparse=(0, 1, 1), heads=4, kv_heads=2, hea
         "rotary_dim": rotary_dim, "partial_rotary_factor": rotary_dim / head_dim, "rope_theta": 10000.0,
         "rms_norm_eps": 1e-6, "hidden_act": "swigluoai", "use_gemma_norm": True,
         "intermediate_size": 32, "dense_intermediate_size": 96, "shared_intermediate_size": 32,
-        "num_local_experts": 6, "num_experts_per_tok": 2, "routed_scaling_factor": 2.0,
+        "n_shared_experts": 1, "num_local_experts": 6, "num_experts_per_tok": 2, "routed_scaling_factor": 2.0,
         "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "moe_layer_freq": list(layers), "num_mtp_modules": mtp,
         "sparse_attention_config": {
             "use_sparse_attention": True, "sparse_index_dim": 16, "sparse_num_index_heads": kv_heads,
@@ -112,8 +112,8 @@ def test_upstream_and_transformers_forms_give_the_same_config():
                           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                               "partial_rotary_factor": 0.5}},
           "vision_config": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
-                            "num_attention_heads": 4, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                            "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0}},
+                            "num_attention_heads": 4, "patch_size": 14, "spatial_merge_size": 2,
+                            "temporal_patch_size": 2, "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0}},
           "image_token_id": 290, "video_token_id": 291, "projector_hidden_size": 64}
     assert m3.M3Config.from_dict(up) == m3.M3Config.from_dict(hf)
 
@@ -135,6 +135,73 @@ def test_config_decisions_for_missing_lists():
     text = upstream_config(vision=False)
     text["sparse_attention_config"]["use_sparse_attention"] = False
     assert m3.M3Config.from_dict(text).sparse_attention_freq == [0, 0, 0]
+
+
+def test_missing_model_dimensions_are_one_error_naming_every_key():
+    d = upstream_config()
+    for key in ("vocab_size", "hidden_size", "num_local_experts", "dense_intermediate_size"):
+        del d["text_config"][key]
+    del d["text_config"]["sparse_attention_config"]["sparse_index_dim"]
+    del d["vision_config"]["patch_size"]
+    del d["projector_hidden_size"]
+    with pytest.raises(ValueError) as e:
+        m3.M3Config.from_dict(d)
+    assert str(e.value).startswith(
+        "config is missing required keys text_config.vocab_size, text_config.hidden_size, "
+        "text_config.num_local_experts, text_config.dense_intermediate_size, "
+        "text_config.sparse_attention_config.sparse_index_dim, config.vision_config.patch_size, "
+        "config.projector_hidden_size:"), str(e.value)
+    flat = upstream_config(vision=False)
+    flat["num_key_value_heads"] = None                                   # null counts as absent
+    with pytest.raises(ValueError, match=r"missing required key config\.num_key_value_heads:"):
+        m3.M3Config.from_dict(flat)
+    hf = {k: v for k, v in upstream_config(vision=False).items() if k != "sparse_attention_config"}
+    hf["layer_types"] = ["full_attention", "minimax_m3_sparse", "minimax_m3_sparse"]
+    with pytest.raises(ValueError, match=r"config\.index_head_dim, config\.index_n_heads, "
+                                         r"config\.index_topk_blocks, config\.index_block_size:"):
+        m3.M3Config.from_dict(hf)
+    no_vision = upstream_config()
+    del no_vision["vision_config"]
+    with pytest.raises(ValueError, match=r"missing required key config\.vision_config:"):
+        m3.M3Config.from_dict(no_vision)
+
+
+def test_sizes_of_absent_layer_kinds_and_optional_keys_may_be_left_out():
+    text = upstream_config(layers=(1, 1, 1), sparse=(0, 0, 0), vision=False)
+    for key in ("dense_intermediate_size", "rms_norm_eps", "rope_theta", "rotary_dim", "partial_rotary_factor",
+                "routed_scaling_factor", "swiglu_alpha", "swiglu_limit", "num_mtp_modules"):
+        del text[key]
+    for key in ("sparse_index_dim", "sparse_num_index_heads", "sparse_topk_blocks", "sparse_block_size"):
+        del text["sparse_attention_config"][key]
+    cfg, released = m3.M3Config.from_dict(text), m3.M3Config()
+    assert (cfg.hidden_size, cfg.num_local_experts) == (64, 6)
+    assert (cfg.rms_norm_eps, cfg.rope_theta, cfg.rotary_dim, cfg.routed_scaling_factor, cfg.swiglu_alpha,
+            cfg.swiglu_limit) == (released.rms_norm_eps, released.rope_theta, 8, 2.0, 1.702, 7.0)
+    dense = upstream_config(layers=(0, 0, 0), sparse=(0, 0, 0), vision=False)
+    for key in ("intermediate_size", "shared_intermediate_size", "n_shared_experts", "num_local_experts",
+                "num_experts_per_tok"):
+        del dense[key]
+    assert m3.M3Config.from_dict(dense).moe_layer_freq == [0, 0, 0]
+
+
+@pytest.mark.parametrize("edit", [lambda d: d.pop("text_config"),
+                                  lambda d: d.update(d.pop("text_config"), vision_config=None),
+                                  lambda d: d.update(d.pop("text_config")) or d.pop("vision_config")])
+def test_a_vision_language_config_without_text_config_is_refused(edit):
+    d = upstream_config()
+    edit(d)
+    with pytest.raises(ValueError, match="config key 'text_config' is missing: a vision-language config"):
+        m3.M3Config.from_dict(d)
+
+
+def test_a_checkpoint_whose_config_lacks_a_dimension_fails_on_the_key_not_on_its_tensors(tmp_path):
+    m3.save_pretrained(model_of(tiny()), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["text_config"]["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as e:
+        m3.from_pretrained(tmp_path)
+    assert "missing required key text_config.hidden_size:" in str(e.value) and "mis-shaped" not in str(e.value)
 
 
 @pytest.mark.parametrize("edit, key, allowed", [
@@ -1332,6 +1399,88 @@ def test_run_cli_end_to_end_and_its_outputs_are_a_reference(tmp_path, capsys):
                        str(tmp_path / "never.safetensors")])
     assert e.value.code == 2 and "pixel_values holds NaN" in capsys.readouterr().err
     assert not (tmp_path / "never.safetensors").exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_free_memory_asks_cuda_or_the_host(monkeypatch):
+    assert m3.free_memory(torch.device("cpu")) > 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123, 456))
+    assert m3.free_memory(torch.device("cuda")) == 123
+    assert m3.free_memory(torch.device("meta")) is None
+
+
+def test_a_model_larger_than_free_memory_is_refused_before_any_read(tmp_path, monkeypatch, capsys):
+    m3.save_pretrained(model_of(tiny()), tmp_path)
+    loaded = m3.from_pretrained(tmp_path, dtype=torch.bfloat16)          # router in fp32: counted as such
+    need = sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
+    monkeypatch.setattr(m3, "free_memory", lambda device: need)
+    m3.from_pretrained(tmp_path, dtype=torch.bfloat16)                   # exactly enough
+    monkeypatch.setattr(m3, "free_memory", lambda device: need - 1)
+    monkeypatch.setattr(m3.Checkpoint, "_read", lambda self, key: pytest.fail(f"{key} read before the check"))
+    with pytest.raises(ValueError, match=re.escape(f"needs {m3._size(need)} for its weights in bfloat16 on cpu, "
+                                                   f"and {m3._size(need - 1)} is free there: run it streamed")):
+        m3.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    with pytest.raises(SystemExit) as e:
+        m3.main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "1"])
+    assert e.value.code == 2 and "run it streamed" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(m3, "free_memory", lambda device: 0)
+    m3.stream_forward(tmp_path, {"input_ids": torch.tensor([[1, 2, 3]])})    # the streamed forward is not checked
+
+
+def _check(capsys, path, *args) -> tuple[int, str, str]:
+    """`check` through the CLI: (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        m3.main(["check", "--checkpoint", str(path), *args])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_check_reads_every_weight_once_with_a_line_per_shard(tmp_path, capsys):
+    write_release_like(tmp_path)
+    status, out, _ = _check(capsys, tmp_path)
+    lines = out.splitlines()
+    assert status == 0 and len(lines) == 4 and lines[3].startswith("OK: ") and lines[3].endswith("every one finite")
+    assert [line.split(":")[0] for line in lines[:3]] == [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert all(line.endswith(" 0 problems") for line in lines[:3])
+    stored = json.loads((tmp_path / m3.INDEX_FILE).read_text())["weight_map"]
+    read = sum(int(re.search(r": (\d+) tensors", line).group(1)) for line in lines[:3])
+    assert read == len([k for k in stored if not m3.IGNORED_KEYS.search(k)])     # scales included, inv_freq not
+
+
+def test_check_finds_a_nan_in_an_expert_that_run_never_reads(tmp_path, capsys):
+    write_release_like(tmp_path)
+    prompt = {"input_ids": torch.tensor([[1, 2, 3]])}                       # 3 tokens x top-2: at most 6 of 8
+    reads = m3.stream_forward(tmp_path, prompt).reads
+    key = next(k for e in range(8) if (k := f"language_model.model.layers.1.block_sparse_moe.experts.{e}.w2.weight")
+               not in reads)
+    _rewrite(tmp_path, _set_codes(key, 0x7F))                               # the e4m3 NaN code everywhere
+    m3.stream_forward(tmp_path, prompt)                                     # run passes: it never reads the expert
+    status, out, _ = _check(capsys, tmp_path)
+    assert status == 1 and out.count(" 1 problem\n") == 1 and out.rstrip().endswith("1 bad")
+    assert f"\n  checkpoint key {key} (as float32) holds NaN (first at index [0, 0] of shape [64, 32])" in out
+
+
+@pytest.mark.parametrize("edit, dtype, says", [
+    (_set_codes(Q, 0x30, scale=255), "float32", f"\n  checkpoint key {Q}_scale_inv holds the E8M0 code 255, which is NaN"),
+    (_set_codes(DOWN, 0x38, scale=127 + 16), "float16", f"\n  checkpoint key {DOWN} (as float16) holds Inf"),
+    (lambda t: t.pop(Q + "_scale_inv", None), "float32", f"fp8 weight without a scale: {Q}"),   # from the headers
+])
+def test_check_names_each_bad_scale_and_weight(tmp_path, capsys, edit, dtype, says):
+    write_release_like(tmp_path)
+    _rewrite(tmp_path, edit)
+    status, out, _ = _check(capsys, tmp_path, "--dtype", dtype)
+    assert status == 1 and says in out and "FAILED" in out
+
+
+def test_check_of_unusable_input_exits_2(tmp_path, capsys):
+    status, _, err = _check(capsys, tmp_path / "nowhere")
+    assert status == 2 and err.startswith(f"error: cannot read config {str(tmp_path / 'nowhere' / 'config.json')!r}")
+    m3.save_pretrained(model_of(tiny()), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["text_config"]["vocab_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    status, _, err = _check(capsys, tmp_path)
+    assert status == 2 and err.startswith("error: config is missing required key text_config.vocab_size:")
 
 
 # ============================================================================================
