@@ -3318,10 +3318,13 @@ def make_case(case: dict, path: Path) -> dict:
     cfg = case["config"]
     model = case.get("weights", lambda m: m)(init_random_(MiniMaxM3(cfg), case["seed"]))
     model = model.to(getattr(torch, case["dtype"]))
+    processor = {f.name: getattr(ProcessorConfig(), f.name) for f in fields(ProcessorConfig)}
     if case["kind"] == "component":
         inputs = _component_inputs(case["component"], cfg, case["seed"])
         m3_keys = _component_weight_keys(case["component"], model)
         (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if case["component"].startswith("preprocess"):           # the processor's settings, as released
+            (path / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
         if m3_keys:
             save_file({k: t.contiguous() for k, t in model.state_dict().items() if k in m3_keys}, path / SINGLE_FILE)
     else:
@@ -3342,6 +3345,7 @@ def make_case(case: dict, path: Path) -> dict:
             **({"component": case["component"]} if case["kind"] == "component" else {}),
             "dtype": case["dtype"], "seed": case["seed"], "tie_tol": V.tie_tolerance(case["dtype"]),
             "config": cfg.to_dict(), "inputs": {k: list(v.shape) for k, v in inputs.items()},
+            **({"processor": processor} if case.get("component", "").startswith("preprocess") else {}),
             "end_results": case["end_results"], "required": required_outputs(case, list(outputs)),
             "outputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
                          **V.tolerance(k, v.is_floating_point(), case["dtype"], case["kind"])}

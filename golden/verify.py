@@ -632,6 +632,8 @@ def list_cases(entries: list[dict]) -> None:
     for e in entries:
         print(f"{e['name']}  ({e['kind']}, {e['dtype']}, tie_tol {e['tie_tol']:g}): {e['description']}")
         print("  inputs:  " + ", ".join(f"{k} {v}" for k, v in e["inputs"].items()))
+        if "processor" in e:
+            print("  processor: " + ", ".join(f"{k} {v}" for k, v in e["processor"].items()))
         for o in e["outputs"]:
             role = ("  (required, end result)" if o["name"] in e["end_results"]
                     else "  (required)" if o["name"] in e["required"] else "")
