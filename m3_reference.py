@@ -3043,7 +3043,8 @@ def _component_inputs(name: str, cfg: M3Config, seed: int) -> dict[str, torch.Te
 
 
 # component cases: name (after "component-"), the component run, its seed, config changes from
-# golden_config(), the end results a foreign file must hold, and what the case pins
+# golden_config(), the end results, `pins` (patterns of the other outputs a foreign file must
+# hold: see required_outputs) and what the case covers
 COMPONENT_CASES = [
     dict(name="rms_norm", component="rms_norm", seed=0, end_results=["y"],
          description="Gemma RMSNorm of layer 0's input_layernorm on [2, 13, D] inputs of scale 3"),
@@ -3087,7 +3088,8 @@ COMPONENT_CASES = [
 
 
 def golden_cases() -> list[dict]:
-    """Every case: name, description, kind, dtype, the model config, how to make inputs and run it."""
+    """Every case: name, description, kind, dtype, the model config, how to make inputs and run it,
+    its end results and `pins` (required_outputs)."""
     base = golden_config()
     text = replace(base, vision=None)
     cases = [dict(c, name=f"component-{c['name']}", kind="component", dtype="float32",
