@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, assume, example, given, settings, strategies
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")    # kernels.py on the CPU: Triton reads this when kernels load
 import m3_reference as m3
+from golden import generate as G, verify as V
 
 FP32_LOGITS_TOL = 1e-4        # see module docstring
 FP32_OP_TOL = 1e-5            # a single fp32 op chain (attention, one layer): ~100 eps_fp32
@@ -673,7 +674,7 @@ def test_m3_default_options_reproduce_the_committed_golden_mtp_tensors():
     for case in ("text", "mtp-depth-2", "vision-language"):
         entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, case)
         assert m3.Checkpoint(GOLDEN / case).config.mtp == m3.MTPConfig()
-        got = m3.run_model_case(GOLDEN / case, torch.float32, load_file(GOLDEN / case / "inputs.safetensors"))
+        got = G.run_model_case(GOLDEN / case, torch.float32, load_file(GOLDEN / case / "inputs.safetensors"))
         names = [n for n in got if n.startswith("mtp.") or n.endswith("loss")]
         rows = V.compare(V.case_rules(entry), _outputs(case, numpy=True), {n: got[n].numpy() for n in names})
         compared = [r for r in rows if r["status"] != "missing"]
@@ -836,7 +837,7 @@ def test_mtp_depths_count_from_one_and_a_tracer_names_each_forward_alike():
     model = model_of(tiny(vision=None, num_mtp_modules=2))
     with pytest.raises(ValueError, match=r"MTP depth k must be an int in 1..2 \(counted from 1\), got 0"):
         model.language_model.model.mtp_depth(0)
-    tracer = m3.Tracer(model, [])
+    tracer = G.Tracer(model, [])
     with torch.no_grad():
         model(torch.randint(0, 500, (1, 9)))
         first = dict(tracer.out)
@@ -914,11 +915,11 @@ def test_streamed_forward_follows_the_mtp_options(tmp_path, mtp, layout):
     model = model_of(tiny(num_mtp_modules=2, mtp=mtp))
     m3.save_pretrained(model, tmp_path, mtp_layout=layout)
     inputs = m3.demo_inputs(model.config)
-    tracer = m3.Tracer(model, ["image", "video"])
+    tracer = G.Tracer(model, ["image", "video"])
     with torch.no_grad():
         out = model(**inputs)
     tracer.close()
-    _same(m3.named_outputs(tracer.out, out), m3.stream_forward(tmp_path, inputs, trace=True).tensors)
+    _same(G.named_outputs(tracer.out, out), m3.stream_forward(tmp_path, inputs, trace=True).tensors)
 
 
 @pytest.mark.parametrize("make, match", [
@@ -1257,12 +1258,12 @@ def test_streamed_forward_equals_the_in_memory_model_bit_for_bit(tmp_path, media
                                                  "labels": torch.randint(0, 500, shape, generator=g)}
     model = m3.from_pretrained(tmp_path, mtp_depths=mtp)
     media_kinds = ["image", "video"] if media else []
-    tracer = m3.Tracer(model, media_kinds)
+    tracer = G.Tracer(model, media_kinds)
     with torch.no_grad():
         out = model(**inputs)
     tracer.close()
     run = m3.stream_forward(tmp_path, inputs, trace=True, mtp_depths=mtp)
-    _same(m3.named_outputs(tracer.out, out), run.tensors)
+    _same(G.named_outputs(tracer.out, out), run.tensors)
     assert len(run.output.mtp_logits) == (0 if mtp == 0 else 1)
     # one piece resident at a time, and never more than the largest piece of the run
     assert 0 < run.peak_param_bytes <= run.largest_piece_bytes
@@ -1989,9 +1990,9 @@ def test_the_drafter_sees_the_vision_features_with_the_rolled_embeddings():
 
 
 def acceptance_model(mtp_modules: int = 1, mtp: m3.MTPConfig = m3.MTPConfig.vllm_drafter()) -> m3.MiniMaxM3:
-    """Random weights bent (m3.agreeing_mtp_) so that MTP drafts are right part of the time; vLLM's
+    """Random weights bent (G.agreeing_mtp_) so that MTP drafts are right part of the time; vLLM's
     drafter conventions unless `mtp` says otherwise."""
-    return m3.agreeing_mtp_(model_of(tiny(vision=None, num_mtp_modules=mtp_modules, mtp=mtp)))
+    return G.agreeing_mtp_(model_of(tiny(vision=None, num_mtp_modules=mtp_modules, mtp=mtp)))
 
 
 @pytest.mark.parametrize("make, B, drafts", [(lambda: model_of(tiny(vision=None)), 1, 1), (acceptance_model, 1, 1),
@@ -2518,7 +2519,7 @@ def test_golden_cases_pass_through_the_triton_kernels(capsys):
     if os.environ.get("TRITON_INTERPRET") == "1":
         try:
             m3.set_kernels("triton")
-            status = m3.verify_golden(GOLDEN)
+            status = G.verify_golden(GOLDEN)
         finally:
             m3.set_kernels("torch")
         out = capsys.readouterr().out
@@ -2533,10 +2534,10 @@ def test_golden_cases_pass_through_the_triton_kernels(capsys):
 
 
 def test_attention_benchmark_measures_both_paths_and_prints_the_ratio(capsys):
-    runs = [m3._bench_attention(f"attention-{impl}", 512) for impl in ("dense", "sparse")]
+    runs = [G._bench_attention(f"attention-{impl}", 512) for impl in ("dense", "sparse")]
     assert runs[0]["seconds"] > 0 and runs[1]["indexer"] > 0 and runs[1]["sparse"] > 0
     assert runs[1]["seconds"] >= runs[1]["indexer"] + runs[1]["sparse"]
-    m3._print_attention_bench(runs)
+    G._print_attention_bench(runs)
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row[0] == "512" and float(row[-1]) == pytest.approx(runs[1]["seconds"] / runs[0]["seconds"], abs=0.01)
     flops = 4 * 512 * 16 * 16 * 16 * 32                    # selected blocks: H * topk * block keys per query
@@ -2816,7 +2817,6 @@ def test_prompt_expansion_matches_transformers_text():
 # ============================================================================================
 
 GOLDEN = Path(__file__).parent / "golden"
-V = m3.golden_verifier()
 
 
 def _outputs(case: str, file: str = "outputs", numpy: bool = False) -> dict:
@@ -2857,19 +2857,20 @@ def _row(out: str, name: str) -> str:
 
 
 def test_committed_golden_cases_verify(capsys):
-    assert m3.verify_golden(GOLDEN) == V.PASS
+    assert G.verify_golden(GOLDEN) == V.PASS
     out = capsys.readouterr().out
     assert out.count("PASS (exit 0)") == len(V.load_manifest(GOLDEN)["cases"]) and "FAIL" not in out
 
 
 def test_golden_generation_is_deterministic_and_matches_the_committed_cases(tmp_path):
-    m3.generate_golden(tmp_path / "a")
-    m3.generate_golden(tmp_path / "b")
+    G.generate_golden(tmp_path / "a")
+    G.generate_golden(tmp_path / "b")
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert files and files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     for f in files:                                            # same seeds, same machine: same bytes
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-    assert (tmp_path / "a" / "verify.py").read_bytes() == (GOLDEN / "verify.py").read_bytes()
+    for module in ("verify.py", "generate.py"):                # the checker and the generator travel along
+        assert (tmp_path / "a" / module).read_bytes() == (GOLDEN / module).read_bytes()
     # another CPU may round differently: the committed tensors are compared within tolerances, and
     # the manifest (rules, names, shapes) must be exactly what the generator writes
     committed, fresh = V.load_manifest(GOLDEN), V.load_manifest(tmp_path / "a")
@@ -3142,7 +3143,7 @@ def _layerwise_bf16_in_fp32(stored: dict) -> dict:
     ref = lambda n: stored[n].float()
     ids = inputs["input_ids"]
     cos, sin = text.rope(torch.arange(ids.shape[1]).expand_as(ids))
-    tracer = m3.Tracer(model, ["image", "video"])
+    tracer = G.Tracer(model, ["image", "video"])
     out = {}
     with torch.no_grad():
         model.vision_features(inputs["pixel_values"], inputs["image_grid_thw"])
@@ -3170,7 +3171,7 @@ def test_bf16_case_computed_in_fp32_diverges_whole_and_passes_layer_by_layer(tmp
     reach, so the whole forward diverges; computed layer by layer from the stored tensors it passes."""
     from safetensors.torch import load_file
     path = GOLDEN / "bf16"
-    fp32 = m3.run_model_case(path, torch.float32, load_file(path / "inputs.safetensors"))
+    fp32 = G.run_model_case(path, torch.float32, load_file(path / "inputs.safetensors"))
     got, out = _verify(capsys, "--case", "bf16", "--outputs", _write(tmp_path / "fp32.safetensors", fp32))
     assert got == V.DIVERGED and "first divergence: layers.1.hidden" in out, out
     assert "near tie" in _row(out, "layers.1.indexer.block_ids")
@@ -3224,7 +3225,7 @@ def test_unreadable_inputs_are_unusable(tmp_path, capsys):
     data[-1] ^= 1
     f.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256 does not match"):
-        m3.verify_golden(root, "text")
+        G.verify_golden(root, "text")
     got, out = _verify(capsys, "--root", root, "--case", "text", "--outputs", GOLDEN / "text" / "outputs.safetensors")
     assert got == V.UNUSABLE and "sha256 does not match" in out
     theirs = tmp_path / "theirs.safetensors"
@@ -3481,15 +3482,15 @@ def test_failed_generation_leaves_the_old_golden(tmp_path, monkeypatch):
     root = tmp_path / "golden"
     shutil.copytree(GOLDEN, root)
     before = (root / "manifest.json").read_bytes()
-    real = m3.make_case
+    real = G.make_case
 
     def fail_late(case, path):
         if case["name"] == "bf16":
             raise RuntimeError("boom")
         return real(case, path)
-    monkeypatch.setattr(m3, "make_case", fail_late)
+    monkeypatch.setattr(G, "make_case", fail_late)
     with pytest.raises(RuntimeError):
-        m3.generate_golden(root)
+        G.generate_golden(root)
     assert (root / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["golden"]
 
