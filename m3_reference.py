@@ -1,17 +1,18 @@
 """MiniMax M3 reference: the whole vision-language MoE in one readable PyTorch file.
 
 MiniMax M3 (428B total, ~22B active) is a decoder-only MoE language model with a CLIP-style
-vision tower. This file defines the config and the kernel flag, then every component, building
-blocks before what is built from them: the text layer's pieces (norm, activation, experts, RoPE,
-attention and the indexer), the decoder layer and MTP depth, the image/video preprocessing and
-prompt expansion, the vision tower, projector, merger and splice; then the full model and its
-losses (where the data flow is written out: vision -> splice -> layers -> head -> MTP), decoding
-(the KV and index-key cache, padded batches, greedy and MTP speculative generation),
-config.json and checkpoint I/O (MXFP8 included), the streamed forward (a checkpoint larger
-than the device, one piece at a time) and the CLI. The golden-tensor generator, the Tracer that
-names a forward's intermediates and the benchmark live beside the checker in golden/generate.py. The torch code
-here is the specification; the functions marked @kernel_twin have Triton twins in kernels.py,
-used only when the flag asks (M3_KERNELS=triton, set_kernels("triton"), --kernels triton).
+vision tower. Part I is the model, in the order data flows through it: the config, the text
+layer's pieces (norm, activation, router and experts, RoPE, attention, the lightning indexer and
+block-sparse attention), the decoder layer and MTP depth, the text model, the vision tower,
+projector, merger and splice, then the full model and its losses (where the data flow is written
+out: vision -> splice -> layers -> head -> MTP) and decoding (the KV and index-key cache, padded
+batches, greedy and MTP speculative generation). Part II loads and runs it: the kernel flag,
+presets, input checks, config.json and checkpoint I/O (MXFP8 included), the image/video
+processor, the streamed forward (a checkpoint larger than the device, one piece at a time) and
+the CLI. The golden-tensor generator, the Tracer that names a forward's intermediates and the
+benchmark live beside the checker in golden/generate.py. The torch code here is the
+specification; the functions marked @kernel_twin have Triton twins in kernels.py, used only when
+the flag asks (M3_KERNELS=triton, set_kernels("triton"), --kernels triton).
 
 Notable features
   - Gemma RMSNorm everywhere in the text model: y = x * rsqrt(mean(x^2) + eps) * (1 + w), fp32.
@@ -70,10 +71,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# ============================================================================================
+# Part I: the model
+# ============================================================================================
+# Config, then each component in the order data flows through it, then the whole model, its
+# losses and decoding. Part II (after it) loads and runs: the kernel flag, presets, input
+# checks, config.json, checkpoints, the processor, the streamed forward and the CLI.
 
-# ============================================================================================
-# Config
-# ============================================================================================
+# ---- Config: the fields the math reads (released values as defaults) ---------------------
 
 @dataclass
 class VisionConfig:
@@ -129,30 +134,18 @@ class MTPConfig:
                                       # (Automodel's calculate_mtp_loss, for every model it trains;
                                       # DeepSeek-V3's 1/T)
 
+    # presets of other implementations' conventions: Part II, "Presets"
     @classmethod
     def vllm_drafter(cls, **changes) -> "MTPConfig":
-        """vLLM's M3 drafter: the embedding zeroed at position 0, pre-norm outputs passed on. (With
-        M >= 2 vLLM runs depth 1 for every draft: add repeated_layer=True to match it.)"""
-        return cls(**{"pass_hidden": "pre_norm", "zero_position0": True, **changes})
+        return mtp_vllm_drafter(**changes)
 
     @classmethod
     def step3p7(cls, **changes) -> "MTPConfig":
-        """Automodel's Step3p7 conventions on M3's modules: pre-norm outputs passed on, a head per
-        depth, the rolled input embeddings, the loss over the main token count."""
-        return cls(**{"pass_hidden": "pre_norm", "head": "per_depth", "embed_source": "inputs_embeds",
-                      "loss_norm": "main_tokens", **changes})
+        return mtp_step3p7(**changes)
 
     @classmethod
     def nemotron_v3(cls, **changes) -> "MTPConfig":
-        """Automodel's NemotronV3 conventions on M3's modules: the "*E" sublayers, the loss over the
-        main token count (its Ultra / Nano recipes add repeated_layer=True)."""
-        return cls(**{"sublayers": "attention_moe", "loss_norm": "main_tokens", **changes})
-
-
-# allowed values of MTPConfig's string options, the default (M3's) first
-MTP_CHOICES = {"pass_hidden": ("post_norm", "pre_norm"), "head": ("shared", "per_depth"),
-               "embed_source": ("token_ids", "inputs_embeds"), "sublayers": ("decoder_layer", "attention_moe"),
-               "loss_norm": ("per_depth", "main_tokens")}
+        return mtp_nemotron_v3(**changes)
 
 
 @dataclass
@@ -237,32 +230,15 @@ class M3Config:
         """The physical depth (its module and its cache, 0-based) that MTP depth k = 1..M runs."""
         return 0 if self.mtp.repeated_layer else k - 1
 
-    # ---- presets ------------------------------------------------------------------------
+    # the presets and config.json: Part II ("Presets", "config.json: reading and writing")
     @classmethod
     def minimax_m3(cls) -> "M3Config":
-        """The released model: 3 dense full-attention layers, then 57 MoE + sparse layers."""
-        layers = [0] * 3 + [1] * 57
-        return cls(moe_layer_freq=layers, sparse_attention_freq=list(layers))
+        return minimax_m3_config()
 
     @classmethod
     def tiny(cls) -> "M3Config":
-        """Every feature on at CPU size: layer 0 dense + full attention, layers 1-2 MoE + sparse;
-        blocks of 8 with top-4 (one init, one local) so the demo's 58-token prompt (8 blocks)
-        drops blocks; a 2-layer vision tower whose videos are cut every 2 temporal groups; one MTP depth."""
-        return cls(
-            vocab_size=512, hidden_size=64, num_hidden_layers=3, max_position_embeddings=65536,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rotary_dim=8, rope_theta=10000.0,
-            sparse_attention_freq=[0, 1, 1], sparse_index_dim=16, sparse_num_index_heads=2,
-            sparse_topk_blocks=4, sparse_block_size=8, sparse_init_block=1, sparse_local_block=1,
-            moe_layer_freq=[0, 1, 1], dense_intermediate_size=128, intermediate_size=32,
-            shared_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
-            num_mtp_modules=1,
-            vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=2, vision_segment_max_frames=2),
-            image_token_index=500, video_token_index=501, vision_start_token_index=502,
-            vision_end_token_index=503, projector_hidden_size=64)
+        return tiny_config()
 
-    # ---- config.json (the translation lives in its own section, beside checkpoint I/O) ----
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "M3Config":
         return config_from_json(path)
@@ -274,39 +250,10 @@ class M3Config:
     def to_dict(self) -> dict:
         return config_to_dict(self)
 
-# ============================================================================================
-# Kernel flag: the torch functions are the specification; kernels.py holds their Triton twins
-# ============================================================================================
+
+# ---- Kernel twins: each hot function below may run as its Triton twin (Part II, "Kernel flag")
 
 _kernels = None        # kernels.py, loaded when M3_KERNELS=triton, set_kernels("triton") or --kernels triton
-
-
-def load_kernels():
-    """kernels.py as a module (imported once, from beside this file). Triton runs on a CUDA device,
-    or on the CPU under its interpreter (TRITON_INTERPRET=1, slow: for tests); with neither, or
-    without the triton package, this is a ValueError, never a silent fallback to torch."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("kernels 'triton' need a CUDA device, or TRITON_INTERPRET=1 (set before the first "
-                         "import) to run them on the CPU through Triton's interpreter, slowly")
-    if "m3_kernels" not in sys.modules:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("m3_kernels", Path(__file__).resolve().parent / "kernels.py")
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except ImportError as e:
-            raise ValueError(f"kernels 'triton' need the triton package (requirements.txt): {e}") from e
-        sys.modules["m3_kernels"] = module
-    return sys.modules["m3_kernels"]
-
-
-def set_kernels(name: str) -> None:
-    """Route every function marked @kernel_twin through its Triton twin in kernels.py ("triton"),
-    or keep the torch specification ("torch", the default)."""
-    global _kernels
-    if name not in ("torch", "triton"):
-        raise ValueError(f"kernels must be 'torch' or 'triton', got {name!r}")
-    _kernels = load_kernels() if name == "triton" else None
 
 
 def kernel_twin(fn):
@@ -317,9 +264,6 @@ def kernel_twin(fn):
         return (fn if _kernels is None else getattr(_kernels, fn.__name__))(*args, **kwargs)
     call.torch = fn
     return call
-
-
-set_kernels(os.environ.get("M3_KERNELS", "torch"))
 
 
 # ============================================================================================
@@ -874,17 +818,6 @@ class MTPDepth(nn.Module):
         return getattr(self, "output", lm_head)(normed)
 
 
-def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
-    """t, after making sure it holds no NaN or Inf; otherwise a ValueError naming `what` and the
-    first bad index, so a corrupt weight or an overflow is found where it appears."""
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        first = bad.nonzero()[0].tolist()
-        kind = "NaN" if bool(t[tuple(first)].isnan()) else "Inf"
-        raise ValueError(f"{what} holds {kind} (first at index {first} of shape {list(t.shape)})")
-    return t
-
-
 class TextModel(nn.Module):
     """embed_tokens -> layers -> norm (no embedding scaling), plus the MTP depths.
     Runs on embeddings so the multimodal splice can happen before it: [B, S, D] -> [B, S, D]."""
@@ -956,247 +889,6 @@ class LanguageModel(nn.Module):
                                       cos, sin, spans=spans)
             out.append(text.mtp_depth(k).head(normed, self.lm_head))
         return out
-
-
-# ============================================================================================
-# Preprocessing: images and videos to patch rows, prompts to placeholder runs
-# ============================================================================================
-# The released processor (checkpoint remote code, vendored by vLLM; transformers' processor is the
-# same algorithm): smart_resize to multiples of 28 within a pixel budget, antialiased bicubic
-# resize of the uint8 pixels, rescale by 1/255 and CLIP normalisation fused into one step, frames
-# padded to the temporal patch size, patches cut in 2x2 merge-window order. The prompt carries one
-# placeholder per image or video, which the processor expands.
-
-@dataclass
-class ProcessorConfig:
-    """The released processor's settings (preprocessor_config.json upstream, not config.json)."""
-    image_min_pixels: int = 4 * 28 * 28           # 3,136: area bounds of a resized image
-    image_max_pixels: int = 672 * 672             # 451,584: at most 24 x 24 = 576 tokens
-    video_min_pixels: int = 4 * 28 * 28           # the same, per video frame
-    video_max_pixels: int = 768 * 28 * 28         # 602,112
-    max_aspect_ratio: float = 200.0               # longer / shorter side, rejected above
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP
-    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int,
-                 max_ratio: float = 200.0) -> tuple[int, int]:
-    """The resized (height, width): multiples of `factor` (patch size x merge size = 28), near the
-    original aspect ratio, area within [min_pixels, max_pixels].
-
-    Each side rounds to the nearest multiple (Python round: half to even), at least one factor; an
-    area above the maximum scales both sides by beta = sqrt(h*w / max) and floors them, an area
-    below the minimum scales by sqrt(min / (h*w)) and ceils them. (transformers' copy omits the
-    one-factor floor in the first step: the two differ only for a side of 14 pixels or less, which
-    rounds to 0 there: 14 / 28 = 0.5 rounds to even.)
-    """
-    if min(height, width) < 1:
-        raise ValueError(f"size {height}x{width}: both sides must be at least 1 pixel")
-    if max(height, width) / min(height, width) > max_ratio:
-        raise ValueError(f"size {height}x{width}: aspect ratio {max(height, width) / min(height, width):.1f} "
-                         f"is above the processor's limit {max_ratio:g}")
-    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    if min(h, w) < factor:                   # only custom bounds reach this: the release would crash
-        raise ValueError(f"size {height}x{width}: max_pixels {max_pixels} leaves a side under {factor} pixels")
-    return h, w
-
-
-def resize_uint8(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Antialiased bicubic resize of uint8 frames [F, C, H, W] -> [F, C, height, width] uint8.
-
-    This is torch's native uint8 CPU kernel, which torchvision runs for the released processor on
-    a CPU (where transformers and vLLM run it): each separable pass rounds and clamps to uint8. On
-    a GPU torchvision resizes in float32 and rounds once; on noise the two differ by up to ~20 of
-    255 levels in about a quarter of the pixels, so the processor's output depends on its device.
-    An unchanged size is no resize at all.
-    """
-    if tuple(frames.shape[-2:]) == (height, width):
-        return frames
-    return F.interpolate(frames.cpu(), size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-
-
-def normalize_pixels(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(x - 255 mean) / (255 std) per channel in fp32: the 1/255 rescale folded into the CLIP mean
-    and std as the released processor does (mean and std are fp32, multiplied by 255 in fp32),
-    then one subtraction and one division. frames uint8 [F, C, H, W] -> fp32 [F, C, H, W]."""
-    m = (torch.tensor(mean, dtype=torch.float32) * 255.0).view(-1, 1, 1)
-    s = (torch.tensor(std, dtype=torch.float32) * 255.0).view(-1, 1, 1)
-    return (frames.to(torch.float32) - m) / s
-
-
-def patchify(frames: torch.Tensor, patch: int, temporal: int, merge: int) -> tuple[torch.Tensor, list[int]]:
-    """Normalised frames [F, C, H, W] -> pixel rows [t*h*w, C*Tp*P*P] and the grid [t, h, w].
-
-    The last frame repeats until F is a multiple of Tp (an image is one frame); frames Tp*g ..
-    Tp*g + Tp-1 form temporal group g. Rows run t outermost, then the 2x2 merge windows in raster
-    order, then the m*m patches of a window; each row is laid out (C, Tp, P, P).
-    """
-    pad = -frames.shape[0] % temporal
-    frames = torch.cat([frames, frames[-1:].expand(pad, *frames.shape[1:])]) if pad else frames
-    Fr, C, H, W = frames.shape
-    t, h, w = Fr // temporal, H // patch, W // patch
-    x = frames.reshape(t, temporal, C, h // merge, merge, patch, w // merge, merge, patch)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)                 # [t, h/m, w/m, m, m, C, Tp, P, P]
-    return x.reshape(t * h * w, C * temporal * patch * patch), [t, h, w]
-
-
-def resized_frames(array, cfg: M3Config, video: bool, proc: ProcessorConfig = ProcessorConfig()) -> torch.Tensor:
-    """A uint8 RGB array, [H, W, 3] for an image or [F, H, W, 3] for video frames, as uint8 frames
-    [F, 3, h, w] after smart_resize (image or video bounds) and the uint8 bicubic resize."""
-    import numpy as np
-    if cfg.vision is None:
-        raise ValueError("images and videos need a vision config: this is a text-only model")
-    # a contiguous CPU copy: arrays may be read-only or have negative strides; the processor runs on the CPU
-    t = array.cpu() if isinstance(array, torch.Tensor) else torch.from_numpy(np.array(array, copy=True))
-    what, want = ("frames", "[F, H, W, 3]") if video else ("image", "[H, W, 3]")
-    if t.dtype != torch.uint8:
-        raise TypeError(f"{what} must be a uint8 array {want} (RGB, 0..255), got {t.dtype}")
-    if t.dim() != (4 if video else 3) or t.shape[-1] != 3 or t.numel() == 0:
-        raise ValueError(f"{what} must be a non-empty RGB array {want}, got shape {list(t.shape)}")
-    frames = (t if video else t[None]).permute(0, 3, 1, 2)
-    v = cfg.vision
-    bounds = (proc.video_min_pixels, proc.video_max_pixels) if video else (proc.image_min_pixels, proc.image_max_pixels)
-    size = smart_resize(*frames.shape[-2:], v.patch_size * v.spatial_merge_size, *bounds, proc.max_aspect_ratio)
-    return resize_uint8(frames, *size)
-
-
-def pixel_rows(frames: torch.Tensor, cfg: M3Config, proc: ProcessorConfig = ProcessorConfig()) -> tuple[torch.Tensor, list[int]]:
-    """Resized uint8 frames [F, 3, h, w] -> normalised patch rows and the grid [t, h, w]."""
-    v = cfg.vision
-    return patchify(normalize_pixels(frames, proc.image_mean, proc.image_std), v.patch_size, v.temporal_patch_size,
-                    v.spatial_merge_size)
-
-
-def preprocess_image(image, cfg: M3Config, proc: ProcessorConfig = ProcessorConfig()) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [H, W, 3] -> (pixel_values [h*w, C*Tp*P*P] fp32, grid_thw [1, 3] int64): smart_resize
-    with the image bounds, uint8 bicubic resize, fused rescale + normalisation, patch rows."""
-    rows, grid = pixel_rows(resized_frames(image, cfg, video=False, proc=proc), cfg, proc)
-    return rows, torch.tensor([grid])
-
-
-def preprocess_video(frames, cfg: M3Config, fps: float | None = None, frame_indices: Sequence[int] | None = None,
-                     proc: ProcessorConfig = ProcessorConfig()) -> tuple[torch.Tensor, torch.Tensor, list[float] | None]:
-    """uint8 [F, H, W, 3] (frames already sampled) -> (pixel_values [t*h*w, C*Tp*P*P], grid_thw [1, 3],
-    timestamps). Each frame as an image, with the video bounds; the last frame repeats to a multiple
-    of Tp. With the source `fps`, group g's timestamp is frame_indices[min(Tp*g, F-1)] / fps seconds
-    (frame_indices: the frames' indices in the source, default 0..F-1); without it, None."""
-    video = resized_frames(frames, cfg, video=True, proc=proc)
-    if frame_indices is not None and len(frame_indices) != video.shape[0]:
-        raise ValueError(f"frame_indices has {len(frame_indices)} entries for {video.shape[0]} frames")
-    if fps is not None and not 0 < fps < float("inf"):
-        raise ValueError(f"fps must be a finite number > 0, got {fps}")
-    rows, grid = pixel_rows(video, cfg, proc)
-    return rows, torch.tensor([grid]), video_timestamps(video.shape[0], grid[0], cfg, fps, frame_indices)
-
-
-def video_timestamps(num_frames: int, groups: int, cfg: M3Config, fps: float | None,
-                     frame_indices: Sequence[int] | None = None) -> list[float] | None:
-    """Seconds of each temporal group's first frame: frame_indices[min(Tp*g, F-1)] / fps (None without fps)."""
-    if fps is None:
-        return None
-    indices = list(range(num_frames)) if frame_indices is None else list(frame_indices)
-    return [indices[min(g * cfg.vision.temporal_patch_size, len(indices) - 1)] / fps for g in range(groups)]
-
-
-IMAGE_TEXT, VIDEO_TEXT = "]<]image[>[", "]<]video[>["                     # the placeholders, as text
-START_TEXT, END_TEXT = "]<]start of image[>[", "]<]end of image[>["        # images and video groups alike
-
-
-def timestamp_text(seconds: float) -> str:
-    """The text before a video group, tokenised like any text: "]<]{seconds:.1f} seconds[>["."""
-    return f"]<]{seconds:.1f} seconds[>["
-
-
-def expand_prompt_text(text: str, image_grid_thw=None, video_grid_thw=None,
-                       timestamps: Sequence[Sequence[float] | None] | None = None, merge: int = 2) -> str:
-    """The released processor's expansion, on the text before tokenisation: each IMAGE_TEXT becomes
-    START_TEXT + K x IMAGE_TEXT + END_TEXT, each VIDEO_TEXT per temporal group the timestamp text
-    (when known) + START_TEXT + h*w / m^2 x VIDEO_TEXT + END_TEXT. Tokenising the result as one
-    string gives the processor's ids; expand_prompt on ids (as vLLM does) can differ from it where
-    byte-level BPE merges the text before a timestamp with it (a space before the placeholder)."""
-    counts = {IMAGE_TEXT: text.count(IMAGE_TEXT), VIDEO_TEXT: text.count(VIDEO_TEXT)}
-    grids = {IMAGE_TEXT: [] if image_grid_thw is None else torch.as_tensor(image_grid_thw).reshape(-1, 3).tolist(),
-             VIDEO_TEXT: [] if video_grid_thw is None else torch.as_tensor(video_grid_thw).reshape(-1, 3).tolist()}
-    for marker, rows in grids.items():
-        if counts[marker] != len(rows):
-            raise ValueError(f"the prompt holds {counts[marker]} {marker} placeholders but {len(rows)} grids were "
-                             f"given for them; the counts must match")
-    stamps = iter(timestamps if timestamps is not None else [None] * len(grids[VIDEO_TEXT]))
-    rows = {marker: iter(r) for marker, r in grids.items()}
-    out = []
-    for piece in re.split(f"({re.escape(IMAGE_TEXT)}|{re.escape(VIDEO_TEXT)})", text):
-        if piece not in rows:
-            out.append(piece)
-            continue
-        t, h, w = next(rows[piece])
-        if piece == IMAGE_TEXT:
-            out.append(START_TEXT + IMAGE_TEXT * (t * h * w // merge ** 2) + END_TEXT)
-            continue
-        seconds = next(stamps)
-        out += [(timestamp_text(seconds[g]) if seconds else "") + START_TEXT + VIDEO_TEXT * (h * w // merge ** 2)
-                + END_TEXT for g in range(t)]
-    return "".join(out)
-
-
-def expand_prompt(input_ids, image_grid_thw=None, video_grid_thw=None,
-                  timestamp_ids: Sequence[Sequence[Sequence[int]]] | None = None, *, cfg: M3Config) -> torch.Tensor:
-    """Each image placeholder -> start + K image ids + end (K = t*h*w / m^2, the image's feature
-    rows); each video placeholder -> per temporal group g: timestamp_ids[video][g] (if given) +
-    start + h*w / m^2 video ids + end (videos use the image start/end ids too).
-
-    input_ids [S] or [1, S] int; grids [n, 3] in placeholder order -> the same rank, longer.
-    """
-    if cfg.vision is None:
-        raise ValueError("expand_prompt needs a vision config: this is a text-only model")
-    ids = torch.as_tensor(input_ids)
-    if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != 1):
-        raise ValueError(f"input_ids must be [S] or [1, S], got shape {list(ids.shape)}")
-    m2 = cfg.vision.spatial_merge_size ** 2
-    start, end = cfg.vision_start_token_index, cfg.vision_end_token_index
-    for name, i in (("vision_start_token_index", start), ("vision_end_token_index", end)):
-        if not 0 <= i < cfg.vocab_size:        # configs without these keys get the released ids
-            raise ValueError(f"config {name} = {i} is outside the vocabulary [0, {cfg.vocab_size}); set it in config.json")
-    grids = {}
-    for what, grid, token in [("image", image_grid_thw, cfg.image_token_index), ("video", video_grid_thw,
-                                                                                   cfg.video_token_index)]:
-        rows = [] if grid is None else torch.as_tensor(grid).reshape(-1, 3).tolist()
-        if grid is not None and (torch.as_tensor(grid).dim() != 2 or any(min(r) < 1 for r in rows)):
-            raise ValueError(f"{what}_grid_thw must be [n, 3] rows of positive (t, h, w), got {torch.as_tensor(grid).tolist()}")
-        n = int((ids == token).sum())
-        if n != len(rows):
-            raise ValueError(f"input_ids hold {n} {what} placeholders (id {token}) but {len(rows)} {what} grids "
-                             f"were given; the counts must match")
-        grids[token] = iter(rows)
-    if timestamp_ids is not None:
-        if len(timestamp_ids) != int((ids == cfg.video_token_index).sum()):
-            raise ValueError(f"timestamp_ids has {len(timestamp_ids)} entries, one per video is needed")
-        bad = [i for video in timestamp_ids for group in video for i in group
-               if not 0 <= i < cfg.vocab_size or i in (cfg.image_token_index, cfg.video_token_index)]
-        if bad:
-            raise ValueError(f"timestamp_ids hold {bad[:3]}: ids must be text tokens in [0, {cfg.vocab_size}), "
-                             f"not placeholders")
-    out, video = [], 0
-    for i in ids.flatten().tolist():
-        if i == cfg.image_token_index:
-            t, h, w = next(grids[i])
-            out += [start] + [i] * (t * h * w // m2) + [end]
-        elif i == cfg.video_token_index:
-            t, h, w = next(grids[i])
-            stamps = timestamp_ids[video] if timestamp_ids is not None else [[]] * t
-            if len(stamps) != t:
-                raise ValueError(f"timestamp_ids[{video}] has {len(stamps)} entries for {t} temporal groups")
-            for g in range(t):
-                out += list(stamps[g]) + [start] + [i] * (h * w // m2) + [end]
-            video += 1
-        else:
-            out.append(i)
-    return torch.tensor(out, dtype=torch.int64).reshape((1, -1) if ids.dim() == 2 else (-1,))
 
 
 # ============================================================================================
@@ -1394,13 +1086,6 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, shift: int,
     return (ce * valid.flatten()).sum(), valid.sum()
 
 
-def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int,
-                          mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The mean of cross_entropy_sum's terms; 0 with no valid target."""
-    total, count = cross_entropy_sum(logits, labels, shift, mask)
-    return total / count.clamp(min=1)
-
-
 def add_losses(out: M3Output, labels: torch.Tensor | None, mcfg: MTPConfig,
                mask: torch.Tensor | None = None) -> M3Output:
     """Fill lm_loss, mtp_loss and loss from the logits (nothing without labels; pads never count);
@@ -1518,86 +1203,6 @@ class MiniMaxM3(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> tuple[torch.Tensor, dict]:
         """Greedy decoding, optionally with MTP speculative decoding: see generate() below."""
         return generate(self, input_ids, max_new_tokens, **kwargs)
-
-
-def _check_ids(input_ids, labels, position_ids, vocab_size: int, attention_mask=None):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"input_ids must be an int64 tensor [B, S], got "
-                        f"{input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
-    if input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError(f"input_ids must be a non-empty [B, S] tensor, got shape {tuple(input_ids.shape)}")
-    bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
-    if bad.numel():
-        raise ValueError(f"input_ids hold token id {int(bad[0])} outside [0, {vocab_size}) (vocab_size)")
-    for name, t in (("labels", labels), ("position_ids", position_ids)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an integer tensor shaped like input_ids {tuple(input_ids.shape)}")
-        if t.shape != input_ids.shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
-    if labels is not None:
-        bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab_size))]
-        if bad.numel():
-            raise ValueError(f"labels hold {int(bad[0])}: allowed are -100 (ignore) or ids in [0, {vocab_size})")
-    if position_ids is not None and bool((position_ids < 0).any()):
-        raise ValueError("position_ids must be >= 0")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
-            raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
-                             f"got {got!r} (with a cache: this call's tokens only; the cache keeps the rest)")
-        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-            raise ValueError("attention_mask must hold 1 (token) and 0 (pad) only")
-
-
-def _check_embeds(inputs_embeds, input_ids, hidden_size: int, pixel_values, pixel_values_videos):
-    if pixel_values is not None or pixel_values_videos is not None:
-        raise ValueError("pass either inputs_embeds or pixel values: media are spliced into embed()'s output only")
-    want = (*input_ids.shape, hidden_size)
-    if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
-        raise TypeError(f"inputs_embeds must be a floating-point tensor {want}")
-    if tuple(inputs_embeds.shape) != want:
-        raise ValueError(f"inputs_embeds shape {tuple(inputs_embeds.shape)} must be [B, S, hidden_size] = {want}")
-
-
-def _check_media(cfg: M3Config, pixels, grid, pix_name: str, grid_name: str):
-    if cfg.vision is None:
-        raise ValueError(f"{pix_name} given, but this is a text-only model (its config has no vision part)")
-    if pixels is None or grid is None:
-        missing, given = (pix_name, grid_name) if pixels is None else (grid_name, pix_name)
-        raise ValueError(f"{given} given without {missing}: both are needed")
-    v = cfg.vision
-    if not isinstance(grid, torch.Tensor) or grid.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{grid_name} must be an integer tensor [n, 3] of (t, h, w)")
-    if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
-        raise TypeError(f"{pix_name} must be a floating-point tensor [N, {v.patch_dim}]")
-    if grid.dim() != 2 or grid.shape[1] != 3 or grid.shape[0] == 0 or bool((grid < 1).any()):
-        raise ValueError(f"{grid_name} must be [n, 3] positive (t, h, w) rows, got {grid.tolist()}")
-    m = v.spatial_merge_size
-    odd = [g for g in grid.tolist() if g[1] % m or g[2] % m]
-    if odd:
-        raise ValueError(f"{grid_name} rows {odd}: h and w must be multiples of spatial_merge_size {m}")
-    rows = int(grid.prod(-1).sum())
-    if pixels.dim() != 2 or pixels.shape != (rows, v.patch_dim):
-        raise ValueError(f"{pix_name} has shape {tuple(pixels.shape)} but {grid_name} {grid.tolist()} needs "
-                         f"sum(t*h*w) = {rows} rows of C*Tp*P*P = {v.patch_dim} values")
-    check_finite(pixels, pix_name)
-
-
-def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Deterministic random weights for tests, demos and goldens (not a training init).
-
-    Each tensor draws from its own generator seeded by (seed, its name), so models that share
-    parameter names share their values. Matrices ~ N(0, 1/fan_in); embeddings ~ N(0, 1); norm
-    offsets, biases and the router correction bias ~ N(0, 0.1).
-    """
-    with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
-            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            std = 1.0 if "embed_tokens" in name else (t[0].numel() ** -0.5 if t.dim() >= 2 else 0.1)
-            t.copy_(torch.randn(t.shape, generator=g) * std)
-    return model
 
 
 # ============================================================================================
@@ -1815,6 +1420,199 @@ def _draft(model: MiniMaxM3, cache: Cache, x: torch.Tensor, h: torch.Tensor, n: 
         logits.append(mtp_logits(model, k, x)[:, -1])
     logits = torch.stack(logits, 1)
     return logits.argmax(-1), logits
+
+
+# ============================================================================================
+# Part II: loading and running
+# ============================================================================================
+# Everything a run needs around the model: which kernels run the hot functions, the
+# presets, the checks on inputs, config.json, checkpoint I/O with MXFP8 and the MTP layouts, the
+# image/video processor, the streamed forward of a checkpoint larger than the device, the CLI.
+
+
+# ============================================================================================
+# Kernel flag: the torch functions are the specification; kernels.py holds their Triton twins
+# ============================================================================================
+
+
+def load_kernels():
+    """kernels.py as a module (imported once, from beside this file). Triton runs on a CUDA device,
+    or on the CPU under its interpreter (TRITON_INTERPRET=1, slow: for tests); with neither, or
+    without the triton package, this is a ValueError, never a silent fallback to torch."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("kernels 'triton' need a CUDA device, or TRITON_INTERPRET=1 (set before the first "
+                         "import) to run them on the CPU through Triton's interpreter, slowly")
+    if "m3_kernels" not in sys.modules:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("m3_kernels", Path(__file__).resolve().parent / "kernels.py")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except ImportError as e:
+            raise ValueError(f"kernels 'triton' need the triton package (requirements.txt): {e}") from e
+        sys.modules["m3_kernels"] = module
+    return sys.modules["m3_kernels"]
+
+
+def set_kernels(name: str) -> None:
+    """Route every function marked @kernel_twin through its Triton twin in kernels.py ("triton"),
+    or keep the torch specification ("torch", the default)."""
+    global _kernels
+    if name not in ("torch", "triton"):
+        raise ValueError(f"kernels must be 'torch' or 'triton', got {name!r}")
+    _kernels = load_kernels() if name == "triton" else None
+
+
+set_kernels(os.environ.get("M3_KERNELS", "torch"))
+
+
+# ============================================================================================
+# Presets: the released model, the tiny test model, other implementations' MTP conventions
+# ============================================================================================
+
+def minimax_m3_config() -> M3Config:
+    """The released model: 3 dense full-attention layers, then 57 MoE + sparse layers."""
+    layers = [0] * 3 + [1] * 57
+    return M3Config(moe_layer_freq=layers, sparse_attention_freq=list(layers))
+
+
+def tiny_config() -> M3Config:
+    """Every feature on at CPU size: layer 0 dense + full attention, layers 1-2 MoE + sparse;
+    blocks of 8 with top-4 (one init, one local) so the demo's 58-token prompt (8 blocks)
+    drops blocks; a 2-layer vision tower whose videos are cut every 2 temporal groups; one MTP depth."""
+    return M3Config(
+        vocab_size=512, hidden_size=64, num_hidden_layers=3, max_position_embeddings=65536,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rotary_dim=8, rope_theta=10000.0,
+        sparse_attention_freq=[0, 1, 1], sparse_index_dim=16, sparse_num_index_heads=2,
+        sparse_topk_blocks=4, sparse_block_size=8, sparse_init_block=1, sparse_local_block=1,
+        moe_layer_freq=[0, 1, 1], dense_intermediate_size=128, intermediate_size=32,
+        shared_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        num_mtp_modules=1,
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, vision_segment_max_frames=2),
+        image_token_index=500, video_token_index=501, vision_start_token_index=502,
+        vision_end_token_index=503, projector_hidden_size=64)
+
+
+def mtp_vllm_drafter(**changes) -> MTPConfig:
+    """vLLM's M3 drafter: the embedding zeroed at position 0, pre-norm outputs passed on. (With
+    M >= 2 vLLM runs depth 1 for every draft: add repeated_layer=True to match it.)"""
+    return MTPConfig(**{"pass_hidden": "pre_norm", "zero_position0": True, **changes})
+
+
+def mtp_step3p7(**changes) -> MTPConfig:
+    """Automodel's Step3p7 conventions on M3's modules: pre-norm outputs passed on, a head per
+    depth, the rolled input embeddings, the loss over the main token count."""
+    return MTPConfig(**{"pass_hidden": "pre_norm", "head": "per_depth", "embed_source": "inputs_embeds",
+                  "loss_norm": "main_tokens", **changes})
+
+
+def mtp_nemotron_v3(**changes) -> MTPConfig:
+    """Automodel's NemotronV3 conventions on M3's modules: the "*E" sublayers, the loss over the
+    main token count (its Ultra / Nano recipes add repeated_layer=True)."""
+    return MTPConfig(**{"sublayers": "attention_moe", "loss_norm": "main_tokens", **changes})
+
+
+# allowed values of MTPConfig's string options, the default (M3's) first
+MTP_CHOICES = {"pass_hidden": ("post_norm", "pre_norm"), "head": ("shared", "per_depth"),
+               "embed_source": ("token_ids", "inputs_embeds"), "sublayers": ("decoder_layer", "attention_moe"),
+               "loss_norm": ("per_depth", "main_tokens")}
+
+
+# ============================================================================================
+# Input checks and random weights
+# ============================================================================================
+# What the model's forward and the loader call to reject bad input with a clear error
+
+def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """t, after making sure it holds no NaN or Inf; otherwise a ValueError naming `what` and the
+    first bad index, so a corrupt weight or an overflow is found where it appears."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        first = bad.nonzero()[0].tolist()
+        kind = "NaN" if bool(t[tuple(first)].isnan()) else "Inf"
+        raise ValueError(f"{what} holds {kind} (first at index {first} of shape {list(t.shape)})")
+    return t
+
+
+def _check_ids(input_ids, labels, position_ids, vocab_size: int, attention_mask=None):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be an int64 tensor [B, S], got "
+                        f"{input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty [B, S] tensor, got shape {tuple(input_ids.shape)}")
+    bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+    if bad.numel():
+        raise ValueError(f"input_ids hold token id {int(bad[0])} outside [0, {vocab_size}) (vocab_size)")
+    for name, t in (("labels", labels), ("position_ids", position_ids)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an integer tensor shaped like input_ids {tuple(input_ids.shape)}")
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+    if labels is not None:
+        bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab_size))]
+        if bad.numel():
+            raise ValueError(f"labels hold {int(bad[0])}: allowed are -100 (ignore) or ids in [0, {vocab_size})")
+    if position_ids is not None and bool((position_ids < 0).any()):
+        raise ValueError("position_ids must be >= 0")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                             f"got {got!r} (with a cache: this call's tokens only; the cache keeps the rest)")
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold 1 (token) and 0 (pad) only")
+
+
+def _check_embeds(inputs_embeds, input_ids, hidden_size: int, pixel_values, pixel_values_videos):
+    if pixel_values is not None or pixel_values_videos is not None:
+        raise ValueError("pass either inputs_embeds or pixel values: media are spliced into embed()'s output only")
+    want = (*input_ids.shape, hidden_size)
+    if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+        raise TypeError(f"inputs_embeds must be a floating-point tensor {want}")
+    if tuple(inputs_embeds.shape) != want:
+        raise ValueError(f"inputs_embeds shape {tuple(inputs_embeds.shape)} must be [B, S, hidden_size] = {want}")
+
+
+def _check_media(cfg: M3Config, pixels, grid, pix_name: str, grid_name: str):
+    if cfg.vision is None:
+        raise ValueError(f"{pix_name} given, but this is a text-only model (its config has no vision part)")
+    if pixels is None or grid is None:
+        missing, given = (pix_name, grid_name) if pixels is None else (grid_name, pix_name)
+        raise ValueError(f"{given} given without {missing}: both are needed")
+    v = cfg.vision
+    if not isinstance(grid, torch.Tensor) or grid.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{grid_name} must be an integer tensor [n, 3] of (t, h, w)")
+    if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
+        raise TypeError(f"{pix_name} must be a floating-point tensor [N, {v.patch_dim}]")
+    if grid.dim() != 2 or grid.shape[1] != 3 or grid.shape[0] == 0 or bool((grid < 1).any()):
+        raise ValueError(f"{grid_name} must be [n, 3] positive (t, h, w) rows, got {grid.tolist()}")
+    m = v.spatial_merge_size
+    odd = [g for g in grid.tolist() if g[1] % m or g[2] % m]
+    if odd:
+        raise ValueError(f"{grid_name} rows {odd}: h and w must be multiples of spatial_merge_size {m}")
+    rows = int(grid.prod(-1).sum())
+    if pixels.dim() != 2 or pixels.shape != (rows, v.patch_dim):
+        raise ValueError(f"{pix_name} has shape {tuple(pixels.shape)} but {grid_name} {grid.tolist()} needs "
+                         f"sum(t*h*w) = {rows} rows of C*Tp*P*P = {v.patch_dim} values")
+    check_finite(pixels, pix_name)
+
+
+def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Deterministic random weights for tests, demos and goldens (not a training init).
+
+    Each tensor draws from its own generator seeded by (seed, its name), so models that share
+    parameter names share their values. Matrices ~ N(0, 1/fan_in); embeddings ~ N(0, 1); norm
+    offsets, biases and the router correction bias ~ N(0, 0.1).
+    """
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            std = 1.0 if "embed_tokens" in name else (t[0].numel() ** -0.5 if t.dim() >= 2 else 0.1)
+            t.copy_(torch.randn(t.shape, generator=g) * std)
+    return model
 
 
 # ============================================================================================
@@ -2746,6 +2544,247 @@ def save_pretrained(model: MiniMaxM3, path: str | os.PathLike, max_shard_size: i
              (p.name != INDEX_FILE or len(shards) == 1)]
     for p in stale:
         p.unlink()
+
+
+# ============================================================================================
+# Preprocessing: images and videos to patch rows, prompts to placeholder runs
+# ============================================================================================
+# The released processor (checkpoint remote code, vendored by vLLM; transformers' processor is the
+# same algorithm): smart_resize to multiples of 28 within a pixel budget, antialiased bicubic
+# resize of the uint8 pixels, rescale by 1/255 and CLIP normalisation fused into one step, frames
+# padded to the temporal patch size, patches cut in 2x2 merge-window order. The prompt carries one
+# placeholder per image or video, which the processor expands.
+
+@dataclass
+class ProcessorConfig:
+    """The released processor's settings (preprocessor_config.json upstream, not config.json)."""
+    image_min_pixels: int = 4 * 28 * 28           # 3,136: area bounds of a resized image
+    image_max_pixels: int = 672 * 672             # 451,584: at most 24 x 24 = 576 tokens
+    video_min_pixels: int = 4 * 28 * 28           # the same, per video frame
+    video_max_pixels: int = 768 * 28 * 28         # 602,112
+    max_aspect_ratio: float = 200.0               # longer / shorter side, rejected above
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int,
+                 max_ratio: float = 200.0) -> tuple[int, int]:
+    """The resized (height, width): multiples of `factor` (patch size x merge size = 28), near the
+    original aspect ratio, area within [min_pixels, max_pixels].
+
+    Each side rounds to the nearest multiple (Python round: half to even), at least one factor; an
+    area above the maximum scales both sides by beta = sqrt(h*w / max) and floors them, an area
+    below the minimum scales by sqrt(min / (h*w)) and ceils them. (transformers' copy omits the
+    one-factor floor in the first step: the two differ only for a side of 14 pixels or less, which
+    rounds to 0 there: 14 / 28 = 0.5 rounds to even.)
+    """
+    if min(height, width) < 1:
+        raise ValueError(f"size {height}x{width}: both sides must be at least 1 pixel")
+    if max(height, width) / min(height, width) > max_ratio:
+        raise ValueError(f"size {height}x{width}: aspect ratio {max(height, width) / min(height, width):.1f} "
+                         f"is above the processor's limit {max_ratio:g}")
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    if min(h, w) < factor:                   # only custom bounds reach this: the release would crash
+        raise ValueError(f"size {height}x{width}: max_pixels {max_pixels} leaves a side under {factor} pixels")
+    return h, w
+
+
+def resize_uint8(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bicubic resize of uint8 frames [F, C, H, W] -> [F, C, height, width] uint8.
+
+    This is torch's native uint8 CPU kernel, which torchvision runs for the released processor on
+    a CPU (where transformers and vLLM run it): each separable pass rounds and clamps to uint8. On
+    a GPU torchvision resizes in float32 and rounds once; on noise the two differ by up to ~20 of
+    255 levels in about a quarter of the pixels, so the processor's output depends on its device.
+    An unchanged size is no resize at all.
+    """
+    if tuple(frames.shape[-2:]) == (height, width):
+        return frames
+    return F.interpolate(frames.cpu(), size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+
+
+def normalize_pixels(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - 255 mean) / (255 std) per channel in fp32: the 1/255 rescale folded into the CLIP mean
+    and std as the released processor does (mean and std are fp32, multiplied by 255 in fp32),
+    then one subtraction and one division. frames uint8 [F, C, H, W] -> fp32 [F, C, H, W]."""
+    m = (torch.tensor(mean, dtype=torch.float32) * 255.0).view(-1, 1, 1)
+    s = (torch.tensor(std, dtype=torch.float32) * 255.0).view(-1, 1, 1)
+    return (frames.to(torch.float32) - m) / s
+
+
+def patchify(frames: torch.Tensor, patch: int, temporal: int, merge: int) -> tuple[torch.Tensor, list[int]]:
+    """Normalised frames [F, C, H, W] -> pixel rows [t*h*w, C*Tp*P*P] and the grid [t, h, w].
+
+    The last frame repeats until F is a multiple of Tp (an image is one frame); frames Tp*g ..
+    Tp*g + Tp-1 form temporal group g. Rows run t outermost, then the 2x2 merge windows in raster
+    order, then the m*m patches of a window; each row is laid out (C, Tp, P, P).
+    """
+    pad = -frames.shape[0] % temporal
+    frames = torch.cat([frames, frames[-1:].expand(pad, *frames.shape[1:])]) if pad else frames
+    Fr, C, H, W = frames.shape
+    t, h, w = Fr // temporal, H // patch, W // patch
+    x = frames.reshape(t, temporal, C, h // merge, merge, patch, w // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)                 # [t, h/m, w/m, m, m, C, Tp, P, P]
+    return x.reshape(t * h * w, C * temporal * patch * patch), [t, h, w]
+
+
+def resized_frames(array, cfg: M3Config, video: bool, proc: ProcessorConfig = ProcessorConfig()) -> torch.Tensor:
+    """A uint8 RGB array, [H, W, 3] for an image or [F, H, W, 3] for video frames, as uint8 frames
+    [F, 3, h, w] after smart_resize (image or video bounds) and the uint8 bicubic resize."""
+    import numpy as np
+    if cfg.vision is None:
+        raise ValueError("images and videos need a vision config: this is a text-only model")
+    # a contiguous CPU copy: arrays may be read-only or have negative strides; the processor runs on the CPU
+    t = array.cpu() if isinstance(array, torch.Tensor) else torch.from_numpy(np.array(array, copy=True))
+    what, want = ("frames", "[F, H, W, 3]") if video else ("image", "[H, W, 3]")
+    if t.dtype != torch.uint8:
+        raise TypeError(f"{what} must be a uint8 array {want} (RGB, 0..255), got {t.dtype}")
+    if t.dim() != (4 if video else 3) or t.shape[-1] != 3 or t.numel() == 0:
+        raise ValueError(f"{what} must be a non-empty RGB array {want}, got shape {list(t.shape)}")
+    frames = (t if video else t[None]).permute(0, 3, 1, 2)
+    v = cfg.vision
+    bounds = (proc.video_min_pixels, proc.video_max_pixels) if video else (proc.image_min_pixels, proc.image_max_pixels)
+    size = smart_resize(*frames.shape[-2:], v.patch_size * v.spatial_merge_size, *bounds, proc.max_aspect_ratio)
+    return resize_uint8(frames, *size)
+
+
+def pixel_rows(frames: torch.Tensor, cfg: M3Config, proc: ProcessorConfig = ProcessorConfig()) -> tuple[torch.Tensor, list[int]]:
+    """Resized uint8 frames [F, 3, h, w] -> normalised patch rows and the grid [t, h, w]."""
+    v = cfg.vision
+    return patchify(normalize_pixels(frames, proc.image_mean, proc.image_std), v.patch_size, v.temporal_patch_size,
+                    v.spatial_merge_size)
+
+
+def preprocess_image(image, cfg: M3Config, proc: ProcessorConfig = ProcessorConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [H, W, 3] -> (pixel_values [h*w, C*Tp*P*P] fp32, grid_thw [1, 3] int64): smart_resize
+    with the image bounds, uint8 bicubic resize, fused rescale + normalisation, patch rows."""
+    rows, grid = pixel_rows(resized_frames(image, cfg, video=False, proc=proc), cfg, proc)
+    return rows, torch.tensor([grid])
+
+
+def preprocess_video(frames, cfg: M3Config, fps: float | None = None, frame_indices: Sequence[int] | None = None,
+                     proc: ProcessorConfig = ProcessorConfig()) -> tuple[torch.Tensor, torch.Tensor, list[float] | None]:
+    """uint8 [F, H, W, 3] (frames already sampled) -> (pixel_values [t*h*w, C*Tp*P*P], grid_thw [1, 3],
+    timestamps). Each frame as an image, with the video bounds; the last frame repeats to a multiple
+    of Tp. With the source `fps`, group g's timestamp is frame_indices[min(Tp*g, F-1)] / fps seconds
+    (frame_indices: the frames' indices in the source, default 0..F-1); without it, None."""
+    video = resized_frames(frames, cfg, video=True, proc=proc)
+    if frame_indices is not None and len(frame_indices) != video.shape[0]:
+        raise ValueError(f"frame_indices has {len(frame_indices)} entries for {video.shape[0]} frames")
+    if fps is not None and not 0 < fps < float("inf"):
+        raise ValueError(f"fps must be a finite number > 0, got {fps}")
+    rows, grid = pixel_rows(video, cfg, proc)
+    return rows, torch.tensor([grid]), video_timestamps(video.shape[0], grid[0], cfg, fps, frame_indices)
+
+
+def video_timestamps(num_frames: int, groups: int, cfg: M3Config, fps: float | None,
+                     frame_indices: Sequence[int] | None = None) -> list[float] | None:
+    """Seconds of each temporal group's first frame: frame_indices[min(Tp*g, F-1)] / fps (None without fps)."""
+    if fps is None:
+        return None
+    indices = list(range(num_frames)) if frame_indices is None else list(frame_indices)
+    return [indices[min(g * cfg.vision.temporal_patch_size, len(indices) - 1)] / fps for g in range(groups)]
+
+
+IMAGE_TEXT, VIDEO_TEXT = "]<]image[>[", "]<]video[>["                     # the placeholders, as text
+START_TEXT, END_TEXT = "]<]start of image[>[", "]<]end of image[>["        # images and video groups alike
+
+
+def timestamp_text(seconds: float) -> str:
+    """The text before a video group, tokenised like any text: "]<]{seconds:.1f} seconds[>["."""
+    return f"]<]{seconds:.1f} seconds[>["
+
+
+def expand_prompt_text(text: str, image_grid_thw=None, video_grid_thw=None,
+                       timestamps: Sequence[Sequence[float] | None] | None = None, merge: int = 2) -> str:
+    """The released processor's expansion, on the text before tokenisation: each IMAGE_TEXT becomes
+    START_TEXT + K x IMAGE_TEXT + END_TEXT, each VIDEO_TEXT per temporal group the timestamp text
+    (when known) + START_TEXT + h*w / m^2 x VIDEO_TEXT + END_TEXT. Tokenising the result as one
+    string gives the processor's ids; expand_prompt on ids (as vLLM does) can differ from it where
+    byte-level BPE merges the text before a timestamp with it (a space before the placeholder)."""
+    counts = {IMAGE_TEXT: text.count(IMAGE_TEXT), VIDEO_TEXT: text.count(VIDEO_TEXT)}
+    grids = {IMAGE_TEXT: [] if image_grid_thw is None else torch.as_tensor(image_grid_thw).reshape(-1, 3).tolist(),
+             VIDEO_TEXT: [] if video_grid_thw is None else torch.as_tensor(video_grid_thw).reshape(-1, 3).tolist()}
+    for marker, rows in grids.items():
+        if counts[marker] != len(rows):
+            raise ValueError(f"the prompt holds {counts[marker]} {marker} placeholders but {len(rows)} grids were "
+                             f"given for them; the counts must match")
+    stamps = iter(timestamps if timestamps is not None else [None] * len(grids[VIDEO_TEXT]))
+    rows = {marker: iter(r) for marker, r in grids.items()}
+    out = []
+    for piece in re.split(f"({re.escape(IMAGE_TEXT)}|{re.escape(VIDEO_TEXT)})", text):
+        if piece not in rows:
+            out.append(piece)
+            continue
+        t, h, w = next(rows[piece])
+        if piece == IMAGE_TEXT:
+            out.append(START_TEXT + IMAGE_TEXT * (t * h * w // merge ** 2) + END_TEXT)
+            continue
+        seconds = next(stamps)
+        out += [(timestamp_text(seconds[g]) if seconds else "") + START_TEXT + VIDEO_TEXT * (h * w // merge ** 2)
+                + END_TEXT for g in range(t)]
+    return "".join(out)
+
+
+def expand_prompt(input_ids, image_grid_thw=None, video_grid_thw=None,
+                  timestamp_ids: Sequence[Sequence[Sequence[int]]] | None = None, *, cfg: M3Config) -> torch.Tensor:
+    """Each image placeholder -> start + K image ids + end (K = t*h*w / m^2, the image's feature
+    rows); each video placeholder -> per temporal group g: timestamp_ids[video][g] (if given) +
+    start + h*w / m^2 video ids + end (videos use the image start/end ids too).
+
+    input_ids [S] or [1, S] int; grids [n, 3] in placeholder order -> the same rank, longer.
+    """
+    if cfg.vision is None:
+        raise ValueError("expand_prompt needs a vision config: this is a text-only model")
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != 1):
+        raise ValueError(f"input_ids must be [S] or [1, S], got shape {list(ids.shape)}")
+    m2 = cfg.vision.spatial_merge_size ** 2
+    start, end = cfg.vision_start_token_index, cfg.vision_end_token_index
+    for name, i in (("vision_start_token_index", start), ("vision_end_token_index", end)):
+        if not 0 <= i < cfg.vocab_size:        # configs without these keys get the released ids
+            raise ValueError(f"config {name} = {i} is outside the vocabulary [0, {cfg.vocab_size}); set it in config.json")
+    grids = {}
+    for what, grid, token in [("image", image_grid_thw, cfg.image_token_index), ("video", video_grid_thw,
+                                                                                   cfg.video_token_index)]:
+        rows = [] if grid is None else torch.as_tensor(grid).reshape(-1, 3).tolist()
+        if grid is not None and (torch.as_tensor(grid).dim() != 2 or any(min(r) < 1 for r in rows)):
+            raise ValueError(f"{what}_grid_thw must be [n, 3] rows of positive (t, h, w), got {torch.as_tensor(grid).tolist()}")
+        n = int((ids == token).sum())
+        if n != len(rows):
+            raise ValueError(f"input_ids hold {n} {what} placeholders (id {token}) but {len(rows)} {what} grids "
+                             f"were given; the counts must match")
+        grids[token] = iter(rows)
+    if timestamp_ids is not None:
+        if len(timestamp_ids) != int((ids == cfg.video_token_index).sum()):
+            raise ValueError(f"timestamp_ids has {len(timestamp_ids)} entries, one per video is needed")
+        bad = [i for video in timestamp_ids for group in video for i in group
+               if not 0 <= i < cfg.vocab_size or i in (cfg.image_token_index, cfg.video_token_index)]
+        if bad:
+            raise ValueError(f"timestamp_ids hold {bad[:3]}: ids must be text tokens in [0, {cfg.vocab_size}), "
+                             f"not placeholders")
+    out, video = [], 0
+    for i in ids.flatten().tolist():
+        if i == cfg.image_token_index:
+            t, h, w = next(grids[i])
+            out += [start] + [i] * (t * h * w // m2) + [end]
+        elif i == cfg.video_token_index:
+            t, h, w = next(grids[i])
+            stamps = timestamp_ids[video] if timestamp_ids is not None else [[]] * t
+            if len(stamps) != t:
+                raise ValueError(f"timestamp_ids[{video}] has {len(stamps)} entries for {t} temporal groups")
+            for g in range(t):
+                out += list(stamps[g]) + [start] + [i] * (h * w // m2) + [end]
+            video += 1
+        else:
+            out.append(i)
+    return torch.tensor(out, dtype=torch.int64).reshape((1, -1) if ids.dim() == 2 else (-1,))
 
 
 # ============================================================================================
