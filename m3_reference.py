@@ -555,8 +555,10 @@ def lightning_indexer(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk:
     buffer at [B, Hi, Sc, Sk] (cache-sized) instead of [B, Hi, S, Sk]; the chunk size never changes the result.
     """
     B, S, Hi, _ = iq.shape
-    # ~8 MB of torch scores per chunk; the Triton kernel keeps no [Sc, Sk] scores, so one chunk
-    Sc = query_chunk or (S if _kernels is not None else max(1, (1 << 21) // (Hi * max(ik.shape[1], 1))))
+    # fp32 scores per chunk: ~8 MB on a CPU (cache-sized), ~1 GB on a GPU (few launches); the same
+    # chunks whichever kernels run (the Triton twin keeps no [Sc, Sk] scores of its own)
+    budget = 1 << (21 if iq.device.type == "cpu" else 28)
+    Sc = query_chunk or max(1, budget // (Hi * max(ik.shape[1], 1)))
     out = []
     # last chunk first: the score buffers shrink from chunk to chunk, so each fits in the memory the
     # previous one freed (growing ones take fresh pages from the OS every time: 2x slower at 16k)
@@ -846,11 +848,11 @@ class TextModel(nn.Module):
             raise ValueError(f"MTP depth k must be an int in 1..{self.cfg.num_mtp_modules} (counted from 1), got {k!r}")
         return self.mtp["layers"][self.cfg.mtp_physical(k)]
 
-    def mtp_embeddings(self, k: int, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, positions: torch.Tensor,
+    def mtp_embeddings(self, k: int, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
                        spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """e_k [B, S, D]: slot i holds token i + k, embedded by embed_tokens (id 0 past the end of
         the row's tokens) or taken from inputs_embeds (zeros past the end), per
-        MTPConfig.embed_source; zero where positions [B, S] is 0 with zero_position0."""
+        MTPConfig.embed_source."""
         S, mcfg = input_ids.shape[1], self.cfg.mtp
         ends = torch.full((input_ids.shape[0], 1), S) if spans is None else torch.tensor([[end] for _, end in spans])
         past = torch.arange(S) + k >= ends                                               # [B, S]
@@ -858,11 +860,14 @@ class TextModel(nn.Module):
             emb = self.embed_tokens(mtp_input_ids(input_ids, k).masked_fill(past.to(input_ids.device), 0))
         else:
             emb = F.pad(inputs_embeds[:, k:], (0, 0, 0, min(k, S))).masked_fill(past[..., None].to(inputs_embeds.device), 0.0)
-        return emb.masked_fill((positions == 0)[..., None], 0.0) if mcfg.zero_position0 else emb
+        return emb
 
-    def mtp_step(self, k: int, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 cache: LayerCache | None = None, spans: list[tuple[int, int]] | None = None):
-        """Depth k over e_k and h_{k-1}: -> (final_layernorm(x_k), the head's input; h_k for depth k + 1)."""
+    def mtp_step(self, k: int, h_prev: torch.Tensor, emb: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, cache: LayerCache | None = None, spans: list[tuple[int, int]] | None = None):
+        """Depth k over e_k and h_{k-1} at positions [B, S] (e_k zeroed where the position is 0 with
+        MTPConfig.zero_position0): -> (final_layernorm(x_k), the head's input; h_k for depth k + 1)."""
+        if self.cfg.mtp.zero_position0:
+            emb = emb.masked_fill((positions == 0)[..., None], 0.0)
         depth = self.mtp_depth(k)
         x = check_finite(depth(h_prev, emb, cos, sin, cache, spans), f"MTP depth {k} output")
         normed = depth.final_layernorm(x)
@@ -885,7 +890,7 @@ class LanguageModel(nn.Module):
         position-0 rule."""
         text, out = self.model, []
         for k in range(1, self.model.cfg.num_mtp_modules + 1):
-            normed, h = text.mtp_step(k, h, text.mtp_embeddings(k, input_ids, inputs_embeds, positions, spans),
+            normed, h = text.mtp_step(k, h, text.mtp_embeddings(k, input_ids, inputs_embeds, spans), positions,
                                       cos, sin, spans=spans)
             out.append(text.mtp_depth(k).head(normed, self.lm_head))
         return out
@@ -1286,10 +1291,8 @@ def mtp_pass(model: MiniMaxM3, layer: LayerCache, k: int, emb: torch.Tensor, h_p
     -> (final_layernorm(x_k), the hidden state passed on), each [B, S, D]."""
     text = model.language_model.model
     cos, sin = text.rope(positions)
-    if model.config.mtp.zero_position0:
-        emb = emb.masked_fill((positions == 0)[..., None], 0.0)
     spans = None if bool(mask.all()) else row_spans(mask)
-    return text.mtp_step(k, h_prev, emb, cos, sin, layer, spans)
+    return text.mtp_step(k, h_prev, emb, positions, cos, sin, layer, spans)
 
 
 def mtp_logits(model: MiniMaxM3, k: int, normed: torch.Tensor) -> torch.Tensor:
@@ -1307,30 +1310,40 @@ def generate(model: MiniMaxM3, input_ids: torch.Tensor, max_new_tokens: int, pix
 
     With mtp=True each step drafts `draft_tokens` (default: the number of MTP depths) tokens with
     the MTP depths, as vLLM's drafter does for M3's one depth, then verifies them with one forward
-    of the main model. The depths follow config.mtp, as in the training forward: M3's conventions
-    by default, vLLM's drafter with MTPConfig.vllm_drafter() (embedding zeroed at position 0, the
-    pre-norm output passed on).
-      - first pass: MTP depth 1 runs over every slot the main model has just verified (the whole
-        prompt at first): slot p fuses the embedding of the token at p + 1 (the newest sampled
-        token at the last slot) with the main model's post-norm hidden state h_p, at p's
-        position: the training alignment of depth 1. The prompt's embedding is embed_tokens of
-        its ids, or with embed_source="inputs_embeds" its spliced embeddings (vision features).
-        Its last slot's logits give draft 1.
-      - later drafts j = 2..n run depth (j - 1) % M + 1 over one slot each: the previous draft's
-        embedding, the previous depth's output passed on (MTPConfig.pass_hidden), the next
-        position. M3 ships one depth, which drafts every token. With M >= 2 the depths rotate as
-        vLLM's MTP module indexes them by step (its current proposer passes step 0 only); a
-        physical depth other than the first attends only its slots of this step.
-      - the main model takes [newest token, draft 1..n] in one forward; a row accepts the longest
-        prefix of drafts equal to its own greedy predictions; all rows keep the shortest such
-        prefix a, plus the main model's token after it; every cache rolls back to drop the rest
-        (the main model to the verified slots, the first MTP depth to where its drafts began,
-        then its first pass over the verified slots).
-    Greedy verification makes the tokens those of plain greedy decoding. stats: steps (forward
-    calls after the prefill), drafted, accepted, acceptance (accepted / drafted). draft_trace, a
-    list, gets per step a dict of drafts [B, n], draft_logits [B, n, V] and accepted a.
+    of the main model (`_speculative_step`). The depths follow config.mtp, as in the training
+    forward: M3's conventions by default, vLLM's drafter with MTPConfig.vllm_drafter(). Greedy
+    verification makes the tokens those of plain greedy decoding. stats: steps (forward calls
+    after the prefill), drafted, accepted, acceptance (accepted / drafted). draft_trace, a list,
+    gets per step a dict of drafts [B, n], draft_logits [B, n, V] and accepted a.
     """
-    cfg = model.config
+    _check_generate(model.config, input_ids, max_new_tokens, mtp, draft_tokens, attention_mask)
+    n_draft = draft_tokens or model.config.num_mtp_modules
+    cache = model.new_cache()
+    stats = {"steps": 0, "drafted": 0, "accepted": 0}
+    with torch.no_grad():
+        out = model(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                    attention_mask=attention_mask, cache=cache)
+        new = [out.logits[:, -1].argmax(-1)]                                      # [B] each
+        if mtp:
+            embed = model.language_model.model.embed_tokens
+            source = out.inputs_embeds if model.config.mtp.embed_source == "inputs_embeds" else embed(input_ids)
+            drafter = _first_pass(model, cache, torch.cat([source[:, 1:], embed(new[-1][:, None])], 1), out.hidden)
+        while len(new) < max_new_tokens and not _all_ended(new, eos_token_id):
+            stats["steps"] += 1
+            if not mtp:
+                new.append(_step(model, new[-1][:, None], cache).logits[:, -1].argmax(-1))
+                continue
+            verified, drafter = _speculative_step(model, cache, new[-1], drafter, n_draft, stats, draft_trace)
+            new += list(verified.unbind(1))
+    tokens = torch.stack(new, 1)[:, :max_new_tokens].to(input_ids.dtype)
+    if eos_token_id is not None:                 # after a row's first eos: eos, up to max_new_tokens
+        tokens = F.pad(tokens, (0, max_new_tokens - tokens.shape[1]), value=eos_token_id)
+        tokens = tokens.masked_fill((tokens == eos_token_id).cumsum(1) > 0, eos_token_id)
+    stats["acceptance"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else None
+    return torch.cat([input_ids, tokens], 1), stats
+
+
+def _check_generate(cfg: M3Config, input_ids, max_new_tokens, mtp, draft_tokens, attention_mask) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if mtp and not cfg.num_mtp_modules:
@@ -1342,45 +1355,34 @@ def generate(model: MiniMaxM3, input_ids: torch.Tensor, max_new_tokens: int, pix
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         b = int((attention_mask[:, -1] == 0).nonzero()[0])
         raise ValueError(f"generate needs left padding: row {b}'s last prompt position is a pad")
-    n_draft = draft_tokens or cfg.num_mtp_modules
-    cache = model.new_cache()
-    stats = {"steps": 0, "drafted": 0, "accepted": 0}
-    with torch.no_grad():
-        out = model(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                    attention_mask=attention_mask, cache=cache)
-        new = [out.logits[:, -1].argmax(-1)]                                      # [B] each
-        if mtp:
-            embed = model.language_model.model.embed_tokens
-            source = out.inputs_embeds if cfg.mtp.embed_source == "inputs_embeds" else embed(input_ids)
-            emb = torch.cat([source[:, 1:], embed(new[-1][:, None])], 1)
-            x_draft, h_draft = _first_pass(model, cache, emb, out.hidden)
-        while len(new) < max_new_tokens and not _all_ended(new, eos_token_id):
-            stats["steps"] += 1
-            if not mtp:
-                new.append(_step(model, new[-1][:, None], cache).logits[:, -1].argmax(-1))
-                continue
-            drafts, logits = _draft(model, cache, x_draft, h_draft, n_draft)    # [B, n], [B, n, V]
-            past = cache.length
-            check = _step(model, torch.cat([new[-1][:, None], drafts], 1), cache)
-            preds = check.logits.argmax(-1)                                       # [B, n + 1]
-            a = int((drafts == preds[:, :-1]).long().cumprod(-1).sum(-1).min())   # accepted by every row
-            stats["drafted"] += n_draft * drafts.shape[0]
-            stats["accepted"] += a * drafts.shape[0]
-            if draft_trace is not None:
-                draft_trace.append({"drafts": drafts, "draft_logits": logits, "accepted": a})
-            cache.truncate(past + a + 1)
-            cache.mtp[0].truncate(past)
-            for later in cache.mtp[1:]:
-                later.truncate(0)
-            verified = torch.cat([drafts[:, :a], preds[:, a:a + 1]], 1)
-            x_draft, h_draft = _first_pass(model, cache, embed(verified), check.hidden[:, :a + 1])
-            new += list(verified.unbind(1))
-    tokens = torch.stack(new, 1)[:, :max_new_tokens].to(input_ids.dtype)
-    if eos_token_id is not None:                 # after a row's first eos: eos, up to max_new_tokens
-        tokens = F.pad(tokens, (0, max_new_tokens - tokens.shape[1]), value=eos_token_id)
-        tokens = tokens.masked_fill((tokens == eos_token_id).cumsum(1) > 0, eos_token_id)
-    stats["acceptance"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else None
-    return torch.cat([input_ids, tokens], 1), stats
+
+
+def _speculative_step(model: MiniMaxM3, cache: Cache, newest: torch.Tensor, drafter: tuple, n: int, stats: dict,
+                      trace: list | None) -> tuple[torch.Tensor, tuple]:
+    """One step of MTP speculative decoding after the newest token [B]; drafter = (x, h), the
+    first pass's last slot (`_first_pass`). -> (the verified tokens [B, a + 1], the next drafter).
+      - drafts: `_draft` runs n drafts from the first pass's last slot.
+      - verify: the main model takes [newest token, draft 1..n] in one forward; a row accepts the
+        longest prefix of drafts equal to its own greedy predictions; all rows keep the shortest
+        such prefix a, plus the main model's token after it.
+      - rollback: the main cache keeps the verified slots, the first MTP depth drops to where its
+        drafts began, other depths start empty; then the first pass over the verified slots."""
+    drafts, logits = _draft(model, cache, *drafter, n)                    # [B, n], [B, n, V]
+    past = cache.length
+    check = _step(model, torch.cat([newest[:, None], drafts], 1), cache)
+    preds = check.logits.argmax(-1)                                       # [B, n + 1]
+    a = int((drafts == preds[:, :-1]).long().cumprod(-1).sum(-1).min())   # accepted by every row
+    stats["drafted"] += n * drafts.shape[0]
+    stats["accepted"] += a * drafts.shape[0]
+    if trace is not None:
+        trace.append({"drafts": drafts, "draft_logits": logits, "accepted": a})
+    cache.truncate(past + a + 1)
+    cache.mtp[0].truncate(past)
+    for later in cache.mtp[1:]:
+        later.truncate(0)
+    verified = torch.cat([drafts[:, :a], preds[:, a:a + 1]], 1)
+    embed = model.language_model.model.embed_tokens
+    return verified, _first_pass(model, cache, embed(verified), check.hidden[:, :a + 1])
 
 
 def _step(model: MiniMaxM3, ids: torch.Tensor, cache: Cache) -> M3Output:
@@ -1393,9 +1395,12 @@ def _all_ended(new: list[torch.Tensor], eos_token_id: int | None) -> bool:
 
 
 def _first_pass(model: MiniMaxM3, cache: Cache, emb: torch.Tensor, hidden: torch.Tensor):
-    """Depth 1 over the S slots the main model has just verified (the last S of cache.mask), at
-    their positions, fusing emb [B, S, D] with hidden [B, S, D]: -> the last slot's
-    (final_layernorm(x_1), h_1), each [B, 1, D]."""
+    """Depth 1 over the S slots the main model has just verified (the last S of cache.mask; the
+    whole prompt at first), at their positions: slot p fuses emb[p], the embedding of the token at
+    p + 1 (the newest sampled token at the last slot; embed_tokens of the ids, or with
+    embed_source="inputs_embeds" the prompt's spliced embeddings), with hidden[p], the main
+    model's post-norm state: the training alignment of depth 1. emb, hidden [B, S, D] -> the last
+    slot's (final_layernorm(x_1), h_1), each [B, 1, D], whose logits give draft 1."""
     positions = token_positions(cache.mask, emb.shape[1])
     x, h = mtp_pass(model, cache.mtp[0], 1, emb, hidden, positions, cache.mask)
     return x[:, -1:], h[:, -1:]
@@ -1494,10 +1499,13 @@ def tiny_config() -> M3Config:
         vision_end_token_index=503, projector_hidden_size=64)
 
 
+VLLM_DRAFTER = {"pass_hidden": "pre_norm", "zero_position0": True}
+
+
 def mtp_vllm_drafter(**changes) -> MTPConfig:
-    """vLLM's M3 drafter: the embedding zeroed at position 0, pre-norm outputs passed on. (With
-    M >= 2 vLLM runs depth 1 for every draft: add repeated_layer=True to match it.)"""
-    return MTPConfig(**{"pass_hidden": "pre_norm", "zero_position0": True, **changes})
+    """vLLM's M3 drafter (VLLM_DRAFTER): the embedding zeroed at position 0, pre-norm outputs passed
+    on. (With M >= 2 vLLM runs depth 1 for every draft: add repeated_layer=True to match it.)"""
+    return MTPConfig(**{**VLLM_DRAFTER, **changes})
 
 
 def mtp_step3p7(**changes) -> MTPConfig:
@@ -1678,7 +1686,34 @@ def config_from_dict(d: dict) -> M3Config:
 
 def config_to_dict(c: M3Config) -> dict:
     """The upstream checkpoint form (what `save_pretrained` writes to config.json)."""
-    text = {
+    text = _text_config_dict(c)
+    if c.vision is None:
+        return {"architectures": ["MiniMaxM3SparseForCausalLM"], **text}
+    v = c.vision
+    compression = {"image_token_compression_method": "patch_merge",
+                   "spatial_merge_size": v.spatial_merge_size,
+                   "temporal_patch_size": v.temporal_patch_size}
+    vision = {
+        "model_type": "clip_vision_model", "hidden_act": "gelu",
+        "position_embedding_type": "rope", "rope_mode": "3d",
+        **{f.name: getattr(v, f.name) for f in fields(v)
+           if f.name not in ("spatial_merge_size", "temporal_patch_size")},
+        "img_token_compression_config": compression,
+    }
+    return {"architectures": ["MiniMaxM3SparseForConditionalGeneration"],
+            "model_type": "minimax_m3_vl", "text_config": text, "vision_config": vision,
+            "image_token_index": c.image_token_index,
+            "video_token_index": c.video_token_index,
+            "vision_start_token_index": c.vision_start_token_index,
+            "vision_end_token_index": c.vision_end_token_index,
+            "projector_hidden_size": c.projector_hidden_size,
+            "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
+            "img_token_compression_config": compression}
+
+
+def _text_config_dict(c: M3Config) -> dict:
+    """The text part of config.json (a text-only checkpoint's whole config, less architectures)."""
+    return {
         "model_type": "minimax_m3", "hidden_act": "swigluoai",
         "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
         "num_hidden_layers": c.num_hidden_layers, "rms_norm_eps": c.rms_norm_eps,
@@ -1713,28 +1748,6 @@ def config_to_dict(c: M3Config) -> dict:
             "sparse_disable_index_value": [int(f != 0) for f in c.sparse_attention_freq],
         },
     }
-    if c.vision is None:
-        return {"architectures": ["MiniMaxM3SparseForCausalLM"], **text}
-    v = c.vision
-    compression = {"image_token_compression_method": "patch_merge",
-                   "spatial_merge_size": v.spatial_merge_size,
-                   "temporal_patch_size": v.temporal_patch_size}
-    vision = {
-        "model_type": "clip_vision_model", "hidden_act": "gelu",
-        "position_embedding_type": "rope", "rope_mode": "3d",
-        **{f.name: getattr(v, f.name) for f in fields(v)
-           if f.name not in ("spatial_merge_size", "temporal_patch_size")},
-        "img_token_compression_config": compression,
-    }
-    return {"architectures": ["MiniMaxM3SparseForConditionalGeneration"],
-            "model_type": "minimax_m3_vl", "text_config": text, "vision_config": vision,
-            "image_token_index": c.image_token_index,
-            "video_token_index": c.video_token_index,
-            "vision_start_token_index": c.vision_start_token_index,
-            "vision_end_token_index": c.vision_end_token_index,
-            "projector_hidden_size": c.projector_hidden_size,
-            "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
-            "img_token_compression_config": compression}
 
 
 # Required keys. A guessed model dimension only shows up later as thousands of mismatched tensors,
@@ -1879,7 +1892,8 @@ def _mtp_fields(d: dict, where: str) -> MTPConfig:
         raise ValueError(f"config key '{where}' has unknown fields {unknown}; allowed: "
                          f"{[f.name for f in fields(MTPConfig)]}")
     r, default = _Reader(d, where), MTPConfig()
-    return MTPConfig(**{f.name: getattr(r, type(getattr(default, f.name)).__name__)(f.name, getattr(default, f.name))
+    read = {bool: r.bool, float: r.float, str: r.str}         # the types of MTPConfig's fields
+    return MTPConfig(**{f.name: read[type(getattr(default, f.name))](f.name, getattr(default, f.name))
                         for f in fields(MTPConfig)})
 
 
@@ -2905,7 +2919,7 @@ def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dty
             with pieces.piece("embeddings" + (" + vision" if media else ""), embed):
                 h = check_finite(model.embed(ids, *(inputs.get(k) for k in ("pixel_values", "image_grid_thw",
                                  "pixel_values_videos", "video_grid_thw"))), "embeddings")
-                shifted = [text.mtp_embeddings(k, ids, h, position_ids) for k in range(1, M + 1)]
+                shifted = [text.mtp_embeddings(k, ids, h) for k in range(1, M + 1)]
             for i, block in enumerate(text.layers):
                 kind = f"{'moe' if cfg.is_moe(i) else 'dense'}+{'sparse' if cfg.is_sparse(i) else 'full'}"
                 with pieces.piece(f"layer {i}/{L} {kind}", layer(i)):
@@ -2916,7 +2930,7 @@ def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dty
             for p in range(cfg.mtp_physical_depths):                     # a repeated depth: loaded once, run M times
                 with pieces.piece(f"MTP depth {p + 1}/{cfg.mtp_physical_depths}", depth(p)):
                     for k in (k for k in range(1, M + 1) if cfg.mtp_physical(k) == p):
-                        normed, h_k = text.mtp_step(k, h_k, shifted[k - 1], cos, sin)
+                        normed, h_k = text.mtp_step(k, h_k, shifted[k - 1], position_ids, cos, sin)
                         heads.append(text.mtp_depth(k).head(normed, lm_head) if own_head else normed)
             with pieces.piece("lm_head", ("language_model.lm_head.",)):
                 out = M3Output(logits=lm_head(h), mtp_logits=[x if own_head else lm_head(x) for x in heads])
@@ -3035,9 +3049,13 @@ def sample_frame_indices(num_frames: int, source_fps: float, target_fps: float =
     keep = [0]
     while (i := next_sampled_frame(keep[-1], source_fps, target_fps)) < num_frames:
         keep.append(i)
-    if keep[-1] != num_frames - 1 and (num_frames - 1 - keep[-1]) / source_fps > 1e-4:
-        keep.append(num_frames - 1)
-    return keep
+    return keep + [num_frames - 1] * keeps_last_frame(num_frames - 1, keep[-1], source_fps)
+
+
+def keeps_last_frame(last: int, kept: int, source_fps: float) -> bool:
+    """Whether a video's last frame joins the sampled ones: it is not the last kept one and lies more
+    than 1e-4 s after it."""
+    return last != kept and (last - kept) / source_fps > 1e-4
 
 
 def load_video(path: str | os.PathLike, fps: float | None) -> tuple["np.ndarray", float | None, list[int] | None]:
@@ -3082,7 +3100,7 @@ def load_video(path: str | os.PathLike, fps: float | None) -> tuple["np.ndarray"
         raise ValueError(f"cannot decode --video {p}: {e}") from e
     if not kept:
         raise ValueError(f"--video {p}: no frames decoded")
-    if last[0] != indices[-1] and (last[0] - indices[-1]) / source_fps > 1e-4:
+    if keeps_last_frame(last[0], indices[-1], source_fps):
         indices.append(last[0])
         kept.append(last[1])
     return np.stack(kept), source_fps, indices
@@ -3234,7 +3252,7 @@ def generate_cli(args) -> None:
     if args.vllm_drafter and not args.mtp:
         raise ValueError("--vllm-drafter sets how MTP drafts: it goes with --mtp")
     if args.vllm_drafter:              # vLLM's drafter conventions on the model's own MTP structure
-        cfg = replace(cfg, mtp=replace(cfg.mtp, pass_hidden="pre_norm", zero_position0=True))
+        cfg = replace(cfg, mtp=replace(cfg.mtp, **VLLM_DRAFTER))
     given = args.prompt_ids is not None or args.prompt_file is not None
     inputs = ({} if args.prompt is not None else read_prompt(args.prompt_ids, args.prompt_file) if given
               else {k: v for k, v in demo_inputs(cfg).items() if k != "labels"})
@@ -3273,6 +3291,22 @@ def _prompt_arguments(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.kernels:
+        _or_exit(set_kernels, args.kernels)
+    if args.command in ("golden", "verify", "bench"):
+        from golden import generate                 # the oracle's machinery, beside golden/verify.py
+        sys.exit(generate.cli(args))
+    elif args.command == "check":
+        sys.exit(_or_exit(check_checkpoint, args.checkpoint, getattr(torch, args.dtype)))
+    elif args.command in ("run", "generate"):
+        _or_exit(run_checkpoint if args.command == "run" else generate_cli, args)
+    else:
+        _or_exit(demo, *((args.image or (), args.video or (), args.video_fps) if args.command == "demo" else ()))
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The CLI: demo (default), bench, golden, verify, run, check, generate."""
     parser = argparse.ArgumentParser(description="MiniMax M3 reference")
     parser.add_argument("--kernels", choices=["torch", "triton"],
                         help="run the hot functions through kernels.py (needs a GPU or TRITON_INTERPRET=1); "
@@ -3318,18 +3352,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                               "position 0, pre-norm outputs passed on)")
     d.add_argument("--draft-tokens", type=int, help="drafts per step with --mtp (default: the MTP depths)")
     d.add_argument("--eos-token-id", type=int, help="stop a row at this token")
-    args = parser.parse_args(argv)
-    if args.kernels:
-        _or_exit(set_kernels, args.kernels)
-    if args.command in ("golden", "verify", "bench"):
-        from golden import generate                 # the oracle's machinery, beside golden/verify.py
-        sys.exit(generate.cli(args))
-    elif args.command == "check":
-        sys.exit(_or_exit(check_checkpoint, args.checkpoint, getattr(torch, args.dtype)))
-    elif args.command in ("run", "generate"):
-        _or_exit(run_checkpoint if args.command == "run" else generate_cli, args)
-    else:
-        _or_exit(demo, *((args.image or (), args.video or (), args.video_fps) if args.command == "demo" else ()))
+    return parser
 
 
 def _or_exit(command, *args):

@@ -730,7 +730,7 @@ def test_inputs_embeds_source_sees_the_vision_features(tmp_path):
     embeds = other.embed(ids, inputs["pixel_values"], inputs["image_grid_thw"], inputs["pixel_values_videos"],
                          inputs["video_grid_thw"])
     shifted = torch.cat([embeds[:, 1:], torch.zeros_like(embeds[:, :1])], 1)
-    assert torch.equal(text.mtp_embeddings(1, ids, embeds, torch.arange(ids.shape[1])[None]), shifted)
+    assert torch.equal(text.mtp_embeddings(1, ids, embeds), shifted)
 
 
 def test_repeated_depth_equals_running_depth_zero_three_times_by_hand():
@@ -883,7 +883,7 @@ def test_the_drafter_loads_alone_and_drafts_as_the_whole_model(tmp_path, vision)
         emb0 = emb.clone()
         emb0[:, 0] = 0                                                # vLLM: zero at position 0
         with torch.no_grad():
-            want = model.language_model.model.mtp_step(1, h, emb0, *model.language_model.model.rope(pos))
+            want = model.language_model.model.mtp_step(1, h, emb0, pos, *model.language_model.model.rope(pos))
         for a, b in zip(got, want):                                   # fp32 rounding only (memory offsets)
             torch.testing.assert_close(a, b, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
         with pytest.raises(ValueError, match="only the MTP drafter's weights"):
