@@ -58,6 +58,9 @@ def _on_device(*tensors: torch.Tensor) -> None:
                              f"got a tensor on {t.device}")
 
 
+# ---- interpreter shims: the same rounding under TRITON_INTERPRET=1 (numpy, no bf16 arithmetic,
+# truncating casts) as on a GPU; every kernel below rounds and multiplies through these -------
+
 @triton.jit
 def _to(x, dtype: tl.constexpr):
     """fp32 x in `dtype`, rounded to nearest even as torch rounds. The interpreter truncates fp32 ->
@@ -75,6 +78,17 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _pv(p, v, acc, UPCAST: tl.constexpr):
+    """acc + p @ v with p fp32 as the torch twin keeps it: for 16-bit v, p is split into a rounded
+    head and the rounded rest (p = hi + lo to ~2^-16), two tensor-core dots instead of one in fp32."""
+    if v.dtype == tl.float32:
+        return _dot(p, v, acc, UPCAST)
+    hi = _to(p, v.dtype)
+    lo = _to(p - hi.to(tl.float32), v.dtype)
+    return _dot(lo, v, _dot(hi, v, acc, UPCAST), UPCAST)
 
 
 # ---- Gemma RMSNorm (+ the residual add) -----------------------------------------------------
@@ -464,17 +478,6 @@ def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, top
 
 
 # ---- block-sparse attention -------------------------------------------------------------------
-
-@triton.jit
-def _pv(p, v, acc, UPCAST: tl.constexpr):
-    """acc + p @ v with p fp32 as the torch twin keeps it: for 16-bit v, p is split into a rounded
-    head and the rounded rest (p = hi + lo to ~2^-16), two tensor-core dots instead of one in fp32."""
-    if v.dtype == tl.float32:
-        return _dot(p, v, acc, UPCAST)
-    hi = _to(p, v.dtype)
-    lo = _to(p - hi.to(tl.float32), v.dtype)
-    return _dot(lo, v, _dot(hi, v, acc, UPCAST), UPCAST)
-
 
 @triton.jit
 def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_start, scale,

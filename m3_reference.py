@@ -833,7 +833,8 @@ class TextModel(nn.Module):
         if cfg.num_mtp_modules:
             self.mtp = nn.ModuleDict({"layers": nn.ModuleList(MTPDepth(cfg) for _ in range(cfg.mtp_physical_depths))})
 
-    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def angles(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos, sin [B, S, R / 2] of the text model at position_ids [B, S] (rope_angles)."""
         return rope_angles(position_ids, self.cfg.rotary_dim, self.cfg.rope_theta)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[LayerCache] | None = None,
@@ -855,11 +856,11 @@ class TextModel(nn.Module):
         MTPConfig.embed_source."""
         S, mcfg = input_ids.shape[1], self.cfg.mtp
         ends = torch.full((input_ids.shape[0], 1), S) if spans is None else torch.tensor([[end] for _, end in spans])
-        past = torch.arange(S) + k >= ends                                               # [B, S]
+        beyond = torch.arange(S) + k >= ends                     # [B, S]: token i + k is past the row's end
         if mcfg.embed_source == "token_ids":
-            emb = self.embed_tokens(mtp_input_ids(input_ids, k).masked_fill(past.to(input_ids.device), 0))
+            emb = self.embed_tokens(mtp_input_ids(input_ids, k).masked_fill(beyond.to(input_ids.device), 0))
         else:
-            emb = F.pad(inputs_embeds[:, k:], (0, 0, 0, min(k, S))).masked_fill(past[..., None].to(inputs_embeds.device), 0.0)
+            emb = F.pad(inputs_embeds[:, k:], (0, 0, 0, min(k, S))).masked_fill(beyond[..., None].to(inputs_embeds.device), 0.0)
         return emb
 
     def mtp_step(self, k: int, h_prev: torch.Tensor, emb: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
@@ -882,17 +883,18 @@ class LanguageModel(nn.Module):
         self.model = TextModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
-                   positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   spans: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
-        """logits_1..logits_M [B, S, V], chaining the depths from h_0 = h, the text model's output
-        [B, S, D]; positions [B, S] (those of the main model, not shifted) give RoPE and the
-        position-0 rule."""
+    def mtp_chain(self, h: torch.Tensor, shifted: list[torch.Tensor], positions: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, spans: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """Depths k = 1..M chained from h_0 = h [B, S, D], the text model's output, over their
+        embeddings shifted[k - 1] (TextModel.mtp_embeddings); positions [B, S] (the main model's,
+        not shifted) give RoPE and the position-0 rule. -> per depth its own head's logits [B, S, V]
+        (head="per_depth") or final_layernorm(x_k) [B, S, D], the shared lm_head's input: the
+        caller applies lm_head once, after the last depth, with the main logits."""
         text, out = self.model, []
         for k in range(1, self.model.cfg.num_mtp_modules + 1):
-            normed, h = text.mtp_step(k, h, text.mtp_embeddings(k, input_ids, inputs_embeds, spans), positions,
-                                      cos, sin, spans=spans)
-            out.append(text.mtp_depth(k).head(normed, self.lm_head))
+            normed, h = text.mtp_step(k, h, shifted[k - 1], positions, cos, sin, spans=spans)
+            out.append(text.mtp_depth(k).head(normed, self.lm_head) if self.model.cfg.mtp.head == "per_depth"
+                       else normed)
         return out
 
 
@@ -1149,9 +1151,9 @@ class MiniMaxM3(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
               pixel_values_videos=None, video_grid_thw=None) -> torch.Tensor:
-        """Token embeddings with image features, then video features, spliced in. -> [B, S, D]."""
-        h = self.language_model.model.embed_tokens(input_ids)
-        cfg = self.config
+        """Token embeddings with image features, then video features, spliced in. -> [B, S, D].
+        The features are computed first (images, then videos), then the token embeddings."""
+        cfg, features = self.config, []
         media = [("image", pixel_values, image_grid_thw, "pixel_values", "image_grid_thw", cfg.image_token_index),
                  ("video", pixel_values_videos, video_grid_thw, "pixel_values_videos", "video_grid_thw",
                   cfg.video_token_index)]
@@ -1163,7 +1165,10 @@ class MiniMaxM3(nn.Module):
                                      f"{pix_name} were given, so the vision tower produced 0 {what} feature rows")
                 continue
             _check_media(cfg, pixels, grid, pix_name, grid_name)
-            h = splice(h, input_ids, self.vision_features(pixels, grid), token_id, what)
+            features.append((what, token_id, self.vision_features(pixels, grid)))
+        h = self.language_model.model.embed_tokens(input_ids)
+        for what, token_id, f in features:
+            h = splice(h, input_ids, f, token_id, what)
         return h
 
     def forward(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
@@ -1176,29 +1181,34 @@ class MiniMaxM3(nn.Module):
         cfg = self.config
         if self.drafter_only:
             raise ValueError("this model holds only the MTP drafter's weights (from_pretrained drafter_only): "
-                             "run mtp_pass / mtp_logits on the target model's hidden states, or load the whole checkpoint")
+                             "run mtp_pass / draft_logits on the target model's hidden states, or load the whole checkpoint")
         _check_ids(input_ids, labels, position_ids, cfg.vocab_size, attention_mask)
         mask, spans, positions = token_layout(input_ids, attention_mask, cache)
-        text = self.language_model.model
+        text, lm_head = self.language_model.model, self.language_model.lm_head
         positions = positions if position_ids is None else position_ids
-        cos, sin = text.rope(positions)
+        cos, sin = text.angles(positions)
+        # in the order of the pieces a streamed run holds one at a time (stream_forward): vision,
+        # embeddings (the MTP depths' too), each layer, the norm, each MTP depth, then the head
         if inputs_embeds is not None:
             _check_embeds(inputs_embeds, input_ids, cfg.hidden_size, pixel_values, pixel_values_videos)
         else:
             inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        lm_head = self.language_model.lm_head
-        if cache is None:
-            h = text(inputs_embeds, cos, sin, None, spans)
-            mtp_logits = self.language_model.mtp_logits(h, input_ids, inputs_embeds, positions, cos, sin, spans)
-        else:
-            past = cache.length
-            try:
-                h = text(inputs_embeds, cos, sin, cache.layers, spans)
-            except BaseException:                   # a failed call leaves the cache as it was
+        M = cfg.num_mtp_modules if cache is None else 0           # a cached call runs no MTP depth
+        shifted = [text.mtp_embeddings(k, input_ids, inputs_embeds, spans) for k in range(1, M + 1)]
+        past = None if cache is None else cache.length
+        try:
+            h = text(check_finite(inputs_embeds, "embeddings"), cos, sin, None if cache is None else cache.layers,
+                     spans)
+        except BaseException:                       # a failed call leaves the cache as it was
+            if cache is not None:
                 cache.truncate(past)
-                raise
-            cache.mask, mtp_logits = mask, []
-        out = M3Output(logits=lm_head(h), mtp_logits=mtp_logits, hidden=h, inputs_embeds=inputs_embeds)
+            raise
+        if cache is not None:
+            cache.mask = mask
+        heads = self.language_model.mtp_chain(h, shifted, positions, cos, sin, spans) if M else []
+        own = cfg.mtp.head == "per_depth"
+        out = M3Output(logits=lm_head(h), mtp_logits=[x if own else lm_head(x) for x in heads], hidden=h,
+                       inputs_embeds=inputs_embeds)
         return add_losses(out, labels, cfg.mtp, attention_mask)
 
     def new_cache(self) -> "Cache":
@@ -1290,12 +1300,12 @@ def mtp_pass(model: MiniMaxM3, layer: LayerCache, k: int, emb: torch.Tensor, h_p
     MTPConfig.zero_position0); `mask` [B, cached + S] marks the depth's tokens and pads.
     -> (final_layernorm(x_k), the hidden state passed on), each [B, S, D]."""
     text = model.language_model.model
-    cos, sin = text.rope(positions)
+    cos, sin = text.angles(positions)
     spans = None if bool(mask.all()) else row_spans(mask)
     return text.mtp_step(k, h_prev, emb, positions, cos, sin, layer, spans)
 
 
-def mtp_logits(model: MiniMaxM3, k: int, normed: torch.Tensor) -> torch.Tensor:
+def draft_logits(model: MiniMaxM3, k: int, normed: torch.Tensor) -> torch.Tensor:
     """Depth k's logits [B, S, V] from final_layernorm(x_k) [B, S, D]."""
     return model.language_model.model.mtp_depth(k).head(normed, model.language_model.lm_head)
 
@@ -1414,7 +1424,7 @@ def _draft(model: MiniMaxM3, cache: Cache, x: torch.Tensor, h: torch.Tensor, n: 
     physical depths only the slots they ran this step."""
     cfg, embed = model.config, model.language_model.model.embed_tokens
     count = cache.mask.sum(-1, keepdim=True)                                     # [B, 1]
-    logits = [mtp_logits(model, 1, x)[:, -1]]
+    logits = [draft_logits(model, 1, x)[:, -1]]
     for j in range(1, n):
         k = j % cfg.num_mtp_modules + 1
         physical = cfg.mtp_physical(k)
@@ -1422,7 +1432,7 @@ def _draft(model: MiniMaxM3, cache: Cache, x: torch.Tensor, h: torch.Tensor, n: 
         history = cache.mask if physical == 0 else cache.mask[:, :0]
         mask = F.pad(history, (0, layer.length + 1 - history.shape[1]), value=1)
         x, h = mtp_pass(model, layer, k, embed(logits[-1].argmax(-1)[:, None]), h, count + j - 1, mask)
-        logits.append(mtp_logits(model, k, x)[:, -1])
+        logits.append(draft_logits(model, k, x)[:, -1])
     logits = torch.stack(logits, 1)
     return logits.argmax(-1), logits
 
@@ -2405,7 +2415,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     (found from the keys); `mtp` replaces config.json's MTP options. With drafter_only (default: a
     standalone MTP checkpoint) only embed_tokens, lm_head and the MTP depths are read, the rest
     stays on the meta device, and the model serves generate's drafter functions (mtp_pass,
-    mtp_logits) but not forward.
+    draft_logits) but not forward.
     """
     ckpt = Checkpoint(path)
     model = load_meta_model(ckpt, dtype, mtp_depths, mtp, drafter_only)
@@ -2824,14 +2834,24 @@ class StreamRun:
 
 
 class _Pieces:
-    """Makes the meta model's tensors real one piece at a time, frees them after, and counts."""
+    """Holds one piece of the meta model's weights at a time while the model's own forward runs: a
+    forward pre-hook on each piece (`pieces`) reads its tensors when the forward enters it, after
+    freeing the piece before; an MoE layer's routed experts are read once its router has chosen
+    them. Counts the bytes resident and prints a line per piece."""
 
     def __init__(self, model: MiniMaxM3, ckpt: Checkpoint, device, progress: bool):
         self.model, self.ckpt, self.device, self.progress = model, ckpt, device, progress
-        self.sizes = {n: t.numel() * t.element_size() for n, t in model.state_dict().items()}   # once: ~24k names
+        names = {m: n for n, m in model.named_modules()}
+        sizes = {n: t.numel() * t.element_size() for n, t in model.state_dict().items()}   # once: ~24k names
+        self.tensors = {m: [n for n in sizes if n.startswith(names[m] + ".")] for _, m in pieces(model)}
+        self.largest = max(sum(sizes[n] for n in ns) for ns in self.tensors.values())
         self.meta: dict[str, torch.Tensor] = {}    # the meta tensors the resident ones replaced
         self.live = self.peak = 0
-        self.experts = ""                  # "34/128 experts" of the running MoE layer, for the progress line
+        self.current: nn.Module | None = None
+        self.handles = [m.register_forward_pre_hook(lambda m, args, label=label: self.enter(label, m))
+                        for label, m in pieces(model)]
+        self.handles += [m.register_forward_pre_hook(self.route_then_load(n + "."))
+                         for n, m in model.named_modules() if isinstance(m, MoE)]
 
     def load(self, names: list[str]) -> None:
         for name in names:
@@ -2839,17 +2859,15 @@ class _Pieces:
             self.live += old.numel() * old.element_size()
         self.peak = max(self.peak, self.live)
 
-    def free(self) -> None:
-        for name, old in self.meta.items():
-            put_tensor(self.model, name, old)
-        self.meta, self.live = {}, 0
-
-    def names_under(self, prefixes: tuple[str, ...], experts: bool) -> list[str]:
-        """Tensor names of a piece; routed experts only when `experts` (they are read on demand)."""
-        return [n for n in self.sizes if n.startswith(prefixes) and (experts or ".experts." not in n)]
-
-    def bytes_under(self, prefixes: tuple[str, ...]) -> int:
-        return sum(self.sizes[n] for n in self.names_under(prefixes, experts=True))
+    def enter(self, label: str, module: nn.Module) -> None:
+        """The forward enters a piece: free the resident one (unless it is this one), read this one
+        without its routed experts."""
+        if module is self.current:
+            return
+        self.free()
+        self.current, self.label, self.experts = module, label, ""
+        self.t0, self.read0 = time.perf_counter(), self.ckpt.bytes_read
+        self.load([n for n in self.tensors[module] if ".experts." not in n])
 
     def route_then_load(self, prefix: str):
         """A forward pre-hook for the MoE at `prefix`: route its input, then read the chosen experts."""
@@ -2861,28 +2879,48 @@ class _Pieces:
             self.experts = f" {len(chosen)}/{len(moe.experts)} experts"
         return hook
 
-    @contextlib.contextmanager
-    def piece(self, label: str, prefixes: tuple[str, ...]):
-        t0, read0 = time.perf_counter(), self.ckpt.bytes_read
-        self.experts = ""
-        self.load(self.names_under(prefixes, experts=False))
-        try:
-            yield
-        finally:
-            self.free()
-        if self.progress:
+    def free(self) -> None:
+        """Put the resident piece back on the meta device and print its line."""
+        for name, old in self.meta.items():
+            put_tensor(self.model, name, old)
+        self.meta, self.live = {}, 0
+        if self.current is not None and self.progress:
             device_peak = (f", device peak {_size(torch.cuda.max_memory_allocated(self.device))}"
                            if torch.device(self.device).type == "cuda" else "")
-            print(f"{label}{self.experts}  read {_size(self.ckpt.bytes_read - read0)}  "
-                  f"{time.perf_counter() - t0:.1f} s  peak params {_size(self.peak)}{device_peak}",
+            print(f"{self.label}{self.experts}  read {_size(self.ckpt.bytes_read - self.read0)}  "
+                  f"{time.perf_counter() - self.t0:.1f} s  peak params {_size(self.peak)}{device_peak}",
                   file=sys.stderr, flush=True)
+        self.current = None
+
+    def close(self) -> None:
+        self.free()
+        for handle in self.handles:
+            handle.remove()
+
+
+def pieces(model: MiniMaxM3) -> list[tuple[str, nn.Module]]:
+    """The pieces of a streamed run, in the order the forward enters them, with their progress
+    labels: the vision modules, the embeddings, each layer, the norm, each MTP depth, the head."""
+    cfg, text = model.config, model.language_model.model
+    vision = [("vision tower", model.vision_tower), ("projector", model.multi_modal_projector),
+              ("patch merger", model.patch_merge_mlp)] if cfg.vision is not None else []
+    L, P = cfg.num_hidden_layers, cfg.mtp_physical_depths
+    kind = lambda i: f"{'moe' if cfg.is_moe(i) else 'dense'}+{'sparse' if cfg.is_sparse(i) else 'full'}"
+    return (vision + [("embeddings", text.embed_tokens)]
+            + [(f"layer {i}/{L} {kind(i)}", layer) for i, layer in enumerate(text.layers)] + [("norm", text.norm)]
+            + [(f"MTP depth {p + 1}/{P}", depth) for p, depth in enumerate(text.mtp["layers"] if P else [])]
+            + [("lm_head", model.language_model.lm_head)])
+
+
+STREAM_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                 "position_ids", "labels", "attention_mask")
 
 
 def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu", trace: bool = False, mtp_depths: int | None = None,
                    progress: bool = False, mtp: MTPConfig | None = None) -> StreamRun:
-    """The forward of the checkpoint at `path` on `inputs` (the keyword arguments of
-    MiniMaxM3.forward), holding one piece's parameters at a time on `device`.
+    """MiniMaxM3.forward of the checkpoint at `path` on `inputs` (its keyword arguments,
+    STREAM_INPUTS), holding one piece's parameters at a time on `device` (`_Pieces`).
 
     Checks the whole checkpoint against its config first (`load_meta_model`), so a missing, truncated
     or mis-shaped file fails before any compute; a non-finite weight or layer output stops the run
@@ -2891,56 +2929,23 @@ def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dty
     """
     ckpt = Checkpoint(path)
     model = load_meta_model(ckpt, dtype, mtp_depths, mtp, drafter_only=False)
-    cfg, text, lm_head = model.config, model.language_model.model, model.language_model.lm_head
-    unknown = set(inputs) - {"input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                             "position_ids", "labels"}
+    unknown = set(inputs) - set(STREAM_INPUTS)
     if unknown:
-        raise ValueError(f"inputs has keys {sorted(unknown)}; allowed are MiniMaxM3.forward's arguments")
+        raise ValueError(f"inputs has keys {sorted(unknown)}; allowed are MiniMaxM3.forward's arguments "
+                         f"{list(STREAM_INPUTS)}")
     inputs = {k: v.to(device) for k, v in inputs.items() if v is not None}
-    ids, labels = inputs.get("input_ids"), inputs.get("labels")
-    _check_ids(ids, labels, inputs.get("position_ids"), cfg.vocab_size)
-    position_ids = inputs.get("position_ids", torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
     media = [m for m, key in (("image", "pixel_values"), ("video", "pixel_values_videos")) if key in inputs]
-    M, L = cfg.num_mtp_modules, cfg.num_hidden_layers
-    pieces = _Pieces(model, ckpt, device, progress)
     from golden.generate import Tracer, named_outputs      # the golden names of what the run produced
     tracer = Tracer(model, media) if trace else None
-    hooks = [m.register_forward_pre_hook(pieces.route_then_load(name + "."))
-             for name, m in model.named_modules() if isinstance(m, MoE)]
-    embed = ("language_model.model.embed_tokens.",) + (("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")
-                                                      if media else ())
-    layer = lambda i: (f"language_model.model.layers.{i}.",)
-    depth = lambda p: (f"language_model.model.mtp.layers.{p}.",)
-    largest = max(map(pieces.bytes_under, [embed, *map(layer, range(L)), *map(depth, range(cfg.mtp_physical_depths)),
-                                           ("language_model.lm_head.",)]))
+    resident = _Pieces(model, ckpt, device, progress)
     try:
         with torch.no_grad():
-            cos, sin = text.rope(position_ids)
-            with pieces.piece("embeddings" + (" + vision" if media else ""), embed):
-                h = check_finite(model.embed(ids, *(inputs.get(k) for k in ("pixel_values", "image_grid_thw",
-                                 "pixel_values_videos", "video_grid_thw"))), "embeddings")
-                shifted = [text.mtp_embeddings(k, ids, h) for k in range(1, M + 1)]
-            for i, block in enumerate(text.layers):
-                kind = f"{'moe' if cfg.is_moe(i) else 'dense'}+{'sparse' if cfg.is_sparse(i) else 'full'}"
-                with pieces.piece(f"layer {i}/{L} {kind}", layer(i)):
-                    h = check_finite(block(h, cos, sin), f"layer {i} output")
-            with pieces.piece("norm", ("language_model.model.norm.",)):
-                h = text.norm(h)
-            heads, h_k, own_head = [], h, cfg.mtp.head == "per_depth"    # per depth: its logits or its head's input
-            for p in range(cfg.mtp_physical_depths):                     # a repeated depth: loaded once, run M times
-                with pieces.piece(f"MTP depth {p + 1}/{cfg.mtp_physical_depths}", depth(p)):
-                    for k in (k for k in range(1, M + 1) if cfg.mtp_physical(k) == p):
-                        normed, h_k = text.mtp_step(k, h_k, shifted[k - 1], position_ids, cos, sin)
-                        heads.append(text.mtp_depth(k).head(normed, lm_head) if own_head else normed)
-            with pieces.piece("lm_head", ("language_model.lm_head.",)):
-                out = M3Output(logits=lm_head(h), mtp_logits=[x if own_head else lm_head(x) for x in heads])
+            out = model(**inputs)
     finally:
-        for handle in hooks:
-            handle.remove()
+        resident.close()
         if tracer is not None:
             tracer.close()
-    add_losses(out, labels, cfg.mtp)
-    return StreamRun(out, named_outputs(tracer.out if trace else {}, out), pieces.peak, largest,
+    return StreamRun(out, named_outputs(tracer.out if trace else {}, out), resident.peak, resident.largest,
                      ckpt.reads, ckpt.bytes_read)
 
 

@@ -642,7 +642,7 @@ def test_mtp_depth_is_the_documented_composition():
     ids = torch.randint(0, 400, (2, 13))
     out = model(ids)
     depth = text.mtp["layers"][0]
-    cos, sin = text.rope(torch.arange(13).expand(2, 13))
+    cos, sin = text.angles(torch.arange(13).expand(2, 13))
     h0 = text(text.embed_tokens(ids), cos, sin)
     shifted = torch.cat([ids[:, 1:], torch.zeros(2, 1, dtype=ids.dtype)], 1)
     x = torch.cat([gemma_norm(text.embed_tokens(shifted), depth.enorm.weight),
@@ -741,7 +741,7 @@ def test_repeated_depth_equals_running_depth_zero_three_times_by_hand():
     ids = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(ids)
-        cos, sin = text.rope(torch.arange(17).expand(2, 17))
+        cos, sin = text.angles(torch.arange(17).expand(2, 17))
         h, depth = out.hidden, text.mtp["layers"][0]
         for k in range(1, 4):
             h = depth.final_layernorm(depth(h, text.embed_tokens(m3.mtp_input_ids(ids, k)), cos, sin))
@@ -878,12 +878,12 @@ def test_the_drafter_loads_alone_and_drafts_as_the_whole_model(tmp_path, vision)
         emb, pos, mask = model.language_model.model.embed_tokens(ids), torch.arange(9)[None], torch.ones(1, 9)
         with torch.no_grad():
             got = m3.mtp_pass(drafter, m3.LayerCache(), 1, emb, h, pos, mask)
-            torch.testing.assert_close(m3.mtp_logits(drafter, 2, got[1]), m3.mtp_logits(model, 2, got[1]),
+            torch.testing.assert_close(m3.draft_logits(drafter, 2, got[1]), m3.draft_logits(model, 2, got[1]),
                                        rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
         emb0 = emb.clone()
         emb0[:, 0] = 0                                                # vLLM: zero at position 0
         with torch.no_grad():
-            want = model.language_model.model.mtp_step(1, h, emb0, pos, *model.language_model.model.rope(pos))
+            want = model.language_model.model.mtp_step(1, h, emb0, pos, *model.language_model.model.angles(pos))
         for a, b in zip(got, want):                                   # fp32 rounding only (memory offsets)
             torch.testing.assert_close(a, b, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
         with pytest.raises(ValueError, match="only the MTP drafter's weights"):
@@ -1850,7 +1850,7 @@ def test_prop_model(cfg, seed, S, data):
                 assert (a[:, p - d] - b[:, p - d]).abs().max() > 1e-3
         # the recursion: depth d takes depth d - 1's output and the ids shifted by d
         text, head = model.language_model.model, model.language_model.lm_head
-        cos, sin = text.rope(torch.arange(S).expand(2, S))
+        cos, sin = text.angles(torch.arange(S).expand(2, S))
         h = text(text.embed_tokens(ids), cos, sin)
         for d in range(cfg.num_mtp_modules):
             shifted = torch.cat([ids[:, d + 1:], torch.zeros(2, min(d + 1, S), dtype=ids.dtype)], 1)
@@ -2057,7 +2057,7 @@ def drafts_by_hand(model: m3.MiniMaxM3, verified: torch.Tensor, newest: int, n: 
             physical = 0 if mc.repeated_layer else j % M
             slots[physical].append((text.embed_tokens(logits[-1].argmax(-1)), passed, L + j - 1))
         e, h, pos = (torch.stack(x, 1) for x in zip(*[(a, b, torch.tensor([p])) for a, b, p in slots[physical]]))
-        cos, sin = text.rope(pos)
+        cos, sin = text.angles(pos)
         depth = text.mtp["layers"][physical]
         x = depth(h, e, cos, sin)[:, -1]                                       # before final_layernorm
         normed = depth.final_layernorm(x)
@@ -3142,7 +3142,7 @@ def _layerwise_bf16_in_fp32(stored: dict) -> dict:
     text, head = model.language_model.model, model.language_model.lm_head
     ref = lambda n: stored[n].float()
     ids = inputs["input_ids"]
-    cos, sin = text.rope(torch.arange(ids.shape[1]).expand_as(ids))
+    cos, sin = text.angles(torch.arange(ids.shape[1]).expand_as(ids))
     tracer = G.Tracer(model, ["image", "video"])
     out = {}
     with torch.no_grad():

@@ -779,7 +779,7 @@ def _bench_one(impl: str, S: int, ckpt: str) -> dict:
             dense.load_state_dict(model.state_dict(), strict=False)    # same weights, no indexer
             model = dense
         text = model.language_model.model
-        run = lambda x, pos: text(x, *text.rope(pos))
+        run = lambda x, pos: text(x, *text.angles(pos))
         width = model.config.hidden_size
     x = torch.randn(1, S, width)
     pos = torch.arange(S)[None]
