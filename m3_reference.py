@@ -49,6 +49,10 @@ index heads; Di index dim; nb key blocks; bs block size; topk blocks kept per qu
 experts; K experts per token; I FFN width; M MTP depths; N vision patches; n images or videos
 (rows of a grid_thw); Dv vision width; Ra vision rotary channels per axis (d_axis); m spatial
 merge size; C image channels; Tp frames per temporal patch; P patch size.
+
+Per call: a `Layout` (one forward call's positions [B, S], their RoPE cos/sin and each padded
+row's token span) goes to every layer with the layer's `LayerCache` (its K/V and index keys) when
+decoding; `Cache` holds one per layer and MTP depth and the history's pad mask.
 """
 from __future__ import annotations
 
@@ -459,6 +463,17 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
     return _rotate(y, cos, sin).to(x.dtype)
 
 
+@dataclass
+class Layout:
+    """Where one forward call's tokens sit, shared by every layer of it: positions [B, S] (they
+    drive RoPE only), their RoPE angles cos, sin [B, S, R/2] fp32, and each row's token span
+    [start, end) among the slots when rows are padded (None: no pads; see token_layout)."""
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    spans: list[tuple[int, int]] | None = None
+
+
 # ============================================================================================
 # Attention: dense causal GQA, lightning indexer, block-sparse attention
 # ============================================================================================
@@ -696,9 +711,9 @@ class Attention(nn.Module):
             return sparse_attention(q, k, v, ids, self.block_size, self.scale, q_start)
         return causal_attention(q, k, v, self.scale, q_start)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
-                spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: Layout, cache: LayerCache | None = None) -> torch.Tensor:
         B, S, _ = x.shape
+        cos, sin, spans = layout.cos, layout.sin, layout.spans
         q = norm_rope(self.q_proj(x).view(B, S, self.n_heads, self.head_dim), self.q_norm.weight, cos, sin, self.eps)
         k = norm_rope(self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim), self.k_norm.weight, cos, sin, self.eps)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
@@ -744,9 +759,8 @@ class DecoderLayer(nn.Module):
     def ffn_module(self) -> nn.Module:
         return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
-                spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(h), cos, sin, cache, spans)
+    def forward(self, h: torch.Tensor, layout: Layout, cache: LayerCache | None = None) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(h), layout, cache)
         x, h = self.post_attention_layernorm(a, residual=h)
         return h + self.ffn_module(x)
 
@@ -758,7 +772,7 @@ def mtp_input_ids(input_ids: torch.Tensor, k: int) -> torch.Tensor:
 
 class MTPSublayer(nn.Module):
     """NemotronV3's MTP unit: h + mixer(norm(h)), [B, S, D] -> [B, S, D]; the mixer is M3's
-    attention (given cos, sin, cache, spans) or its FFN. An attention sublayer then an FFN sublayer
+    attention (given the layout and the cache) or its FFN. An attention sublayer then an FFN sublayer
     is a DecoderLayer: norm = input_layernorm / post_attention_layernorm, mixer = self_attn /
     block_sparse_moe (or mlp), and the residual adds round alike."""
 
@@ -808,12 +822,12 @@ class MTPDepth(nn.Module):
     def ffn_module(self) -> nn.Module:
         return self.transformer_layer.ffn_module if hasattr(self, "transformer_layer") else self.sublayers[1].mixer
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None = None, spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, layout: Layout,
+                cache: LayerCache | None = None) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
         if hasattr(self, "transformer_layer"):
-            return self.transformer_layer(x, cos, sin, cache, spans)
-        return self.sublayers[1](self.sublayers[0](x, cos, sin, cache, spans))
+            return self.transformer_layer(x, layout, cache)
+        return self.sublayers[1](self.sublayers[0](x, layout, cache))
 
     def head(self, normed: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
         """final_layernorm(x_k) [B, S, D] -> logits_k [B, S, V]."""
@@ -833,14 +847,13 @@ class TextModel(nn.Module):
         if cfg.num_mtp_modules:
             self.mtp = nn.ModuleDict({"layers": nn.ModuleList(MTPDepth(cfg) for _ in range(cfg.mtp_physical_depths))})
 
-    def angles(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE cos, sin [B, S, R / 2] of the text model at position_ids [B, S] (rope_angles)."""
-        return rope_angles(position_ids, self.cfg.rotary_dim, self.cfg.rope_theta)
+    def layout(self, positions: torch.Tensor, spans: list[tuple[int, int]] | None = None) -> Layout:
+        """The Layout of a call at positions [B, S] (its RoPE angles: rope_angles)."""
+        return Layout(positions, *rope_angles(positions, self.cfg.rotary_dim, self.cfg.rope_theta), spans)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[LayerCache] | None = None,
-                spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, layout: Layout, caches: list[LayerCache] | None = None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
-            h = check_finite(layer(h, cos, sin, None if caches is None else caches[i], spans), f"layer {i} output")
+            h = check_finite(layer(h, layout, None if caches is None else caches[i]), f"layer {i} output")
         return self.norm(h)
 
     def mtp_depth(self, k: int) -> MTPDepth:
@@ -863,14 +876,14 @@ class TextModel(nn.Module):
             emb = F.pad(inputs_embeds[:, k:], (0, 0, 0, min(k, S))).masked_fill(beyond[..., None].to(inputs_embeds.device), 0.0)
         return emb
 
-    def mtp_step(self, k: int, h_prev: torch.Tensor, emb: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, cache: LayerCache | None = None, spans: list[tuple[int, int]] | None = None):
-        """Depth k over e_k and h_{k-1} at positions [B, S] (e_k zeroed where the position is 0 with
-        MTPConfig.zero_position0): -> (final_layernorm(x_k), the head's input; h_k for depth k + 1)."""
+    def mtp_step(self, k: int, h_prev: torch.Tensor, emb: torch.Tensor, layout: Layout,
+                 cache: LayerCache | None = None):
+        """Depth k over e_k and h_{k-1} at the layout's positions (e_k zeroed where the position is 0
+        with MTPConfig.zero_position0): -> (final_layernorm(x_k), the head's input; h_k for depth k + 1)."""
         if self.cfg.mtp.zero_position0:
-            emb = emb.masked_fill((positions == 0)[..., None], 0.0)
+            emb = emb.masked_fill((layout.positions == 0)[..., None], 0.0)
         depth = self.mtp_depth(k)
-        x = check_finite(depth(h_prev, emb, cos, sin, cache, spans), f"MTP depth {k} output")
+        x = check_finite(depth(h_prev, emb, layout, cache), f"MTP depth {k} output")
         normed = depth.final_layernorm(x)
         return normed, (normed if self.cfg.mtp.pass_hidden == "post_norm" else x)
 
@@ -883,16 +896,15 @@ class LanguageModel(nn.Module):
         self.model = TextModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def mtp_chain(self, h: torch.Tensor, shifted: list[torch.Tensor], positions: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, spans: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+    def mtp_chain(self, h: torch.Tensor, shifted: list[torch.Tensor], layout: Layout) -> list[torch.Tensor]:
         """Depths k = 1..M chained from h_0 = h [B, S, D], the text model's output, over their
-        embeddings shifted[k - 1] (TextModel.mtp_embeddings); positions [B, S] (the main model's,
-        not shifted) give RoPE and the position-0 rule. -> per depth its own head's logits [B, S, V]
+        embeddings shifted[k - 1] (TextModel.mtp_embeddings), at the main model's layout (its
+        positions, not shifted, give RoPE and the position-0 rule). -> per depth its own head's logits [B, S, V]
         (head="per_depth") or final_layernorm(x_k) [B, S, D], the shared lm_head's input: the
         caller applies lm_head once, after the last depth, with the main logits."""
         text, out = self.model, []
         for k in range(1, self.model.cfg.num_mtp_modules + 1):
-            normed, h = text.mtp_step(k, h, shifted[k - 1], positions, cos, sin, spans=spans)
+            normed, h = text.mtp_step(k, h, shifted[k - 1], layout)
             out.append(text.mtp_depth(k).head(normed, self.lm_head) if self.model.cfg.mtp.head == "per_depth"
                        else normed)
         return out
@@ -1185,8 +1197,7 @@ class MiniMaxM3(nn.Module):
         _check_ids(input_ids, labels, position_ids, cfg.vocab_size, attention_mask)
         mask, spans, positions = token_layout(input_ids, attention_mask, cache)
         text, lm_head = self.language_model.model, self.language_model.lm_head
-        positions = positions if position_ids is None else position_ids
-        cos, sin = text.angles(positions)
+        layout = text.layout(positions if position_ids is None else position_ids, spans)
         # in the order of the pieces a streamed run holds one at a time (stream_forward): vision,
         # embeddings (the MTP depths' too), each layer, the norm, each MTP depth, then the head
         if inputs_embeds is not None:
@@ -1197,15 +1208,14 @@ class MiniMaxM3(nn.Module):
         shifted = [text.mtp_embeddings(k, input_ids, inputs_embeds, spans) for k in range(1, M + 1)]
         past = None if cache is None else cache.length
         try:
-            h = text(check_finite(inputs_embeds, "embeddings"), cos, sin, None if cache is None else cache.layers,
-                     spans)
+            h = text(check_finite(inputs_embeds, "embeddings"), layout, None if cache is None else cache.layers)
         except BaseException:                       # a failed call leaves the cache as it was
             if cache is not None:
                 cache.truncate(past)
             raise
         if cache is not None:
             cache.mask = mask
-        heads = self.language_model.mtp_chain(h, shifted, positions, cos, sin, spans) if M else []
+        heads = self.language_model.mtp_chain(h, shifted, layout) if M else []
         own = cfg.mtp.head == "per_depth"
         out = M3Output(logits=lm_head(h), mtp_logits=[x if own else lm_head(x) for x in heads], hidden=h,
                        inputs_embeds=inputs_embeds)
@@ -1300,9 +1310,8 @@ def mtp_pass(model: MiniMaxM3, layer: LayerCache, k: int, emb: torch.Tensor, h_p
     MTPConfig.zero_position0); `mask` [B, cached + S] marks the depth's tokens and pads.
     -> (final_layernorm(x_k), the hidden state passed on), each [B, S, D]."""
     text = model.language_model.model
-    cos, sin = text.angles(positions)
-    spans = None if bool(mask.all()) else row_spans(mask)
-    return text.mtp_step(k, h_prev, emb, positions, cos, sin, layer, spans)
+    layout = text.layout(positions, None if bool(mask.all()) else row_spans(mask))
+    return text.mtp_step(k, h_prev, emb, layout, layer)
 
 
 def draft_logits(model: MiniMaxM3, k: int, normed: torch.Tensor) -> torch.Tensor:

@@ -642,12 +642,12 @@ def test_mtp_depth_is_the_documented_composition():
     ids = torch.randint(0, 400, (2, 13))
     out = model(ids)
     depth = text.mtp["layers"][0]
-    cos, sin = text.angles(torch.arange(13).expand(2, 13))
-    h0 = text(text.embed_tokens(ids), cos, sin)
+    layout = text.layout(torch.arange(13).expand(2, 13))
+    h0 = text(text.embed_tokens(ids), layout)
     shifted = torch.cat([ids[:, 1:], torch.zeros(2, 1, dtype=ids.dtype)], 1)
     x = torch.cat([gemma_norm(text.embed_tokens(shifted), depth.enorm.weight),
                    gemma_norm(h0, depth.hnorm.weight)], -1).float() @ depth.eh_proj.weight.T
-    h1 = gemma_norm(depth.transformer_layer(x, cos, sin), depth.final_layernorm.weight).float()
+    h1 = gemma_norm(depth.transformer_layer(x, layout), depth.final_layernorm.weight).float()
     torch.testing.assert_close(out.mtp_logits[0], model.language_model.lm_head(h1),
                                rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
 
@@ -741,10 +741,10 @@ def test_repeated_depth_equals_running_depth_zero_three_times_by_hand():
     ids = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(ids)
-        cos, sin = text.angles(torch.arange(17).expand(2, 17))
+        layout = text.layout(torch.arange(17).expand(2, 17))
         h, depth = out.hidden, text.mtp["layers"][0]
         for k in range(1, 4):
-            h = depth.final_layernorm(depth(h, text.embed_tokens(m3.mtp_input_ids(ids, k)), cos, sin))
+            h = depth.final_layernorm(depth(h, text.embed_tokens(m3.mtp_input_ids(ids, k)), layout))
             assert torch.equal(head(h), out.mtp_logits[k - 1]), k
     assert len(out.mtp_logits) == 3
 
@@ -760,10 +760,11 @@ def test_two_sublayer_depth_is_an_m3_decoder_layer_under_other_names():
             key = m3._rename(name, [(a, b.format(ffn="block_sparse_moe")) for a, b in m3.SUBLAYER_NAMES])[1]
             t.copy_(layer.state_dict()[key.removeprefix("transformer_layer.")])
     h = torch.randn(2, 19, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
-    cos, sin = m3.rope_angles(torch.arange(19).expand(2, 19), cfg.rotary_dim, cfg.rope_theta)
+    positions = torch.arange(19).expand(2, 19)
+    layout = m3.Layout(positions, *m3.rope_angles(positions, cfg.rotary_dim, cfg.rope_theta))
     with torch.no_grad():
-        two = depth.sublayers[1](depth.sublayers[0](h, cos, sin, None, None))
-        assert torch.equal(two, layer(h, cos, sin))
+        two = depth.sublayers[1](depth.sublayers[0](h, layout, None))
+        assert torch.equal(two, layer(h, layout))
 
 
 @pytest.mark.parametrize("layout", ["m3", "nemotron_v3", "step3p7"])
@@ -883,7 +884,7 @@ def test_the_drafter_loads_alone_and_drafts_as_the_whole_model(tmp_path, vision)
         emb0 = emb.clone()
         emb0[:, 0] = 0                                                # vLLM: zero at position 0
         with torch.no_grad():
-            want = model.language_model.model.mtp_step(1, h, emb0, pos, *model.language_model.model.angles(pos))
+            want = model.language_model.model.mtp_step(1, h, emb0, model.language_model.model.layout(pos))
         for a, b in zip(got, want):                                   # fp32 rounding only (memory offsets)
             torch.testing.assert_close(a, b, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
         with pytest.raises(ValueError, match="only the MTP drafter's weights"):
@@ -1850,11 +1851,11 @@ def test_prop_model(cfg, seed, S, data):
                 assert (a[:, p - d] - b[:, p - d]).abs().max() > 1e-3
         # the recursion: depth d takes depth d - 1's output and the ids shifted by d
         text, head = model.language_model.model, model.language_model.lm_head
-        cos, sin = text.angles(torch.arange(S).expand(2, S))
-        h = text(text.embed_tokens(ids), cos, sin)
+        layout = text.layout(torch.arange(S).expand(2, S))
+        h = text(text.embed_tokens(ids), layout)
         for d in range(cfg.num_mtp_modules):
             shifted = torch.cat([ids[:, d + 1:], torch.zeros(2, min(d + 1, S), dtype=ids.dtype)], 1)
-            h = text.mtp["layers"][d].final_layernorm(text.mtp["layers"][d](h, text.embed_tokens(shifted), cos, sin))
+            h = text.mtp["layers"][d].final_layernorm(text.mtp["layers"][d](h, text.embed_tokens(shifted), layout))
             close(head(h), out.mtp_logits[d])
 
     def ce(logits, shift):
@@ -2057,9 +2058,8 @@ def drafts_by_hand(model: m3.MiniMaxM3, verified: torch.Tensor, newest: int, n: 
             physical = 0 if mc.repeated_layer else j % M
             slots[physical].append((text.embed_tokens(logits[-1].argmax(-1)), passed, L + j - 1))
         e, h, pos = (torch.stack(x, 1) for x in zip(*[(a, b, torch.tensor([p])) for a, b, p in slots[physical]]))
-        cos, sin = text.angles(pos)
         depth = text.mtp["layers"][physical]
-        x = depth(h, e, cos, sin)[:, -1]                                       # before final_layernorm
+        x = depth(h, e, text.layout(pos))[:, -1]                                       # before final_layernorm
         normed = depth.final_layernorm(x)
         passed = normed if mc.pass_hidden == "post_norm" else x
         logits.append(depth.head(normed, head))
@@ -3142,7 +3142,7 @@ def _layerwise_bf16_in_fp32(stored: dict) -> dict:
     text, head = model.language_model.model, model.language_model.lm_head
     ref = lambda n: stored[n].float()
     ids = inputs["input_ids"]
-    cos, sin = text.angles(torch.arange(ids.shape[1]).expand_as(ids))
+    layout = text.layout(torch.arange(ids.shape[1]).expand_as(ids))
     tracer = G.Tracer(model, ["image", "video"])
     out = {}
     with torch.no_grad():
@@ -3153,13 +3153,13 @@ def _layerwise_bf16_in_fp32(stored: dict) -> dict:
         for i, layer in enumerate(text.layers):
             if layer.self_attn.sparse:
                 use_stored_selection(layer.self_attn, stored[f"layers.{i}.indexer.block_ids"])
-            layer(ref("embeddings" if i == 0 else f"layers.{i - 1}.hidden"), cos, sin)
+            layer(ref("embeddings" if i == 0 else f"layers.{i - 1}.hidden"), layout)
         out["hidden"] = text.norm(ref(f"layers.{len(text.layers) - 1}.hidden"))
         out["logits"] = head(ref("hidden"))
         for d, depth in enumerate(text.mtp["layers"]):
             use_stored_selection(depth.transformer_layer.self_attn, stored[f"mtp.{d}.layer.indexer.block_ids"])
             depth(ref("hidden" if d == 0 else f"mtp.{d - 1}.hidden"), text.embed_tokens(F.pad(ids[:, d + 1:], (0, d + 1))),
-                  cos, sin)
+                  layout)
             out[f"mtp.{d}.logits"] = head(ref(f"mtp.{d}.hidden"))
     tracer.close()
     return {**{k: v for k, v in tracer.out.items() if k != "hidden"}, **out}

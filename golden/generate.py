@@ -100,7 +100,7 @@ class Tracer:
     def _layer(self, attn: m3.Attention, ffn: nn.Module, prefix):
         """Indexer and router hooks of one layer; prefix() names it when it runs."""
         if attn.sparse:
-            self._pre(attn, lambda a: self._update(indexer_outputs(attn, *a[:3], prefix() + "indexer.", *a[3:5])))
+            self._pre(attn, lambda a: self._update(indexer_outputs(attn, a[0], a[1], prefix() + "indexer.", *a[2:3])))
         if isinstance(ffn, m3.MoE):
             self._pre(ffn, lambda a: self._update(router_outputs(ffn, a[0], prefix() + "router.")))
 
@@ -120,19 +120,20 @@ def router_outputs(moe: m3.MoE, x: torch.Tensor, prefix: str) -> dict[str, torch
             prefix + "weights": w.gather(-1, order)}
 
 
-def indexer_outputs(attn: m3.Attention, x, cos, sin, prefix: str, cache: m3.LayerCache | None = None,
-                    spans: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+def indexer_outputs(attn: m3.Attention, x: torch.Tensor, layout: m3.Layout, prefix: str,
+                    cache: m3.LayerCache | None = None) -> dict[str, torch.Tensor]:
     """block_scores: unscaled fp32 block scores before forcing [B, Hi, S, nb] (-inf: no causal key);
     block_ids: the selection [B, Hi, S, topk] int32, ascending, -1 padded. With a cache (before this
     call's keys join it), the new queries sit after the cached slots and rank all index keys. With
-    padded rows (spans, no cache), each row's own tokens as if it ran alone, `row.{b}.` + prefix."""
-    if spans is not None:
+    padded rows (the layout's spans, no cache), each row's own tokens as if it ran alone, `row.{b}.` +
+    prefix."""
+    if layout.spans is not None:
         if cache is not None and cache.length:
             raise ValueError("indexer_outputs traces padded rows in one call without a cache only")
-        return {f"row.{b}.{name}": t for b, (lo, hi) in enumerate(spans) if hi > lo
-                for name, t in indexer_outputs(attn, x[b:b + 1, lo:hi], cos[b:b + 1, lo:hi], sin[b:b + 1, lo:hi],
-                                               prefix).items()}
-    iq, ik = attn.index_qk(x, cos, sin)
+        row = lambda b, lo, hi: m3.Layout(*(t[b:b + 1, lo:hi] for t in (layout.positions, layout.cos, layout.sin)))
+        return {f"row.{b}.{name}": t for b, (lo, hi) in enumerate(layout.spans) if hi > lo
+                for name, t in indexer_outputs(attn, x[b:b + 1, lo:hi], row(b, lo, hi), prefix).items()}
+    iq, ik = attn.index_qk(x, layout.cos, layout.sin)
     past = 0 if cache is None else cache.length
     if past:
         ik = torch.cat([cache.ik, ik], dim=1)
@@ -209,9 +210,10 @@ def run_component_case(path: Path, name: str, inputs: dict) -> dict[str, torch.T
         if name in ("attention", "sparse_attention"):
             layer = 0 if name == "attention" else 1
             attn = module(m3.Attention(cfg, sparse=cfg.is_sparse(layer)), f"language_model.model.layers.{layer}.self_attn.")
-            cos, sin = m3.rope_angles(inputs["position_ids"], cfg.rotary_dim, cfg.rope_theta)
-            extra = indexer_outputs(attn, inputs["x"], cos, sin, "indexer.") if attn.sparse else {}
-            return {**extra, "out": attn(inputs["x"], cos, sin)}
+            layout = m3.Layout(inputs["position_ids"], *m3.rope_angles(inputs["position_ids"], cfg.rotary_dim,
+                                                                         cfg.rope_theta))
+            extra = indexer_outputs(attn, inputs["x"], layout, "indexer.") if attn.sparse else {}
+            return {**extra, "out": attn(inputs["x"], layout)}
         if name == "preprocess_image":
             out, grids = {}, []
             for i in range(sum(k.startswith("image.") for k in inputs)):
@@ -779,7 +781,7 @@ def _bench_one(impl: str, S: int, ckpt: str) -> dict:
             dense.load_state_dict(model.state_dict(), strict=False)    # same weights, no indexer
             model = dense
         text = model.language_model.model
-        run = lambda x, pos: text(x, *text.angles(pos))
+        run = lambda x, pos: text(x, text.layout(pos))
         width = model.config.hidden_size
     x = torch.randn(1, S, width)
     pos = torch.arange(S)[None]
