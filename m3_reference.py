@@ -2031,59 +2031,70 @@ def _check_members(values: list, allowed: tuple, key: str):
         raise ValueError(f"config key '{key}' holds {bad!r}; allowed values: {list(allowed)}")
 
 
+def _need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"config key '{key}': {msg}")
+
+
 def validate_config(c: M3Config):
-    """Reject configs the math below cannot run, naming the key and what is allowed."""
-    def need(ok, key, msg):
-        if not ok:
-            raise ValueError(f"config key '{key}': {msg}")
+    """Reject configs the math below cannot run, naming the key and what is allowed (the MTP options
+    and the vision part: _validate_mtp, _validate_vision)."""
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "dense_intermediate_size", "intermediate_size",
                  "shared_intermediate_size", "n_shared_experts", "num_local_experts",
                  "num_experts_per_tok", "sparse_index_dim", "sparse_num_index_heads",
                  "sparse_topk_blocks", "sparse_block_size"):
-        need(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}")
+        _need(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}")
     for name in ("sparse_init_block", "sparse_local_block", "num_mtp_modules"):
-        need(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
-    need(isinstance(c.mtp, MTPConfig), "mtp_config", f"must be an MTPConfig, got {type(c.mtp).__name__}")
-    for name, allowed in MTP_CHOICES.items():
-        need(getattr(c.mtp, name) in allowed, f"mtp_config.{name}",
-             f"allowed: {', '.join(map(repr, allowed))}; got {getattr(c.mtp, name)!r}")
-    for name in ("repeated_layer", "zero_position0"):
-        need(isinstance(getattr(c.mtp, name), bool), f"mtp_config.{name}", f"must be true or false, got "
-             f"{getattr(c.mtp, name)!r}")
-    need(isinstance(c.mtp.loss_weight, (int, float)) and not isinstance(c.mtp.loss_weight, bool)
-         and c.mtp.loss_weight >= 0, "mtp_config.loss_weight", f"must be a number >= 0, got {c.mtp.loss_weight!r}")
+        _need(getattr(c, name) >= 0, name, f"must be >= 0, got {getattr(c, name)}")
+    _validate_mtp(c.mtp)
     for name in ("moe_layer_freq", "sparse_attention_freq"):
         n = len(getattr(c, name))
-        need(n == c.num_hidden_layers, name,
-             f"has {n} entries but num_hidden_layers is {c.num_hidden_layers}; allowed: one per layer")
-    need(c.num_attention_heads % c.num_key_value_heads == 0, "num_attention_heads",
-         f"{c.num_attention_heads} is not divisible by num_key_value_heads {c.num_key_value_heads}")
-    need(c.rotary_dim % 2 == 0 and 0 < c.rotary_dim <= c.head_dim, "rotary_dim",
-         f"must be even and in (0, head_dim={c.head_dim}], got {c.rotary_dim}")
-    need(c.num_experts_per_tok <= c.num_local_experts, "num_experts_per_tok",
-         f"{c.num_experts_per_tok} exceeds num_local_experts {c.num_local_experts}")
+        _need(n == c.num_hidden_layers, name,
+              f"has {n} entries but num_hidden_layers is {c.num_hidden_layers}; allowed: one per layer")
+    _need(c.num_attention_heads % c.num_key_value_heads == 0, "num_attention_heads",
+          f"{c.num_attention_heads} is not divisible by num_key_value_heads {c.num_key_value_heads}")
+    _need(c.rotary_dim % 2 == 0 and 0 < c.rotary_dim <= c.head_dim, "rotary_dim",
+          f"must be even and in (0, head_dim={c.head_dim}], got {c.rotary_dim}")
+    _need(c.num_experts_per_tok <= c.num_local_experts, "num_experts_per_tok",
+          f"{c.num_experts_per_tok} exceeds num_local_experts {c.num_local_experts}")
     if any(c.sparse_attention_freq):
-        need(c.sparse_num_index_heads == c.num_key_value_heads, "sparse_num_index_heads",
-             f"must equal num_key_value_heads ({c.num_key_value_heads}): index head h selects the "
-             f"key blocks of KV head h; got {c.sparse_num_index_heads}")
-        need(c.rotary_dim <= c.sparse_index_dim, "sparse_index_dim",
-             f"must be >= rotary_dim ({c.rotary_dim}): the index q/k share the attention RoPE")
+        _need(c.sparse_num_index_heads == c.num_key_value_heads, "sparse_num_index_heads",
+              f"must equal num_key_value_heads ({c.num_key_value_heads}): index head h selects the "
+              f"key blocks of KV head h; got {c.sparse_num_index_heads}")
+        _need(c.rotary_dim <= c.sparse_index_dim, "sparse_index_dim",
+              f"must be >= rotary_dim ({c.rotary_dim}): the index q/k share the attention RoPE")
     if c.vision is not None:
-        v = c.vision
-        need(c.projector_hidden_size >= 1, "projector_hidden_size", f"must be >= 1, got {c.projector_hidden_size}")
-        for name in ("image_token_index", "video_token_index"):
-            need(0 <= getattr(c, name) < c.vocab_size, name,
-                 f"{getattr(c, name)} is outside the vocabulary [0, {c.vocab_size})")
-        need(c.image_token_index != c.video_token_index, "video_token_index", "must differ from image_token_index")
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
-                     "vision_segment_max_frames"):
-            need(getattr(v, name) >= 1, f"vision_config.{name}", f"must be >= 1, got {getattr(v, name)}")
-        need(v.hidden_size % v.num_attention_heads == 0, "vision_config.num_attention_heads",
-             f"hidden_size {v.hidden_size} is not divisible by {v.num_attention_heads} heads")
-        need(v.head_dim >= 6, "vision_config.num_attention_heads",
-             f"head_dim {v.head_dim} leaves no channels for the 3-axis RoPE (needs >= 6)")
+        _validate_vision(c)
+
+
+def _validate_mtp(m: MTPConfig) -> None:
+    _need(isinstance(m, MTPConfig), "mtp_config", f"must be an MTPConfig, got {type(m).__name__}")
+    for name, allowed in MTP_CHOICES.items():
+        _need(getattr(m, name) in allowed, f"mtp_config.{name}",
+              f"allowed: {', '.join(map(repr, allowed))}; got {getattr(m, name)!r}")
+    for name in ("repeated_layer", "zero_position0"):
+        _need(isinstance(getattr(m, name), bool), f"mtp_config.{name}", f"must be true or false, got "
+              f"{getattr(m, name)!r}")
+    _need(isinstance(m.loss_weight, (int, float)) and not isinstance(m.loss_weight, bool)
+          and m.loss_weight >= 0, "mtp_config.loss_weight", f"must be a number >= 0, got {m.loss_weight!r}")
+
+
+def _validate_vision(c: M3Config) -> None:
+    v = c.vision
+    _need(c.projector_hidden_size >= 1, "projector_hidden_size", f"must be >= 1, got {c.projector_hidden_size}")
+    for name in ("image_token_index", "video_token_index"):
+        _need(0 <= getattr(c, name) < c.vocab_size, name,
+              f"{getattr(c, name)} is outside the vocabulary [0, {c.vocab_size})")
+    _need(c.image_token_index != c.video_token_index, "video_token_index", "must differ from image_token_index")
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
+                 "vision_segment_max_frames"):
+        _need(getattr(v, name) >= 1, f"vision_config.{name}", f"must be >= 1, got {getattr(v, name)}")
+    _need(v.hidden_size % v.num_attention_heads == 0, "vision_config.num_attention_heads",
+          f"hidden_size {v.hidden_size} is not divisible by {v.num_attention_heads} heads")
+    _need(v.head_dim >= 6, "vision_config.num_attention_heads",
+          f"head_dim {v.head_dim} leaves no channels for the 3-axis RoPE (needs >= 6)")
 
 
 # ============================================================================================

@@ -259,9 +259,7 @@ def test_unreadable_config_json(tmp_path):
 def test_rms_norm_is_the_gemma_formula_in_fp32():
     x, w = torch.randn(3, 5, 32), torch.randn(32)
     torch.testing.assert_close(m3.rms_norm(x, w, 1e-6), gemma_norm(x, w).float(), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    xb = x.bfloat16()
-    assert m3.rms_norm(xb, w, 1e-6).dtype == torch.bfloat16
-    assert torch.equal(m3.rms_norm(xb, w, 1e-6), gemma_norm(xb.float(), w).float().bfloat16())
+    assert m3.rms_norm(x.bfloat16(), w, 1e-6).dtype == torch.bfloat16    # its values: test_prop_rms_norm
 
 
 def test_swiglu_oai_clamps_gate_above_and_up_both_sides():
@@ -396,12 +394,6 @@ def test_video_longer_than_a_segment_equals_its_segments_run_separately():
     whole = tower(pixels, grid)
     parts = [tower(p, [[t, 4, 4]]) for p, t in zip(pixels.split([32, 32, 16]), (2, 2, 1))]
     torch.testing.assert_close(whole, torch.cat(parts), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-
-
-def test_vision_positions_follow_the_merge_window_order():
-    pos = m3.vision_positions([(2, 2, 4)], 2)
-    rows, cols = [0, 0, 1, 1, 0, 0, 1, 1], [0, 1, 0, 1, 2, 3, 2, 3]
-    assert pos.tolist() == [[t, r, c] for t in range(2) for r, c in zip(rows, cols)]
 
 
 # ============================================================================================
@@ -2243,6 +2235,7 @@ def test_prop_expand_then_splice_keeps_every_other_token(seed, data):
 
 
 @given(t=st.integers(1, 5), h=st.sampled_from([2, 4, 6]), w=st.sampled_from([2, 4]), max_frames=st.integers(1, 3))
+@example(t=2, h=2, w=4, max_frames=2)        # rows 0 0 1 1 0 0 1 1, cols 0 1 0 1 2 3 2 3 in each frame
 def test_prop_vision_positions_follow_the_merge_window_order(t, h, w, max_frames):
     pos = m3.vision_positions(m3.video_segments([(t, h, w)], max_frames), 2)
     assert pos.shape == (t * h * w, 3)
