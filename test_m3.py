@@ -1,15 +1,26 @@
-"""Tests for m3_reference.py, in the file's order: config, components, model, checkpoint I/O, the
-released checkpoint's format (MXFP8, shards, MTP depths) and the streamed forward, then hypothesis
-properties of every component and of decoding (same order), then parity with transformers (an
-independent implementation; skipped where it is absent), then the golden cases and golden/verify.py.
+"""Tests for m3_reference.py, golden/ and kernels.py, one section per component in the order of
+m3_reference.py: config and config.json, the components of a layer (norm, activation, router and
+experts, RoPE, attention, indexer, sparse attention), the decoder layer and MTP depths, vision, the
+full model and its losses (with the parity tests against transformers, an independent
+implementation, skipped where it is absent), decoding, the kernel flag, checkpoint I/O and the
+released checkpoint's format, the streamed forward, the processor, then the golden cases and
+golden/verify.py. In each section: examples, then hypothesis properties, then the Triton twin
+(kernels.py) against its torch function, then what the golden cases pin of it.
 
-Hypothesis profiles: "ci" (default; derandomized, few examples, the suite stays well under five
-minutes on 2 cores) and "deep" (HYPOTHESIS_PROFILE=deep: 20x the examples, randomized).
+Properties: hypothesis draws shapes, sizes, configs and a seed; tensors come from a generator
+seeded by it; each property's comment names a wrong implementation it catches. Profiles: "ci"
+(default; derandomized, few examples, the suite stays well under five minutes on 2 cores) and
+"deep" (HYPOTHESIS_PROFILE=deep: 20x the examples, randomized). Twins run under Triton's
+interpreter on a CPU (small shapes: it runs one program at a time), on the GPU where there is one.
 
 Tolerances come from the dtype: fp32 end-to-end through a few tiny layers accumulates rounding of
 order 1e-6 (eps_fp32 = 1.2e-7 times O(10) operations deep), so 1e-4 on logits leaves two orders of
-margin while any real math difference (a wrong sign, clamp or mask) is O(0.1) or more.
+margin while any real math difference (a wrong sign, clamp or mask) is O(0.1) or more. Committed
+golden tensors are compared only through the verifier's tolerances (another machine's BLAS
+rounds fp32 differently); exact comparisons are within one process or of integers.
 """
+
+
 import json
 import math
 import os
@@ -49,8 +60,31 @@ def tiny(**overrides) -> m3.M3Config:
     return replace(m3.M3Config.tiny(), **overrides)
 
 
-def model_of(cfg: m3.M3Config, seed: int = 0) -> m3.MiniMaxM3:
-    return m3.init_random_(m3.MiniMaxM3(cfg), seed).eval()
+KDEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+# the interpreter computes sigmoid with numpy's exp, which warns when it (rightly) overflows to inf
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+# fp32: the kernels sum in another order (tiles, trees): ~1e-7 relative per term, 1e-5 covers it.
+# bf16: both sides round the same fp32 values at the same points, so they agree unless a value sits
+# on a rounding boundary, where they differ by one bf16 ulp (2^-7 relative); 2^-6 allows two such.
+KERNEL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -6}
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+# ============================================================================================
+# Config and config.json
+# ============================================================================================
+
+def test_presets_validate_and_have_the_promised_structure():
+    t = m3.M3Config.tiny()
+    assert [t.is_moe(i) for i in range(3)] == [False, True, True]
+    assert [t.is_sparse(i) for i in range(3)] == [False, True, True]
+    assert t.sparse_topk_blocks < 64 // t.sparse_block_size      # a 64-token prompt drops blocks
+    assert t.vision.num_hidden_layers == 2 and t.num_mtp_modules == 1
+    r = m3.M3Config.minimax_m3()
+    assert (r.hidden_size, r.num_hidden_layers, r.num_local_experts, r.vocab_size) == (6144, 60, 128, 200064)
+    assert sum(r.moe_layer_freq) == 57 and r.sparse_attention_freq == r.moe_layer_freq
 
 
 def upstream_config(layers=(0, 1, 1), sparse=(0, 1, 1), heads=4, kv_heads=2, head_dim=16, rotary_dim=8,
@@ -78,27 +112,6 @@ def upstream_config(layers=(0, 1, 1), sparse=(0, 1, 1), heads=4, kv_heads=2, hea
                               "vision_segment_max_frames": max_frames, "rope_theta": 10000.0,
                               "img_token_compression_config": {"spatial_merge_size": 2, "temporal_patch_size": 2}},
             "image_token_index": 290, "video_token_index": 291, "projector_hidden_size": 64}
-
-
-def gemma_norm(x, w, eps=1e-6):
-    """The Gemma RMSNorm formula written out, in fp64 for an independent check."""
-    x = x.double()
-    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * (1 + w.double())
-
-
-# ============================================================================================
-# Config
-# ============================================================================================
-
-def test_presets_validate_and_have_the_promised_structure():
-    t = m3.M3Config.tiny()
-    assert [t.is_moe(i) for i in range(3)] == [False, True, True]
-    assert [t.is_sparse(i) for i in range(3)] == [False, True, True]
-    assert t.sparse_topk_blocks < 64 // t.sparse_block_size      # a 64-token prompt drops blocks
-    assert t.vision.num_hidden_layers == 2 and t.num_mtp_modules == 1
-    r = m3.M3Config.minimax_m3()
-    assert (r.hidden_size, r.num_hidden_layers, r.num_local_experts, r.vocab_size) == (6144, 60, 128, 200064)
-    assert sum(r.moe_layer_freq) == 57 and r.sparse_attention_freq == r.moe_layer_freq
 
 
 def test_upstream_and_transformers_forms_give_the_same_config():
@@ -195,6 +208,10 @@ def test_a_vision_language_config_without_text_config_is_refused(edit):
         m3.M3Config.from_dict(d)
 
 
+def model_of(cfg: m3.M3Config, seed: int = 0) -> m3.MiniMaxM3:
+    return m3.init_random_(m3.MiniMaxM3(cfg), seed).eval()
+
+
 def test_a_checkpoint_whose_config_lacks_a_dimension_fails_on_the_key_not_on_its_tensors(tmp_path):
     m3.save_pretrained(model_of(tiny()), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -253,14 +270,74 @@ def test_unreadable_config_json(tmp_path):
 
 
 # ============================================================================================
-# Components
+# Gemma RMSNorm
 # ============================================================================================
+
+def gemma_norm(x, w, eps=1e-6):
+    """The Gemma RMSNorm formula written out, in fp64 for an independent check."""
+    x = x.double()
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * (1 + w.double())
+
+
+def randn(seed, *shape, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
 
 def test_rms_norm_is_the_gemma_formula_in_fp32():
     x, w = torch.randn(3, 5, 32), torch.randn(32)
     torch.testing.assert_close(m3.rms_norm(x, w, 1e-6), gemma_norm(x, w).float(), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
     assert m3.rms_norm(x.bfloat16(), w, 1e-6).dtype == torch.bfloat16    # its values: test_prop_rms_norm
 
+
+seeds = st.integers(0, 2 ** 31 - 1)
+
+
+@given(seed=seeds, rows=st.integers(1, 5), dim=st.integers(1, 40), c=st.floats(0.25, 16.0))
+def test_prop_rms_norm(seed, rows, dim, c):
+    x, w = randn(seed, rows, dim), randn(seed + 1, dim, scale=0.3)
+    y = m3.rms_norm(x, w, 1e-6)
+    # the fp32 formula (catches: weight used as w instead of 1 + w, eps outside the sqrt, no mean)
+    torch.testing.assert_close(y, gemma_norm(x, w).float(), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    # scale invariance up to eps: |rel change| <= eps / (2 * min(1, c^2) * mean(x^2)) + fp32 rounding
+    ms = x.pow(2).mean(-1, keepdim=True)
+    bound = 1e-6 / (2 * min(1.0, c * c) * ms) + FP32_OP_TOL
+    assert ((m3.rms_norm(c * x, w, 1e-6) - y).abs() <= bound * y.abs() + FP32_OP_TOL).all()
+    # bf16 in: the fp32 result rounded once (catches: squaring or weighting in bf16)
+    xb = x.bfloat16()
+    assert torch.equal(m3.rms_norm(xb, w, 1e-6), gemma_norm(xb.float(), w).float().bfloat16())
+
+
+kernel_dtypes = st.sampled_from([torch.float32, torch.bfloat16])
+
+
+def kernels_module():
+    return m3.load_kernels()
+
+
+def kr(seed, *shape, scale=1.0, dtype=torch.float32):
+    return (randn(seed, *shape, scale=scale)).to(dtype).to(KDEV)
+
+
+def assert_twins(got, want, dtype):
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        tol = KERNEL_TOL[dtype] if a.is_floating_point() else 0
+        torch.testing.assert_close(a.cpu().double(), b.cpu().double(), rtol=tol, atol=tol * max(1.0, float(b.abs().max())),
+                                   equal_nan=True)
+
+
+@given(seed=seeds, rows=st.integers(1, 9), D=st.integers(1, 70), residual=st.booleans(), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_rms_norm(seed, rows, D, residual, dtype):
+    x, w = kr(seed, rows, D, scale=3.0, dtype=dtype), kr(seed + 1, D, scale=0.1, dtype=dtype)
+    res = kr(seed + 2, rows, D, dtype=dtype) if residual else None
+    assert_twins(kernels_module().rms_norm(x, w, 1e-6, res), m3.rms_norm.torch(x, w, 1e-6, res), dtype)
+
+
+# ============================================================================================
+# SwiGLU-OAI
+# ============================================================================================
 
 def test_swiglu_oai_clamps_gate_above_and_up_both_sides():
     g = torch.tensor([-20.0, -1.0, 0.5, 9.0, 1e30])
@@ -270,6 +347,37 @@ def test_swiglu_oai_clamps_gate_above_and_up_both_sides():
     torch.testing.assert_close(out, gc * torch.sigmoid(1.702 * gc) * (uc + 1))
     assert torch.isfinite(out).all()
 
+
+@given(seed=seeds, n=st.integers(1, 64), scale=st.sampled_from([1.0, 10.0, 1e4, 1e30]),
+       alpha=st.sampled_from([1.702, 1.0]), limit=st.sampled_from([7.0, 3.5]))
+def test_prop_swiglu_oai(seed, n, scale, alpha, limit):
+    g, u = randn(seed, n, scale=scale), randn(seed + 1, n, scale=scale)
+    out = m3.swiglu_oai(g, u, alpha, limit)
+    assert torch.isfinite(out).all()
+    # elementwise against the scalar formula (catches: clamp on the wrong side, missing +1, silu gain)
+    for gi, ui, oi in zip(g.tolist(), u.tolist(), out.tolist()):
+        gc, uc = min(gi, limit), max(-limit, min(ui, limit))
+        z = alpha * gc
+        sigmoid = 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
+        expected = gc * sigmoid * (uc + 1)
+        assert abs(oi - expected) <= FP32_OP_TOL * (1 + abs(expected))
+    # a gate above the limit behaves as the limit; up is clamped on both sides
+    big = torch.full((n,), limit) + randn(seed + 2, n).abs() + 1
+    assert torch.equal(m3.swiglu_oai(big, u, alpha, limit), m3.swiglu_oai(torch.full((n,), limit), u, alpha, limit))
+    assert torch.equal(m3.swiglu_oai(g, big, alpha, limit), m3.swiglu_oai(g, torch.full((n,), limit), alpha, limit))
+    assert torch.equal(m3.swiglu_oai(g, -big, alpha, limit), m3.swiglu_oai(g, torch.full((n,), -limit), alpha, limit))
+
+
+@given(seed=seeds, n=st.integers(1, 300), scale=st.sampled_from([1.0, 4.0, 1e4]), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_swiglu_oai(seed, n, scale, dtype):
+    g, u = kr(seed, n, scale=scale, dtype=dtype), kr(seed + 1, n, scale=scale, dtype=dtype)
+    assert_twins(kernels_module().swiglu_oai(g, u, 1.702, 7.0), m3.swiglu_oai.torch(g, u, 1.702, 7.0), dtype)
+
+
+# ============================================================================================
+# Router, routed experts, MoE
+# ============================================================================================
 
 def test_router_bias_selects_but_never_weights():
     x, W = torch.randn(10, 16), torch.randn(8, 16)
@@ -304,6 +412,126 @@ def test_router_weight_stays_fp32_when_the_model_is_cast():
     assert moe.experts[0].w1.weight.dtype == torch.bfloat16
 
 
+@given(seed=seeds, T=st.integers(1, 20), E=st.integers(2, 12), data=st.data(),
+       shift=st.sampled_from([-3.0, 0.5, 64.0]))
+def test_prop_router(seed, T, E, data, shift):
+    K = data.draw(st.integers(1, E))
+    x, W, bias = randn(seed, T, 16), randn(seed + 1, E, 16, scale=0.25), randn(seed + 2, E, scale=0.1)
+    w, ids = m3.route(x, W, bias, K, 2.0)
+    # distinct, in range; weights sum to the scaling factor
+    assert ids.shape == (T, K) and ((ids >= 0) & (ids < E)).all()
+    assert all(len(set(r)) == K for r in ids.tolist())
+    torch.testing.assert_close(w.sum(-1), torch.full((T,), 2.0))
+    # the weights are the chosen experts' unbiased scores, renormalised (catches: biased weights)
+    p = torch.sigmoid(x @ W.T)
+    chosen = p.gather(-1, ids)
+    torch.testing.assert_close(w, chosen / chosen.sum(-1, keepdim=True) * 2.0)
+    # a constant added to every bias changes nothing (catches: bias scaled into the score)
+    w2, ids2 = m3.route(x, W, bias + shift, K, 2.0)
+    assert torch.equal(ids2.sort(-1).values, ids.sort(-1).values)
+    torch.testing.assert_close(w2.gather(-1, ids2.argsort(-1)), w.gather(-1, ids.argsort(-1)))
+    # a bias that forces other experts changes the choice, never the chosen experts' weight rule
+    forced = torch.zeros(E)
+    forced[:K] = 100.0
+    w3, ids3 = m3.route(x, W, forced, K, 2.0)
+    assert (ids3.sort(-1).values == torch.arange(K)).all()
+    torch.testing.assert_close(w3, p.gather(-1, ids3) / p.gather(-1, ids3).sum(-1, keepdim=True) * 2.0)
+    # permuting the experts permutes the choice (catches: ids taken from a sorted copy)
+    perm = torch.randperm(E, generator=torch.Generator().manual_seed(seed))
+    wp, idsp = m3.route(x, W[perm], bias[perm], K, 2.0)
+    assert torch.equal(perm[idsp].sort(-1).values, ids.sort(-1).values)
+
+
+@st.composite
+def tiny_configs(draw, vision=None, max_layers=3):
+    """Small M3 configs: any mix of dense/MoE and full/sparse layers, GQA, partial rotary, blocks
+    that do not divide the lengths drawn below, top-k above and below the block count."""
+    n = draw(st.integers(1, max_layers))
+    kv = draw(st.sampled_from([1, 2]))
+    head_dim = draw(st.sampled_from([8, 12, 16]))
+    index_dim = draw(st.sampled_from([8, 16]))
+    rotary = draw(st.sampled_from([r for r in (2, 4, 6, 8) if r <= min(head_dim, index_dim)]))
+    experts = draw(st.integers(2, 6))
+    with_vision = draw(st.booleans()) if vision is None else vision
+    vis = m3.VisionConfig(hidden_size=draw(st.sampled_from([16, 24])), intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, vision_segment_max_frames=draw(st.integers(1, 3)))
+    return m3.M3Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=n, num_attention_heads=kv * draw(st.integers(1, 3)),
+        num_key_value_heads=kv, head_dim=head_dim, rotary_dim=rotary, rope_theta=10000.0,
+        sparse_attention_freq=draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)),
+        sparse_index_dim=index_dim, sparse_num_index_heads=kv,
+        sparse_topk_blocks=draw(st.integers(1, 5)), sparse_block_size=draw(st.integers(2, 5)),
+        sparse_init_block=draw(st.integers(0, 2)), sparse_local_block=draw(st.integers(0, 2)),
+        moe_layer_freq=draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)),
+        dense_intermediate_size=24, intermediate_size=16, shared_intermediate_size=16,
+        num_local_experts=experts, num_experts_per_tok=draw(st.integers(1, min(3, experts))),
+        num_mtp_modules=draw(st.integers(0, 2)),
+        vision=vis if with_vision else None, image_token_index=60, video_token_index=61, projector_hidden_size=24)
+
+
+@given(cfg=tiny_configs(vision=False), seed=seeds, T=st.integers(1, 13))
+def test_prop_moe(cfg, seed, T):
+    cfg = replace(cfg, moe_layer_freq=[1] * cfg.num_hidden_layers)
+    moe = m3.init_random_(m3.MoE(cfg), seed)
+    x = randn(seed, 1, T, cfg.hidden_size)
+    out = moe(x)[0]
+    # brute force over all experts with one-hot routing (catches: weight applied to the wrong slot)
+    w, ids = m3.route(x[0], moe.gate.weight, moe.e_score_correction_bias, cfg.num_experts_per_tok, 2.0)
+    onehot = torch.zeros(T, cfg.num_local_experts).scatter(1, ids, w)
+    ref = moe.shared_experts(x[0]).double()
+    for e, ex in enumerate(moe.experts):
+        y = ex.w2(m3.swiglu_oai(ex.w1(x[0]), ex.w3(x[0]), cfg.swiglu_alpha, cfg.swiglu_limit))
+        ref = ref + onehot[:, e:e + 1].double() * y.double()
+    torch.testing.assert_close(out.double(), ref, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    # tokens are independent: permuting tokens permutes outputs
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(moe(x[:, perm])[0], out[perm], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    # the shared expert is added unscaled (catches: shared output times routed_scaling_factor)
+    with torch.no_grad():
+        for ex in moe.experts:
+            ex.w2.weight.zero_()
+    torch.testing.assert_close(moe(x)[0], moe.shared_experts(x[0]), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+
+
+def assert_same_choices(name: str, want: torch.Tensor, got: torch.Tensor, scores: torch.Tensor, dtype) -> None:
+    """Choices compared as sets per row with the golden suite's near-tie rule (golden/verify.py)."""
+    rules = V.Rules([{"name": name, "shape": list(want.shape), "compare": "set"}], [name],
+                    V.tie_tolerance(str(dtype).removeprefix("torch.")), None, "float32")
+    ref = {name: want.cpu().numpy(), name.removesuffix("ids") + "scores": scores.cpu().numpy()}
+    row = V.compare(rules, ref, {name: got.cpu().numpy()})[0]
+    assert row["status"] in ("pass", "near tie"), row
+
+
+@given(seed=seeds, T=st.integers(1, 20), E=st.integers(2, 12), D=st.integers(1, 40), data=st.data(), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_route(seed, T, E, D, data, dtype):
+    k = data.draw(st.integers(1, min(4, E)))
+    x, w, b = kr(seed, T, D, dtype=dtype), kr(seed + 1, E, D, scale=D ** -0.5), kr(seed + 2, E, scale=0.1)
+    (wk, ik), (wt, it) = kernels_module().route(x, w, b, k, 2.0), m3.route.torch(x, w, b, k, 2.0)
+    scores = torch.sigmoid(F.linear(x.float(), w)) + b
+    assert_same_choices("router.ids", it, ik, scores, dtype)
+    same = (ik == it).all(-1)                                    # weights compared where the choice agrees
+    assert_twins(wk[same], wt[same], torch.float32)
+
+
+@given(seed=seeds, T=st.integers(1, 13), E=st.integers(2, 6), D=st.integers(8, 40), I=st.integers(4, 24),
+       data=st.data(), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_routed_experts(seed, T, E, D, I, data, dtype):
+    k = data.draw(st.integers(1, min(2, E)))
+    x = kr(seed, T, D, dtype=dtype)
+    weights, ids = m3.route.torch(x, kr(seed + 1, E, D), torch.zeros(E, device=KDEV), k, 2.0)
+    w1 = [kr(seed + 10 + e, I, D, scale=D ** -0.5, dtype=dtype) for e in range(E)]
+    w2 = [kr(seed + 30 + e, D, I, scale=I ** -0.5, dtype=dtype) for e in range(E)]
+    w3 = [kr(seed + 50 + e, I, D, scale=D ** -0.5, dtype=dtype) for e in range(E)]
+    assert_twins(kernels_module().routed_experts(x, ids, weights, w1, w2, w3, 1.702, 7.0),
+                 m3.routed_experts.torch(x, ids, weights, w1, w2, w3, 1.702, 7.0), dtype)
+
+
+# ============================================================================================
+# RoPE: text partial NeoX, vision 3D
+# ============================================================================================
+
 def test_partial_rope_rotates_pairs_i_and_i_plus_half():
     pos = torch.tensor([[0, 1, 5]])
     cos, sin = m3.rope_angles(pos, 8, 10000.0)
@@ -315,6 +543,107 @@ def test_partial_rope_rotates_pairs_i_and_i_plus_half():
         torch.testing.assert_close(y[0, :, :, i], x[0, :, :, i] * a.cos() - x[0, :, :, i + 4] * a.sin())
         torch.testing.assert_close(y[0, :, :, i + 4], x[0, :, :, i + 4] * a.cos() + x[0, :, :, i] * a.sin())
 
+
+def _dot_by_offset(q_rot, k_rot, offsets):
+    """q_i . k_j grouped by the position offset of (i, j): every group must hold one value."""
+    dots = q_rot @ k_rot.T
+    groups = {}
+    for i in range(len(offsets)):
+        for j in range(len(offsets)):
+            groups.setdefault(tuple((offsets[i] - offsets[j]).tolist()), []).append(dots[i, j])
+    return [torch.stack(v) for v in groups.values()]
+
+
+@given(seed=seeds, rotary=st.sampled_from([2, 4, 8]), extra=st.integers(0, 6), S=st.integers(2, 12))
+def test_prop_text_rope(seed, rotary, extra, S):
+    Dh = rotary + extra
+    pos = torch.arange(S)[None] * 37                                  # spread the angles
+    cos, sin = m3.rope_angles(pos, rotary, 10000.0)
+    x = randn(seed, 1, S, 3, Dh)
+    y = m3.rope(x, cos, sin)
+    assert torch.equal(y[..., rotary:], x[..., rotary:])               # pass-through untouched
+    torch.testing.assert_close(y[..., :rotary].norm(dim=-1), x[..., :rotary].norm(dim=-1))
+    # NeoX pairing: unit vector e_i (i < R/2) turns by pos * theta^(-2i/R) into the plane (i, i + R/2)
+    # (catches: interleaved pairs (2i, 2i+1), a head_dim denominator)
+    half = rotary // 2
+    e = torch.eye(Dh)[:half].expand(1, S, half, Dh)
+    ye = m3.rope(e, cos, sin)
+    angle = pos[0, :, None].double() * 10000.0 ** (-2 * torch.arange(half, dtype=torch.float64) / rotary)
+    idx = torch.arange(half)
+    torch.testing.assert_close(ye[0, :, idx, idx].double(), angle.cos(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ye[0, :, idx, idx + half].double(), angle.sin(), rtol=1e-4, atol=1e-4)
+    # the same q and k at every position: q.k depends only on the offset (catches: interleaved pairs
+    # rotated with NeoX angles, or a per-position frequency)
+    q, k = randn(seed + 1, Dh).expand(1, S, 1, Dh), randn(seed + 2, Dh).expand(1, S, 1, Dh)
+    for group in _dot_by_offset(m3.rope(q, cos, sin)[0, :, 0], m3.rope(k, cos, sin)[0, :, 0], pos[0, :, None]):
+        torch.testing.assert_close(group, group[:1].expand_as(group), rtol=1e-4, atol=1e-4)
+
+
+@given(seed=seeds, head_dim=st.sampled_from([6, 8, 12, 16, 80]), t=st.integers(1, 3), hw=st.sampled_from([(2, 2), (2, 4), (4, 2)]))
+def test_prop_vision_rope(seed, head_dim, t, hw):
+    pos = m3.vision_positions([(t, *hw)], 2)
+    cos, sin = m3.vision_rope_angles(pos, head_dim, 10000.0)
+    R = 2 * cos.shape[-1]
+    assert R == 3 * 2 * ((head_dim // 3) // 2)
+    x = randn(seed, len(pos), 2, head_dim)
+    y = m3.rope(x, cos, sin)
+    assert torch.equal(y[..., R:], x[..., R:])
+    torch.testing.assert_close(y[..., :R].norm(dim=-1), x[..., :R].norm(dim=-1))
+    # pair (i, i + R/2) turns by pos[axis] * theta^(-2j/d_axis), axis = i // (d_axis/2), j = i % (d_axis/2)
+    d_axis, half = R // 3, R // 2
+    j = torch.arange(half) % (d_axis // 2)
+    axis = torch.arange(half) // (d_axis // 2)
+    angle = pos[:, axis].double() * 10000.0 ** (-2 * j.double() / d_axis)
+    ye = m3.rope(torch.eye(head_dim)[:half].expand(len(pos), half, head_dim), cos, sin)
+    idx = torch.arange(half)
+    torch.testing.assert_close(ye[:, idx, idx].double(), angle.cos(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ye[:, idx, idx + half].double(), angle.sin(), rtol=1e-4, atol=1e-4)
+    q, k = randn(seed + 1, head_dim).expand(len(pos), 1, head_dim), randn(seed + 2, head_dim).expand(len(pos), 1, head_dim)
+    for group in _dot_by_offset(m3.rope(q, cos, sin)[:, 0], m3.rope(k, cos, sin)[:, 0], pos):
+        torch.testing.assert_close(group, group[:1].expand_as(group), rtol=1e-4, atol=1e-4)
+
+
+@given(seed=seeds, B=st.integers(1, 2), S=st.integers(1, 9), H=st.integers(1, 4), dims=st.sampled_from(
+    [(8, 4), (16, 8), (20, 6), (6, 6)]), vision=st.booleans(), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_norm_rope_and_rope(seed, B, S, H, dims, vision, dtype):
+    Dh, R = dims
+    K = kernels_module()
+    if vision:                                            # 3D RoPE angles of a video's patches
+        positions = m3.vision_positions([(2, 2, 2 * S)], 2)
+        cos, sin = m3.vision_rope_angles(positions, Dh, 10000.0)
+        x = kr(seed, positions.shape[0], H, Dh, dtype=dtype)
+        assert_twins(K.rope(x, cos.to(KDEV), sin.to(KDEV)), m3.rope.torch(x, cos.to(KDEV), sin.to(KDEV)), dtype)
+        return
+    cos, sin = m3.rope_angles(torch.arange(S).expand(B, S) * 7, R, 10000.0)
+    x, w = kr(seed, B, S, H, Dh, scale=2.0, dtype=dtype), kr(seed + 1, Dh, scale=0.1, dtype=dtype)
+    cos, sin = cos.to(KDEV), sin.to(KDEV)
+    assert_twins(K.norm_rope(x, w, cos, sin, 1e-6), m3.norm_rope.torch(x, w, cos, sin, 1e-6), dtype)
+    assert_twins(K.rope(x, cos, sin), m3.rope.torch(x, cos, sin), dtype)
+
+
+# ============================================================================================
+# Dense causal attention
+# ============================================================================================
+
+@given(seed=seeds, S=st.integers(1, 33), kv=st.sampled_from([1, 2]), group=st.integers(1, 3), data=st.data())
+def test_prop_causal_gqa_attention(seed, S, kv, group, data):
+    q, k, v = randn(seed, 2, S, kv * group, 8), randn(seed + 1, 2, S, kv, 8), randn(seed + 2, 2, S, kv, 8)
+    out = m3.causal_attention(q, k, v, 8 ** -0.5)
+    # GQA equals multi-head attention on K/V repeated per group (catches: head j -> KV j % Hkv)
+    rep = lambda t: t.repeat_interleave(group, dim=2)
+    torch.testing.assert_close(out, m3.causal_attention(q, rep(k), rep(v), 8 ** -0.5), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    # causal: changing a later token never changes an earlier output (catches: a missing mask)
+    p = data.draw(st.integers(0, S - 1))
+    k2, v2 = k.clone(), v.clone()
+    k2[:, p:] += 1.0
+    v2[:, p:] -= 1.0
+    assert torch.equal(m3.causal_attention(q, k2, v2, 8 ** -0.5)[:, :p], out[:, :p])
+
+
+# ============================================================================================
+# Lightning indexer and block selection
+# ============================================================================================
 
 def test_indexer_selection_rules():
     """Forced init + local blocks inside the budget, ties to the lower id, ascending, -1 tail."""
@@ -340,6 +669,112 @@ def test_index_scores_are_causal_before_the_max_pool():
     assert s[0, 0, :, 0].tolist() == [1, 2, 3, 9, 9, 9]           # key 3 (score 9) unseen before slot 3
     assert s[0, 0, :4, 1].tolist() == [float("-inf")] * 4 and s[0, 0, 4:, 1].tolist() == [5, 6]
 
+
+@given(seed=seeds, S=st.integers(1, 41), bs=st.integers(1, 6), topk=st.integers(1, 9), init=st.integers(0, 3),
+       local=st.integers(0, 3), Hi=st.sampled_from([1, 2]), chunk=st.sampled_from([None, 1, 5]), ties=st.booleans())
+@example(seed=0, S=40, bs=8, topk=2, init=1, local=1, Hi=1, chunk=None, ties=False)   # S a multiple of the block
+@example(seed=0, S=20, bs=2, topk=1, init=0, local=3, Hi=1, chunk=None, ties=False)   # local blocks overflow
+@example(seed=0, S=30, bs=3, topk=3, init=1, local=1, Hi=2, chunk=7, ties=True)       # every score ties
+def test_prop_indexer(seed, S, bs, topk, init, local, Hi, chunk, ties):
+    iq, ik = randn(seed, 2, S, Hi, 8) * (0.0 if ties else 1.0), randn(seed + 1, 2, S, 8)
+    ids = m3.lightning_indexer(iq, ik, bs, topk, init, local, query_chunk=chunk)
+    assert ids.dtype == torch.int32 and ids.shape == (2, Hi, S, topk)
+    scores = m3.index_block_scores(iq, ik, 0, bs)                   # [2, Hi, S, nb]
+    # block scores = max over the block's causal keys, masked before the pool (brute force)
+    dots = torch.einsum("bihd,bjd->bhij", iq, ik)
+    for n in range(-(-S // bs)):
+        for i in range(S):
+            keys = range(n * bs, min(n * bs + bs, i + 1))
+            expected = dots[:, :, i, list(keys)].amax(-1) if len(keys) else torch.full((2, Hi), float("-inf"))
+            torch.testing.assert_close(scores[:, :, i, n], expected, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    for b, h, i in [(b, h, i) for b in range(2) for h in range(Hi) for i in range(S)]:
+        row, c = ids[b, h, i].tolist(), i // bs
+        valid = [n for n in row if n >= 0]
+        k = min(topk, c + 1)
+        # left-packed, -1 only at the tail, distinct, ascending, causal, exactly min(topk, c + 1)
+        assert row == valid + [-1] * (topk - len(valid)) and valid == sorted(set(valid))
+        assert len(valid) == k and all(0 <= n <= c for n in valid)
+        init_set = list(range(min(init, c + 1)))
+        local_set = [n for n in range(c, max(c - local, -1), -1) if n >= min(init, c + 1)]
+        forced = (init_set + local_set)[:k]                          # init outranks local
+        assert set(forced) <= set(valid)                             # own block kept when it fits
+        if local >= 1 and init < k:
+            assert c in valid
+        # the unforced picks beat (or tie, then lower id) every candidate left out
+        rest = [n for n in valid if n not in forced]
+        left = [n for n in range(c + 1) if n not in valid]
+        s = scores[b, h, i]
+        for n in rest:
+            for m in left:
+                assert s[n] > s[m] or (s[n] == s[m] and n < m)
+
+
+@given(seed=seeds, B=st.integers(1, 2), Sc=st.integers(1, 20), q_start=st.sampled_from([0, 0, 5, 17]),
+       Hi=st.integers(1, 2), Di=st.sampled_from([4, 8, 16]), bs=st.integers(1, 9), data=st.data(), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_indexer(seed, B, Sc, q_start, Hi, Di, bs, data, dtype):
+    Sk = q_start + Sc + data.draw(st.integers(0, 3))           # cached keys before the chunk (decode), maybe more after
+    iq, ik = kr(seed, B, Sc, Hi, Di, dtype=dtype), kr(seed + 1, B, Sk, Di, dtype=dtype)
+    K = kernels_module()
+    scores = m3.index_block_scores.torch(iq, ik, q_start, bs)
+    assert_twins(K.index_block_scores(iq, ik, q_start, bs), scores, torch.float32)
+    topk, init, local = data.draw(st.integers(1, 6)), data.draw(st.integers(0, 2)), data.draw(st.integers(0, 2))
+    assert torch.equal(K.select_blocks(scores, q_start, bs, topk, init, local),
+                       m3.select_blocks.torch(scores, q_start, bs, topk, init, local))
+
+
+def _outputs(case: str, file: str = "outputs", numpy: bool = False) -> dict:
+    """A committed case's tensors: torch tensors, or the verifier's numpy arrays (bf16 as fp32)."""
+    if numpy:
+        return V.read_safetensors(GOLDEN / case / f"{file}.safetensors")
+    from safetensors.torch import load_file
+    return load_file(GOLDEN / case / f"{file}.safetensors")
+
+
+def _write(path: Path, tensors: dict) -> str:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return str(path)
+
+
+def _foreign(tmp_path, case, edit) -> str:
+    """A committed case's outputs, edited, saved as another implementation's file."""
+    outputs = _outputs(case)
+    edit(outputs)
+    return _write(tmp_path / "theirs.safetensors", outputs)
+
+
+def _verify(capsys, *args) -> tuple[int, str]:
+    """golden/verify.py's CLI in-process: (exit status, stdout + stderr)."""
+    status = V.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return status, out.out + out.err
+
+
+def _row(out: str, name: str) -> str:
+    """The verifier table line of one tensor."""
+    return next(line for line in out.splitlines() if line.split()[:1] == [name])
+
+
+def _swap(o, name, h, i, a, b):
+    ids = o[name]
+    row = sorted([n for n in ids[0, h, i].tolist() if n >= 0 and n != a] + [b])
+    ids[0, h, i, :len(row)] = torch.tensor(row, dtype=torch.int32)
+
+
+def test_sparse_edge_b7_forces_more_blocks_than_its_topk(tmp_path, capsys):
+    ids = _outputs("sparse-edge-b7")["layers.1.indexer.block_ids"]            # block 7, top-3, 2 init + 2 local
+    for i in range(21, ids.shape[2]):
+        c = i // 7
+        assert all(set(ids[0, h, i].tolist()) == {0, 1, c} for h in range(ids.shape[1])), i
+    got, out = _verify(capsys, "--case", "sparse-edge-b7", "--outputs", _foreign(
+        tmp_path, "sparse-edge-b7", lambda o: _swap(o, "layers.1.indexer.block_ids", 0, 30, 4, 3)))
+    assert got == V.DIVERGED and "forced block [4] dropped" in _row(out, "layers.1.indexer.block_ids")
+
+
+# ============================================================================================
+# Block-sparse attention
+# ============================================================================================
 
 def _qkv(B=2, S=37, H=4, Hkv=2, Dh=8, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -385,247 +820,121 @@ def test_chunked_long_sequence_path_equals_unchunked():
                                    rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
 
 
-def test_video_longer_than_a_segment_equals_its_segments_run_separately():
-    cfg = tiny()
-    model = model_of(cfg)
-    tower = model.vision_tower
-    grid = [[5, 4, 4]]                                            # max_frames 2 -> segments 2, 2, 1
-    pixels = torch.randn(80, cfg.vision.patch_dim)
-    whole = tower(pixels, grid)
-    parts = [tower(p, [[t, 4, 4]]) for p, t in zip(pixels.split([32, 32, 16]), (2, 2, 1))]
-    torch.testing.assert_close(whole, torch.cat(parts), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+@st.composite
+def selections(draw, B, Hkv, S, bs, topk, q_start=0):
+    """Any valid selection: per (b, h, i) a set of causal blocks of size <= topk, ascending, -1 padded
+    (query i at slot q_start + i)."""
+    ids = torch.full((B, Hkv, S, topk), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hkv):
+            for i in range(S):
+                c = (q_start + i) // bs
+                chosen = sorted(draw(st.sets(st.integers(0, c), min_size=1, max_size=min(topk, c + 1))))
+                ids[b, h, i, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+    return ids
+
+
+def padded(rows: list[torch.Tensor], left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows of different lengths -> (ids [B, S], attention_mask [B, S]), pads of id 7."""
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), 7)
+    mask = torch.zeros(len(rows), S, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        at = slice(S - len(r), S) if left else slice(0, len(r))
+        ids[b, at], mask[b, at] = r, 1
+    return ids, mask
+
+
+@given(seed=seeds, S=st.integers(1, 19), bs=st.integers(1, 5), topk=st.integers(1, 4), Hkv=st.sampled_from([1, 2]),
+       group=st.integers(1, 2), data=st.data())
+def test_prop_block_sparse_attention(seed, S, bs, topk, Hkv, group, data):
+    H = Hkv * group
+    q, k, v = randn(seed, 1, S, H, 8), randn(seed + 1, 1, S, Hkv, 8), randn(seed + 2, 1, S, Hkv, 8)
+    ids = data.draw(selections(1, Hkv, S, bs, topk))
+    out = m3.sparse_attention(q, k, v, ids, bs, 0.35)
+    # equals dense attention masked to (causal & selected block) for any selection
+    allowed = torch.zeros(1, Hkv, S, S, dtype=torch.bool)
+    for h, i in [(h, i) for h in range(Hkv) for i in range(S)]:
+        for n in ids[0, h, i].tolist():
+            if n >= 0:
+                allowed[0, h, i, n * bs:min(n * bs + bs, i + 1)] = True
+    rep = lambda t: t.transpose(1, 2).repeat_interleave(group, dim=1)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), rep(k), rep(v),
+                                         attn_mask=allowed.repeat_interleave(group, dim=1), scale=0.35)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    # the query chunk never changes the result
+    chunk = data.draw(st.integers(1, S))
+    torch.testing.assert_close(m3.sparse_attention(q, k, v, ids, bs, 0.35, query_chunk=chunk), out,
+                               rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    # top-k covering every block: dense causal attention
+    every = m3.lightning_indexer(randn(seed, 1, S, Hkv, 4), randn(seed, 1, S, 4), bs, -(-S // bs), 0, 1)
+    torch.testing.assert_close(m3.sparse_attention(q, k, v, every, bs, 0.35),
+                               m3.causal_attention(q, k, v, 0.35), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+
+
+def gathered_sparse_attention(q, k, v, block_ids, block_size, scale, q_start=0):
+    """sparse_attention's first formulation, kept as a brute-force definition: every query gathers
+    its own topk*bs keys ([B, Hkv, S, topk*bs, Dh]) and masks them elementwise."""
+    B, S, H, Dh = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    group, nb = H // Hkv, -(-Sk // block_size)
+    pad = (0, 0, 0, 0, 0, nb * block_size - Sk)
+    kb = F.pad(k, pad).view(B, nb, block_size, Hkv, Dh).permute(0, 3, 1, 2, 4)   # [B, Hkv, nb, bs, Dh]
+    vb = F.pad(v, pad).view(B, nb, block_size, Hkv, Dh).permute(0, 3, 1, 2, 4)
+    ids = block_ids.long()
+    safe = ids.clamp(min=0)
+    bi, hi = torch.arange(B)[:, None, None, None], torch.arange(Hkv)[None, :, None, None]
+    kg, vg = kb[bi, hi, safe].flatten(3, 4).float(), vb[bi, hi, safe].flatten(3, 4).float()
+    slot = (safe[..., None] * block_size + torch.arange(block_size)).flatten(3)          # [B, Hkv, S, topk*bs]
+    keep = (ids >= 0).repeat_interleave(block_size, dim=-1) & (slot <= torch.arange(q_start, q_start + S)[:, None])
+    qc = q.float().view(B, S, Hkv, group, Dh).permute(0, 2, 3, 1, 4)                      # [B, Hkv, G, S, Dh]
+    scores = torch.einsum("bhgcd,bhckd->bhgck", qc, kg) * scale
+    o = torch.einsum("bhgck,bhckd->bhgcd", scores.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1), vg)
+    return o.permute(0, 3, 1, 2, 4).reshape(B, S, H, Dh).to(q.dtype)
+
+
+@given(seed=seeds, S=st.integers(1, 23), past=st.integers(0, 13), bs=st.integers(1, 6), topk=st.integers(1, 5),
+       Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4]), B=st.integers(1, 2), data=st.data())
+def test_prop_sparse_attention_equals_its_gathered_definition(seed, S, past, bs, topk, Hkv, group, B, data):
+    """The block-major, per-(query, KV head) matmul formulation against the per-query gather: any
+    selection (-1 padding, different selections inside one query block), lengths that are not a
+    multiple of the block, own blocks partly in the future, queries after `past` cached keys."""
+    H = Hkv * group
+    q, k, v = randn(seed, B, S, H, 8), randn(seed + 1, B, past + S, Hkv, 8), randn(seed + 2, B, past + S, Hkv, 8)
+    ids = data.draw(selections(B, Hkv, S, bs, topk, q_start=past))
+    chunk = data.draw(st.one_of(st.none(), st.integers(1, S)))
+    torch.testing.assert_close(m3.sparse_attention(q, k, v, ids, bs, 0.35, q_start=past, query_chunk=chunk),
+                               gathered_sparse_attention(q, k, v, ids, bs, 0.35, q_start=past),
+                               rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+
+
+@given(seed=seeds, B=st.integers(1, 2), S=st.integers(1, 12), q_start=st.sampled_from([0, 0, 9]),
+       Hkv=st.sampled_from([1, 2]), group=st.integers(1, 3), Dh=st.sampled_from([8, 16]), bs=st.integers(1, 8),
+       topk=st.integers(1, 4), dtype=kernel_dtypes)
+@few(6)
+def test_kernel_sparse_attention(seed, B, S, q_start, Hkv, group, Dh, bs, topk, dtype):
+    Sk = q_start + S                                            # q_start > 0: new queries against cached keys
+    q = kr(seed, B, S, Hkv * group, Dh, dtype=dtype)
+    k, v = kr(seed + 1, B, Sk, Hkv, Dh, dtype=dtype), kr(seed + 2, B, Sk, Hkv, Dh, dtype=dtype)
+    scores = m3.index_block_scores.torch(kr(seed + 3, B, S, Hkv, 8), kr(seed + 4, B, Sk, 8), q_start, bs)
+    ids = m3.select_blocks.torch(scores, q_start, bs, topk, 1, 1)
+    assert_twins(kernels_module().sparse_attention(q, k, v, ids, bs, Dh ** -0.5, q_start),
+                 m3.sparse_attention.torch(q, k, v, ids, bs, Dh ** -0.5, q_start), dtype)
+
+
+def test_the_top3_sparse_component_case_drops_causal_blocks():
+    entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, "component-sparse_attention_top3")
+    bs = V.sparse_rules(entry["config"])["block_size"]
+    for case, drops in [("component-sparse_attention_top3", True), ("component-sparse_attention", False)]:
+        ids = _outputs(case)["indexer.block_ids"]                          # [B, Hi, S, topk]
+        kept = (ids >= 0).sum(-1)
+        causal = torch.arange(ids.shape[2]) // bs + 1
+        assert bool((kept < causal).any()) == drops, case
 
 
 # ============================================================================================
-# Preprocessing: images, videos, prompts
+# Decoder layer, MTP depth and the MTP variants
 # ============================================================================================
-
-def hand_rows(image, proc=m3.ProcessorConfig()) -> torch.Tensor:
-    """Pixel rows of an image that needs no resize, built with loops: 2x2 merge windows in raster
-    order, the 4 patches of each, every row (C, Tp, P, P) with the one frame twice, each pixel
-    (x - 255 mean) / (255 std) in fp32."""
-    x = torch.tensor(image).to(torch.float32)                               # [H, W, 3]
-    mean = torch.tensor(proc.image_mean, dtype=torch.float32) * 255.0
-    std = torch.tensor(proc.image_std, dtype=torch.float32) * 255.0
-    rows = []
-    for by in range(x.shape[0] // 28):
-        for bx in range(x.shape[1] // 28):
-            for dy in range(2):
-                for dx in range(2):
-                    py, px = 2 * by + dy, 2 * bx + dx
-                    patch = x[14 * py:14 * py + 14, 14 * px:14 * px + 14]
-                    channels = [(patch[:, :, c] - mean[c]) / std[c] for c in range(3)]
-                    rows.append(torch.cat([torch.stack([ch, ch]).flatten() for ch in channels]))
-    return torch.stack(rows)
-
-
-def test_smart_resize_rules():
-    r = lambda h, w: m3.smart_resize(h, w, 28, 3136, 451584)
-    assert r(56, 84) == (56, 84)                     # already multiples of 28
-    assert r(50, 120) == (56, 112)                   # one side up, one down
-    assert r(45, 70) == (56, 56)                     # 70 / 28 = 2.5 rounds half to even: 2
-    assert r(12, 420) == (28, 420)                   # a side under 14 px keeps one factor (released rule)
-    assert r(20, 30) == (56, 84)                     # under min: x sqrt(3136/600) = 2.29: 45.7, 68.6 ceiled
-    assert r(1000, 2000) == (448, 924)               # over max: / sqrt(2e6/451584) = 2.10: 475.2, 950.3 floored
-    for h, w in [(1, 201), (0, 10)]:
-        with pytest.raises(ValueError, match="aspect ratio|at least 1 pixel"):
-            r(h, w)
-
-
-def test_preprocess_image_equals_hand_built_rows_and_runs_end_to_end():
-    cfg = tiny()
-    image = np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8)     # no resize needed
-    rows, grid = m3.preprocess_image(image, cfg)
-    assert grid.tolist() == [[1, 4, 6]] and torch.equal(rows, hand_rows(image))
-    I, S, E = cfg.image_token_index, cfg.vision_start_token_index, cfg.vision_end_token_index
-    ids = m3.expand_prompt(torch.tensor([[7, I, 8]]), grid, None, cfg=cfg)
-    assert ids.tolist() == [[7, S] + [I] * 6 + [E, 8]]
-    model = model_of(cfg)
-    with torch.no_grad():
-        ours = model(ids, pixel_values=rows, image_grid_thw=grid).logits
-        hand = model(torch.tensor([[7, S] + [I] * 6 + [E, 8]]), pixel_values=hand_rows(image),
-                     image_grid_thw=torch.tensor([[1, 4, 6]])).logits
-    assert torch.equal(ours, hand)
-
-
-def test_preprocess_video_pads_frames_and_writes_timestamps():
-    cfg = tiny()
-    frames = np.random.default_rng(1).integers(0, 256, (3, 56, 56, 3), dtype=np.uint8)
-    rows, grid, stamps = m3.preprocess_video(frames, cfg, fps=2.5, frame_indices=[0, 4, 9])
-    assert grid.tolist() == [[2, 4, 4]] and stamps == [0.0, 9 / 2.5]
-    first, last = hand_rows(frames[0]), hand_rows(frames[2])
-    half = 3 * 2 * 14 * 14 // 2                                     # (C, Tp, P, P): frame 0 then frame 1 per channel
-    pairs = rows.view(2, 16, 3, 2, 196)
-    assert torch.equal(pairs[0, :, :, 0], first.view(16, 3, 2, 196)[:, :, 0])
-    assert torch.equal(pairs[1, :, :, 0], last.view(16, 3, 2, 196)[:, :, 0])
-    assert torch.equal(pairs[1, :, :, 1], pairs[1, :, :, 0]) and half == 588     # frame 2 repeated as frame 3
-    assert m3.preprocess_video(frames, cfg)[2] is None
-    V, S, E = cfg.video_token_index, cfg.vision_start_token_index, cfg.vision_end_token_index
-    ids = m3.expand_prompt([1, V, 2], None, grid, [[[40, 41], [42]]], cfg=cfg)
-    assert ids.tolist() == [1, 40, 41, S] + [V] * 4 + [E, 42, S] + [V] * 4 + [E, 2]
-    assert m3.timestamp_text(3.6) == "]<]3.6 seconds[>["
-
-
-@pytest.mark.parametrize("call, error, match", [
-    (lambda c: m3.preprocess_image(np.zeros((4, 900, 3), np.uint8), c), ValueError, "aspect ratio 225.0"),
-    (lambda c: m3.preprocess_image(np.zeros((0, 10, 3), np.uint8), c), ValueError, "non-empty RGB"),
-    (lambda c: m3.preprocess_image(np.zeros((10, 10, 4), np.uint8), c), ValueError, r"RGB array \[H, W, 3\]"),
-    (lambda c: m3.preprocess_image(np.zeros((10, 10, 3), np.float32), c), TypeError, "uint8"),
-    (lambda c: m3.preprocess_video(np.zeros((10, 10, 3), np.uint8), c), ValueError, r"\[F, H, W, 3\]"),
-    (lambda c: m3.preprocess_video(np.zeros((2, 10, 10, 3), np.uint8), c, frame_indices=[0]), ValueError,
-     "frame_indices has 1 entries for 2 frames"),
-    (lambda c: m3.expand_prompt([1, c.image_token_index], None, None, cfg=c), ValueError,
-     "hold 1 image placeholders .* but 0 image grids"),
-    (lambda c: m3.expand_prompt([1, c.video_token_index], None, [[2, 2, 2]], [[[5]]], cfg=c), ValueError,
-     r"timestamp_ids\[0\] has 1 entries for 2 temporal groups"),
-    (lambda c: m3.expand_prompt([1], None, None, cfg=replace(c, vision_start_token_index=10 ** 6)), ValueError,
-     "vision_start_token_index = 1000000 is outside the vocabulary"),
-    (lambda c: m3.expand_prompt([1, c.image_token_index], [[1, 0, 2]], None, cfg=c), ValueError,
-     "rows of positive"),
-    (lambda c: m3.expand_prompt([1, c.image_token_index], [1, 2, 2], None, cfg=c), ValueError, r"\[n, 3\] rows"),
-    (lambda c: m3.expand_prompt([c.video_token_index], None, [[1, 2, 2]], [[[c.image_token_index]]], cfg=c),
-     ValueError, "not placeholders"),
-    (lambda c: m3.preprocess_video(np.zeros((2, 10, 10, 3), np.uint8), c, fps=float("inf")), ValueError,
-     "finite number > 0"),
-    (lambda c: m3.preprocess_image(np.zeros((10, 10, 3), np.uint8), replace(c, vision=None)), ValueError,
-     "text-only model"),
-    (lambda c: m3.smart_resize(30, 3000, 28, 28, 20000), ValueError, "leaves a side under 28"),
-    (lambda c: m3.expand_prompt_text(m3.IMAGE_TEXT, None, None), ValueError, "holds 1 .* placeholders but 0 grids"),
-])
-def test_preprocessing_rejects_bad_input(call, error, match):
-    with pytest.raises(error, match=match):
-        call(tiny())
-
-
-def test_image_loading_orientation_strides_and_frame_order(tmp_path):
-    from PIL import Image
-    pixels = np.random.default_rng(6).integers(0, 256, (30, 50, 3), dtype=np.uint8)
-    exif = Image.Exif()
-    exif[0x0112] = 6                                            # "rotate 90 degrees clockwise to view"
-    Image.fromarray(pixels).save(tmp_path / "turned.png", exif=exif)
-    assert m3.load_image(tmp_path / "turned.png").shape == (50, 30, 3)
-    flipped = pixels[:, ::-1]                                   # negative strides (BGR<->RGB views alike)
-    assert torch.equal(m3.preprocess_image(flipped, tiny())[0], m3.preprocess_image(flipped.copy(), tiny())[0])
-    frames = tmp_path / "frames"
-    frames.mkdir()
-    for i in (2, 10, 1):
-        Image.fromarray(np.full((28, 28, 3), i, np.uint8)).save(frames / f"f{i}.png")
-    assert m3.load_video(frames, None)[0][:, 0, 0, 0].tolist() == [1, 2, 10]        # natural order, not f1 f10 f2
-    with pytest.raises(ValueError, match="is an image file; give it as --image"):
-        m3.load_video(tmp_path / "turned.png", None)
-
-
-def test_image_and_video_files_through_the_cli(tmp_path, capsys):
-    from PIL import Image
-    rng = np.random.default_rng(2)
-    Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(tmp_path / "a.png")
-    rgba = rng.integers(0, 256, (56, 56, 4), dtype=np.uint8)
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "b.png")
-    frames = tmp_path / "frames"
-    frames.mkdir()
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(frames / f"{i:03d}.png")
-    # transparency is composited over white, as the released processor does
-    alpha = rgba[..., 3:].astype(np.float64) / 255
-    assert np.abs(m3.load_image(tmp_path / "b.png").astype(np.float64) - (rgba[..., :3] * alpha + 255 * (1 - alpha))).max() <= 1
-    m3.main(["demo", "--image", str(tmp_path / "a.png"), "--image", str(tmp_path / "b.png"), "--video", str(frames),
-             "--video-fps", "2"])
-    out = capsys.readouterr()
-    # 60x90 -> 56x84 (24 rows), 56x56 (16 rows); frames 40x50 -> 28x56 is under min_pixels -> 56x84, 3 frames -> t = 2
-    assert "pixel_values         [40, 1176]" in out.out and "video grids [[2, 4, 6]]" in out.out
-    assert "video timestamps left out" in out.err
-    with pytest.raises(SystemExit) as e:
-        m3.main(["demo", "--video", str(tmp_path / "clip.mp4")])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and ("needs PyAV" in err or "cannot decode" in err)
-
-
-def test_run_with_text_prompt_media_and_timestamps(tmp_path, capsys):
-    tokenizers = pytest.importorskip("tokenizers")
-    from PIL import Image
-    cfg = tiny()
-    ckpt = tmp_path / "ckpt"
-    m3.save_pretrained(model_of(cfg), ckpt)
-    run = ["run", "--checkpoint", str(ckpt)]
-    with pytest.raises(SystemExit) as e:
-        m3.main(run + ["--prompt", "hello"])
-    assert e.value.code == 2 and "--prompt needs" in capsys.readouterr().err
-    words = ["[UNK]", "hello", "world", "seconds"]
-    vocab = {w: i for i, w in enumerate(words)}
-    specials = {m3.IMAGE_TEXT: cfg.image_token_index, m3.VIDEO_TEXT: cfg.video_token_index,
-                m3.START_TEXT: cfg.vision_start_token_index, m3.END_TEXT: cfg.vision_end_token_index}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({**vocab, **specials}, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.add_special_tokens(list(specials))
-    tok.save(str(ckpt / "tokenizer.json"))
-    Image.fromarray(np.random.default_rng(3).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")
-    np.save(tmp_path / "v.npy", np.random.default_rng(4).integers(0, 256, (3, 56, 56, 3), dtype=np.uint8))
-    out = tmp_path / "out.safetensors"
-    m3.main(run + ["--prompt", "hello ]<]image[>[ world ]<]video[>[", "--image", str(tmp_path / "a.png"),
-                   "--video", str(tmp_path / "v.npy"), "--video-fps", "1", "--save-outputs", str(out)])
-    assert "top next tokens" in capsys.readouterr().out
-    ids = V.read_safetensors(out)["input_ids"][0].tolist()
-    S, E, I, Vt = cfg.vision_start_token_index, cfg.vision_end_token_index, cfg.image_token_index, cfg.video_token_index
-    stamp = tok.encode(m3.timestamp_text(0.0), add_special_tokens=False).ids + [S]
-    assert ids[:2] == [vocab["hello"], S] and ids[2:6] == [I] * 4 and ids[6:8] == [E, vocab["world"]]
-    assert ids[8:8 + len(stamp)] == stamp and ids.count(Vt) == 8 and ids.count(S) == 3
-    with pytest.raises(SystemExit) as e:
-        m3.main(run + ["--prompt-ids", "1,2", "--image", str(tmp_path / "a.png")])
-    assert e.value.code == 2 and "hold 0 image placeholders" in capsys.readouterr().err
-
-
-def test_video_files_decode_through_pyav_and_sample_one_frame_per_second(tmp_path):
-    # 1 s apart (less 1e-4 s), then the last frame when it is later than the last kept one
-    assert m3.sample_frame_indices(10, 4.0) == [0, 4, 8, 9] and m3.sample_frame_indices(5, 1.0) == [0, 1, 2, 3, 4]
-    assert m3.sample_frame_indices(30, 29.97) == [0, 29] and m3.sample_frame_indices(7, 2.0) == [0, 2, 4, 6]
-    av = pytest.importorskip("av")
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(10):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    frames, fps, indices = m3.load_video(path, None)
-    assert fps == 4.0 and indices == [0, 4, 8, 9] and frames.shape == (4, 48, 64, 3)
-    assert frames[3].mean() > frames[2].mean() > frames[1].mean() > frames[0].mean()     # frames 9, 8, 4, 0
-    with pytest.raises(ValueError, match="--video-fps is for frame folders"):
-        m3.load_video(path, 2.0)
-
-
-# ============================================================================================
-# Model and losses
-# ============================================================================================
-
-def test_demo_inputs_run_and_output_shapes():
-    cfg = tiny()
-    inputs = m3.demo_inputs(cfg)
-    out = model_of(cfg)(**inputs)
-    B, S = inputs["input_ids"].shape
-    assert out.logits.shape == (B, S, cfg.vocab_size) and len(out.mtp_logits) == 1
-    assert out.mtp_logits[0].shape == out.logits.shape
-    torch.testing.assert_close(out.loss, out.lm_loss + out.mtp_loss)
-
-
-def test_losses_equal_hand_computed_cross_entropies():
-    cfg = tiny(num_mtp_modules=2)
-    model = model_of(cfg)
-    ids = torch.randint(0, 400, (2, 11))
-    labels = ids.clone()
-    labels[0, 3] = labels[1, 9] = -100
-    out = model(ids, labels=labels)
-
-    def ce(logits, shift):
-        terms = [-torch.log_softmax(logits[b, i].double(), -1)[labels[b, i + shift]]
-                 for b in range(2) for i in range(11) if i + shift < 11 and labels[b, i + shift] != -100]
-        return sum(terms) / len(terms)
-    torch.testing.assert_close(out.lm_loss.double(), ce(out.logits, 1), rtol=1e-5, atol=1e-5)
-    mtp = 0.1 / 2 * (ce(out.mtp_logits[0], 2) + ce(out.mtp_logits[1], 3))
-    torch.testing.assert_close(out.mtp_loss.double(), mtp, rtol=1e-5, atol=1e-5)
-    weighted = model_of(replace(cfg, mtp=m3.MTPConfig(loss_weight=0.5)))(ids, labels=labels)   # same weights, lambda 0.5
-    torch.testing.assert_close(weighted.mtp_loss.double(), 5 * mtp, rtol=1e-5, atol=1e-5)
-
 
 def test_mtp_depth_is_the_documented_composition():
     cfg = tiny()
@@ -644,7 +953,18 @@ def test_mtp_depth_is_the_documented_composition():
                                rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
 
 
-# ---- MTP variants: each MTPConfig option, and the checkpoint layouts ---------------------------
+def test_m3_default_options_reproduce_the_committed_golden_mtp_tensors():
+    """Within the verifier's tolerances: the committed tensors come from another machine's BLAS."""
+    from safetensors.torch import load_file
+    for case in ("text", "mtp-depth-2", "vision-language"):
+        entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, case)
+        assert m3.Checkpoint(GOLDEN / case).config.mtp == m3.MTPConfig()
+        got = G.run_model_case(GOLDEN / case, torch.float32, load_file(GOLDEN / case / "inputs.safetensors"))
+        names = [n for n in got if n.startswith("mtp.") or n.endswith("loss")]
+        rows = V.compare(V.case_rules(entry), _outputs(case, numpy=True), {n: got[n].numpy() for n in names})
+        compared = [r for r in rows if r["status"] != "missing"]
+        assert len(compared) == len(names) >= 3 and all(r["status"] == "pass" for r in compared), (case, compared)
+
 
 def variant_pair(tmp_path: Path, mtp: m3.MTPConfig, depths: int = 1, vision=None, layout: str = "m3"):
     """(M3's model, the same weights loaded with `mtp`): a default model saved in `layout`, read back
@@ -658,19 +978,6 @@ def variant_inputs(cfg: m3.M3Config, S: int = 21) -> dict:
         return m3.demo_inputs(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, S), generator=torch.Generator().manual_seed(3))
     return dict(input_ids=ids, labels=ids.masked_fill(torch.arange(S) % 5 == 0, -100))
-
-
-def test_m3_default_options_reproduce_the_committed_golden_mtp_tensors():
-    """Within the verifier's tolerances: the committed tensors come from another machine's BLAS."""
-    from safetensors.torch import load_file
-    for case in ("text", "mtp-depth-2", "vision-language"):
-        entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, case)
-        assert m3.Checkpoint(GOLDEN / case).config.mtp == m3.MTPConfig()
-        got = G.run_model_case(GOLDEN / case, torch.float32, load_file(GOLDEN / case / "inputs.safetensors"))
-        names = [n for n in got if n.startswith("mtp.") or n.endswith("loss")]
-        rows = V.compare(V.case_rules(entry), _outputs(case, numpy=True), {n: got[n].numpy() for n in names})
-        compared = [r for r in rows if r["status"] != "missing"]
-        assert len(compared) == len(names) >= 3 and all(r["status"] == "pass" for r in compared), (case, compared)
 
 
 @pytest.mark.parametrize("mtp, depths, changed", [
@@ -739,6 +1046,11 @@ def test_repeated_depth_equals_running_depth_zero_three_times_by_hand():
             h = depth.final_layernorm(depth(h, text.embed_tokens(m3.mtp_input_ids(ids, k)), layout))
             assert torch.equal(head(h), out.mtp_logits[k - 1]), k
     assert len(out.mtp_logits) == 3
+
+
+def _rename(o):
+    for k in list(o):
+        o["model." + k] = o.pop(k)
 
 
 def test_two_sublayer_depth_is_an_m3_decoder_layer_under_other_names():
@@ -901,6 +1213,12 @@ def test_mtp_config_round_trips_through_config_json_and_bad_values_are_named():
         tiny(mtp=m3.MTPConfig(loss_weight=-1.0))
 
 
+def _same(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 @pytest.mark.parametrize("mtp, layout", [(m3.MTPConfig(repeated_layer=True, head="per_depth"), "nemotron_v3"),
                                          (m3.MTPConfig(embed_source="inputs_embeds", zero_position0=True,
                                                        sublayers="attention_moe", pass_hidden="pre_norm"), "step3p7")])
@@ -913,6 +1231,217 @@ def test_streamed_forward_follows_the_mtp_options(tmp_path, mtp, layout):
         out = model(**inputs)
     tracer.close()
     _same(G.named_outputs(tracer.out, out), m3.stream_forward(tmp_path, inputs, trace=True).tensors)
+
+
+def _transformers_checkpoint(tmp_path: Path, seed: int, **kw):
+    """A random transformers model saved by its own save_pretrained, config.json replaced by the
+    upstream form. Returns (transformers model, checkpoint path)."""
+    transformers = pytest.importorskip("transformers")
+    up = upstream_config(**kw)
+    # transformers keys its save-time key conversion on model_type: the released text part's
+    # "minimax_m2" would pick another model's renames, so its own config drops that string
+    text = {k: v for k, v in up["text_config"].items() if k != "model_type"}
+    hf_cfg = transformers.MiniMaxM3VLConfig(text_config=text, vision_config=up["vision_config"],
+                                            image_token_index=290, video_token_index=291, projector_hidden_size=64)
+    hf_cfg.text_config._attn_implementation = hf_cfg.vision_config._attn_implementation = "eager"
+    hf = transformers.MiniMaxM3SparseForConditionalGeneration(hf_cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(hf.named_parameters()) + list(hf.named_buffers()):
+            if "inv_freq" not in name:
+                std = 1.0 if "embed" in name else (t[0].numel() ** -0.5 if t.dim() >= 2 else 0.1)
+                t.copy_(torch.randn(t.shape, generator=g) * std)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(up))
+    return hf, tmp_path
+
+
+def test_mtp_parity_with_a_transformers_decoder_layer(tmp_path):
+    """Our MTP depth against an independent composition: transformers' own decoder layer (loaded
+    with the MTP transformer_layer's weights), the fusion written out here, the shared head."""
+    from safetensors.torch import load_file, save_file
+    transformers = pytest.importorskip("transformers")
+    hf, path = _transformers_checkpoint(tmp_path, seed=3)
+    state = load_file(path / m3.SINGLE_FILE)
+    mtp = {"enorm.weight": torch.randn(64) * 0.1, "hnorm.weight": torch.randn(64) * 0.1,
+           "final_layernorm.weight": torch.randn(64) * 0.1, "eh_proj.weight": torch.randn(64, 128) / 128 ** 0.5}
+    last = "language_model.model.layers.2."
+    for k, t in state.items():
+        if k.startswith(last):
+            mtp["transformer_layer." + k.removeprefix(last)] = t + 0.01 * torch.randn(t.shape)
+    state.update({"language_model.model.mtp.layers.0." + k: t for k, t in mtp.items()})
+    save_file(state, path / m3.SINGLE_FILE)
+    cfg = upstream_config(mtp=1)
+    (path / "config.json").write_text(json.dumps(cfg))
+    ours = m3.from_pretrained(path)
+    # transformers' decoder layer carrying the MTP transformer_layer weights
+    layer_dir = tmp_path / "layer"
+    layer_dir.mkdir()
+    save_file({**{k: t for k, t in state.items() if ".mtp." not in k},
+               **{last + k.removeprefix("transformer_layer."): t for k, t in mtp.items()
+                  if k.startswith("transformer_layer.")}}, layer_dir / m3.SINGLE_FILE)
+    (layer_dir / "config.json").write_text(json.dumps(upstream_config()))
+    hf_layer = transformers.MiniMaxM3SparseForConditionalGeneration.from_pretrained(
+        layer_dir, attn_implementation="eager").model.language_model.layers[2].eval()
+    ids = torch.randint(0, 280, (2, 30), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(30).expand(2, 30)
+    with torch.no_grad():
+        lm = hf.model.language_model
+        h0 = lm(input_ids=ids).last_hidden_state
+        shifted = torch.cat([ids[:, 1:], torch.zeros(2, 1, dtype=ids.dtype)], 1)
+        x = (torch.cat([gemma_norm(lm.embed_tokens(shifted), mtp["enorm.weight"]),
+                        gemma_norm(h0, mtp["hnorm.weight"])], -1) @ mtp["eh_proj.weight"].double().T).float()
+        x = hf_layer(x, position_embeddings=lm.rotary_emb(x, pos), attention_mask=None, position_ids=pos)
+        expected = hf.lm_head(gemma_norm(x, mtp["final_layernorm.weight"]).float())
+        got = ours(ids).mtp_logits[0]
+    assert (got - expected).abs().max() <= FP32_LOGITS_TOL
+
+
+def _np_case(case: str) -> tuple[dict, dict, dict, dict]:
+    """(manifest entry, inputs, weights without `language_model.model.`, reference outputs) as numpy."""
+    entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, case)
+    weights = V.read_safetensors(GOLDEN / case / "model.safetensors") if (GOLDEN / case / "model.safetensors").exists() else {}
+    return (entry, V.read_safetensors(GOLDEN / case / "inputs.safetensors"),
+            {k.removeprefix("language_model.model."): v for k, v in weights.items()}, _outputs(case, numpy=True))
+
+
+def _np_verdict(entry: dict, ref: dict, theirs: dict) -> int:
+    rules = V.case_rules(entry)
+    return V.verdict(rules, V.compare(rules, ref, theirs))[0]
+
+
+def np_gemma_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float32)
+    return (x / np.sqrt(np.mean(x * x, -1, keepdims=True) + np.float32(eps)) * (1 + w)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bug", [None, "hidden first", "no shift", "no norms"])
+def test_the_mtp_fusion_case_in_numpy(bug):
+    entry, x, w, ref = _np_case("component-mtp_fusion")
+    eps, ids = entry["config"]["text_config"]["rms_norm_eps"], x["input_ids"]
+    shifted = ids if bug == "no shift" else np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], 1)
+    e = w["embed_tokens.weight"][shifted]
+    d = "mtp.layers.0."
+    e_n, h_n = (e, x["hidden"]) if bug == "no norms" else \
+        (np_gemma_norm(e, w[d + "enorm.weight"], eps), np_gemma_norm(x["hidden"], w[d + "hnorm.weight"], eps))
+    cat = np.concatenate([h_n, e_n] if bug == "hidden first" else [e_n, h_n], -1)
+    assert _np_verdict(entry, ref, {"fused": cat @ w[d + "eh_proj.weight"].T}) == (V.PASS if bug is None else V.DIVERGED)
+
+
+# ============================================================================================
+# Vision tower, merger, splice
+# ============================================================================================
+
+def test_video_longer_than_a_segment_equals_its_segments_run_separately():
+    cfg = tiny()
+    model = model_of(cfg)
+    tower = model.vision_tower
+    grid = [[5, 4, 4]]                                            # max_frames 2 -> segments 2, 2, 1
+    pixels = torch.randn(80, cfg.vision.patch_dim)
+    whole = tower(pixels, grid)
+    parts = [tower(p, [[t, 4, 4]]) for p, t in zip(pixels.split([32, 32, 16]), (2, 2, 1))]
+    torch.testing.assert_close(whole, torch.cat(parts), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+
+
+@given(t=st.integers(1, 5), h=st.sampled_from([2, 4, 6]), w=st.sampled_from([2, 4]), max_frames=st.integers(1, 3))
+@example(t=2, h=2, w=4, max_frames=2)        # rows 0 0 1 1 0 0 1 1, cols 0 1 0 1 2 3 2 3 in each frame
+def test_prop_vision_positions_follow_the_merge_window_order(t, h, w, max_frames):
+    pos = m3.vision_positions(m3.video_segments([(t, h, w)], max_frames), 2)
+    assert pos.shape == (t * h * w, 3)
+    for n, (pt, r, c) in enumerate(pos.tolist()):
+        window, inner = divmod(n % (h * w), 4)
+        # t restarts in every segment (unobservable in the features: a segment's attention only sees
+        # differences of t, but pinned here and in the golden vision_rope case)
+        assert (pt, r, c) == ((n // (h * w)) % max_frames, 2 * (window // (w // 2)) + inner // 2,
+                              2 * (window % (w // 2)) + inner % 2)
+
+
+grids = st.tuples(st.integers(1, 4), st.sampled_from([2, 4]), st.sampled_from([2, 4, 6]))
+
+
+@given(seed=seeds, a=grids, b=grids, max_frames=st.integers(1, 3))
+@example(seed=0, a=(3, 2, 2), b=(1, 2, 4), max_frames=2)          # a video of two segments, then an image
+@few(6)
+def test_prop_vision_tower(seed, a, b, max_frames):
+    cfg = tiny(vision=replace(m3.M3Config.tiny().vision, vision_segment_max_frames=max_frames))
+    model = model_of(cfg, seed)
+    P = cfg.vision.patch_dim
+    rows_a, rows_b = a[0] * a[1] * a[2], b[0] * b[1] * b[2]
+    pa, pb = randn(seed, rows_a, P), randn(seed + 1, rows_b, P)
+    with torch.no_grad():
+        both = model.vision_features(torch.cat([pa, pb]), torch.tensor([a, b]))
+        # one output row per 2x2 window; an item's features ignore the other item, before or after it
+        assert both.shape == ((rows_a + rows_b) // 4, cfg.hidden_size)
+        torch.testing.assert_close(both[:rows_a // 4], model.vision_features(pa, torch.tensor([a])),
+                                   rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+        torch.testing.assert_close(both[rows_a // 4:], model.vision_features(pb, torch.tensor([b])),
+                                   rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+        # a video equals its segments run separately (catches: t not restarting, cross-segment attention)
+        t, h, w = a
+        segments = [(min(max_frames, t - s), h, w) for s in range(0, t, max_frames)]
+        parts = pa.split([n * h * w for n, _, _ in segments])
+        torch.testing.assert_close(model.vision_tower(pa, [a]),
+                                   torch.cat([model.vision_tower(p, [s]) for p, s in zip(parts, segments)]),
+                                   rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+
+
+@given(seed=seeds, B=st.integers(1, 3), S=st.integers(1, 15), data=st.data())
+def test_prop_splice(seed, B, S, data):
+    mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=B * S, max_size=B * S))).view(B, S)
+    ids = torch.where(mask, 7, 3)
+    embeds, feats = randn(seed, B, S, 4), randn(seed + 1, int(mask.sum()), 4)
+    out = m3.splice(embeds, ids, feats, 7, "image")
+    assert torch.equal(out[~mask], embeds[~mask]) and torch.equal(out[mask], feats)   # row-major order
+
+
+@pytest.mark.parametrize("bug", [None, "column-major order", "one list for both kinds"])
+def test_the_splice_case_in_numpy(bug):
+    entry, x, w, ref = _np_case("component-splice")
+    ids, cfg = x["input_ids"], entry["config"]
+    image, video = ids == cfg["image_token_index"], ids == cfg["video_token_index"]
+    emb = w["embed_tokens.weight"][ids]
+    if bug == "one list for both kinds":          # image rows then video rows, into placeholders of either kind
+        emb[image | video] = np.concatenate([x["image_features"], x["video_features"]])
+    elif bug == "column-major order":
+        emb = emb.swapaxes(0, 1)
+        emb[image.T], emb[video.T] = x["image_features"], x["video_features"]
+        emb = emb.swapaxes(0, 1)
+    else:
+        emb[image], emb[video] = x["image_features"], x["video_features"]
+    assert _np_verdict(entry, ref, {"embeddings": emb}) == (V.PASS if bug is None else V.DIVERGED)
+
+
+# ============================================================================================
+# The full model and its losses
+# ============================================================================================
+
+def test_demo_inputs_run_and_output_shapes():
+    cfg = tiny()
+    inputs = m3.demo_inputs(cfg)
+    out = model_of(cfg)(**inputs)
+    B, S = inputs["input_ids"].shape
+    assert out.logits.shape == (B, S, cfg.vocab_size) and len(out.mtp_logits) == 1
+    assert out.mtp_logits[0].shape == out.logits.shape
+    torch.testing.assert_close(out.loss, out.lm_loss + out.mtp_loss)
+
+
+def test_losses_equal_hand_computed_cross_entropies():
+    cfg = tiny(num_mtp_modules=2)
+    model = model_of(cfg)
+    ids = torch.randint(0, 400, (2, 11))
+    labels = ids.clone()
+    labels[0, 3] = labels[1, 9] = -100
+    out = model(ids, labels=labels)
+
+    def ce(logits, shift):
+        terms = [-torch.log_softmax(logits[b, i].double(), -1)[labels[b, i + shift]]
+                 for b in range(2) for i in range(11) if i + shift < 11 and labels[b, i + shift] != -100]
+        return sum(terms) / len(terms)
+    torch.testing.assert_close(out.lm_loss.double(), ce(out.logits, 1), rtol=1e-5, atol=1e-5)
+    mtp = 0.1 / 2 * (ce(out.mtp_logits[0], 2) + ce(out.mtp_logits[1], 3))
+    torch.testing.assert_close(out.mtp_loss.double(), mtp, rtol=1e-5, atol=1e-5)
+    weighted = model_of(replace(cfg, mtp=m3.MTPConfig(loss_weight=0.5)))(ids, labels=labels)   # same weights, lambda 0.5
+    torch.testing.assert_close(weighted.mtp_loss.double(), 5 * mtp, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("make, match", [
@@ -941,8 +1470,594 @@ def test_pixels_for_a_text_only_model_are_rejected():
         model_of(cfg)(i["input_ids"], pixel_values=i["pixel_values"], image_grid_thw=i["image_grid_thw"])
 
 
+@given(cfg=tiny_configs(vision=False), seed=seeds, S=st.integers(2, 21), data=st.data())
+@few(8)
+def test_prop_model(cfg, seed, S, data):
+    model = model_of(cfg, seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (2, S), generator=g)
+    labels = ids.masked_fill(torch.rand(2, S, generator=g) < 0.3, -100)
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+        # batch rows are independent
+        torch.testing.assert_close(model(ids[1:]).logits[0], out.logits[1], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+        # causal end to end, sparse layers included; MTP depth d at i sees tokens <= i + d. Not bit
+        # for bit: an expert's matmul sees a different number of token rows once a later token
+        # routes elsewhere, and BLAS rounds differently per shape
+        p = data.draw(st.integers(1, S - 1))
+        changed = ids.clone()
+        changed[:, p] = (changed[:, p] + 1) % cfg.vocab_size
+        out2 = model(changed)
+        close = lambda a, b: torch.testing.assert_close(a, b, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+        close(out2.logits[:, :p], out.logits[:, :p])
+        for d, (a, b) in enumerate(zip(out.mtp_logits, out2.mtp_logits), start=1):
+            close(a[:, :max(p - d, 0)], b[:, :max(p - d, 0)])
+            if p - d >= 0:                       # ... and does see token i + d (embedded at slot i)
+                assert (a[:, p - d] - b[:, p - d]).abs().max() > 1e-3
+        # the recursion: depth d takes depth d - 1's output and the ids shifted by d
+        text, head = model.language_model.model, model.language_model.lm_head
+        layout = text.layout(torch.arange(S).expand(2, S))
+        h = text(text.embed_tokens(ids), layout)
+        for d in range(cfg.num_mtp_modules):
+            shifted = torch.cat([ids[:, d + 1:], torch.zeros(2, min(d + 1, S), dtype=ids.dtype)], 1)
+            h = text.mtp["layers"][d].final_layernorm(text.mtp["layers"][d](h, text.embed_tokens(shifted), layout))
+            close(head(h), out.mtp_logits[d])
+
+    def ce(logits, shift):
+        terms = [-torch.log_softmax(logits[b, i].double(), -1)[labels[b, i + shift]]
+                 for b in range(2) for i in range(S) if i + shift < S and labels[b, i + shift] != -100]
+        return sum(terms) / len(terms) if terms else torch.tensor(0.0, dtype=torch.float64)
+    torch.testing.assert_close(out.lm_loss.double(), ce(out.logits, 1), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    if cfg.num_mtp_modules:
+        D = cfg.num_mtp_modules
+        expected = 0.1 / D * sum(ce(lg, 1 + k) for k, lg in enumerate(out.mtp_logits, start=1))
+        torch.testing.assert_close(out.mtp_loss.double(), expected, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    else:
+        assert out.mtp_loss is None and out.mtp_logits == []
+
+
+PARITY_CASES = [
+    dict(),                                                                    # dense+full, 2x MoE+sparse
+    dict(layers=(1, 0, 1, 1), sparse=(1, 0, 0, 1), heads=8, kv_heads=2, rotary_dim=6, topk=3, block=4),
+    dict(layers=(0, 1), sparse=(1, 1), heads=4, kv_heads=4, head_dim=8, rotary_dim=8, topk=1, block=16, local=1),
+]
+
+
+def _vl_inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    img, vid = torch.tensor([[1, 4, 4], [1, 2, 6]]), torch.tensor([[3, 4, 2]])    # video within one segment
+    text = lambda n: torch.randint(0, 280, (n,), generator=g)
+    ids = torch.cat([text(5), torch.full((4,), 290), text(3), torch.full((3,), 290), text(4),
+                     torch.full((6,), 291), text(25)])[None]
+    return dict(input_ids=ids, pixel_values=torch.randn(28, 1176, generator=g), image_grid_thw=img,
+                pixel_values_videos=torch.randn(24, 1176, generator=g), video_grid_thw=vid)
+
+
+@pytest.mark.parametrize("case", range(len(PARITY_CASES)))
+def test_parity_with_transformers(tmp_path, case):
+    hf, path = _transformers_checkpoint(tmp_path, seed=case, **PARITY_CASES[case])
+    ours = m3.from_pretrained(path)
+    inputs = _vl_inputs(case)
+    text_rows = torch.randint(0, 280, (2, 47), generator=torch.Generator().manual_seed(case))
+    with torch.no_grad():
+        diff_vl = (ours(**inputs).logits - hf(**inputs).logits).abs().max()
+        diff_text = (ours(text_rows).logits - hf(input_ids=text_rows).logits).abs().max()
+    assert diff_vl <= FP32_LOGITS_TOL and diff_text <= FP32_LOGITS_TOL, (diff_vl, diff_text)
+
+
+def test_parity_text_only_checkpoint_built_from_the_vl_one(tmp_path):
+    from safetensors.torch import load_file, save_file
+    hf, path = _transformers_checkpoint(tmp_path / "vl", seed=7)
+    text_dir = tmp_path / "text"
+    text_dir.mkdir()
+    state = load_file(path / m3.SINGLE_FILE)
+    save_file({k.removeprefix("language_model."): t for k, t in state.items() if k.startswith("language_model.")},
+              text_dir / m3.SINGLE_FILE)
+    (text_dir / "config.json").write_text(json.dumps(upstream_config(vision=False)))
+    ours = m3.from_pretrained(text_dir)
+    assert ours.config.vision is None and not hasattr(ours, "vision_tower")
+    ids = torch.randint(0, 280, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        diff = (ours(ids).logits - hf(input_ids=ids).logits).abs().max()
+    assert diff <= FP32_LOGITS_TOL, diff
+
+
+def np_cross_entropy(logits: np.ndarray, labels: np.ndarray, shift: int) -> tuple[float, int]:
+    """(sum, count) of CE(logits[:, i], labels[:, i + shift]) over targets that are not -100 or past the end."""
+    target = np.concatenate([labels[:, shift:], np.full((labels.shape[0], shift), -100)], 1)
+    z = logits.astype(np.float64)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    ce = lse - np.take_along_axis(z, np.maximum(target, 0)[..., None], -1)[..., 0]
+    valid = target != -100
+    return float((ce * valid).sum()), int(valid.sum())
+
+
+@pytest.mark.parametrize("bug", [None, "no label shift", "mtp shifted like the main head", "one mean over depths"])
+def test_the_losses_case_in_numpy(bug):
+    entry, x, _, ref = _np_case("component-losses")
+    labels, depths = x["labels"], entry["config"]["text_config"]["num_mtp_modules"]
+    total, n = np_cross_entropy(x["logits"], labels, 0 if bug == "no label shift" else 1)
+    terms = [np_cross_entropy(x[f"mtp.{k - 1}.logits"], labels, 1 if bug == "mtp shifted like the main head" else 1 + k)
+             for k in range(1, depths + 1)]
+    per_depth = [s / c for s, c in terms]
+    if bug == "one mean over depths":
+        per_depth = [sum(s for s, _ in terms) / sum(c for _, c in terms)] * depths
+    mtp = 0.1 / depths * sum(per_depth)
+    theirs = {"lm_loss": np.float32(total / n), "mtp_loss": np.float32(mtp), "loss": np.float32(total / n + mtp)}
+    assert _np_verdict(entry, ref, theirs) == (V.PASS if bug is None else V.DIVERGED)
+
+
 # ============================================================================================
-# Checkpoint I/O
+# Decoding: cache, padded batches, generation, MTP drafting
+# ============================================================================================
+
+# The tiny preset: block 8, top-4 (one init, one local), so any history past 32 tokens drops blocks.
+def decode_prompt(vision: bool, seed: int = 0, extra: int = 30) -> tuple[m3.MiniMaxM3, dict, int]:
+    """(model, forward inputs, the first position a cached call may start at): demo_inputs then
+    `extra` text tokens, or only text; media must come in the call holding their placeholders."""
+    cfg = tiny() if vision else tiny(vision=None)
+    g = torch.Generator().manual_seed(seed + 1)
+    text = torch.randint(0, 500, (1, extra), generator=g)             # below every special id
+    if not vision:
+        return model_of(cfg, seed), dict(input_ids=text), 1
+    inputs = {k: v for k, v in m3.demo_inputs(cfg, seed).items() if k != "labels"}
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], text], 1)
+    media = (inputs["input_ids"][0] >= cfg.image_token_index).nonzero()
+    return model_of(cfg, seed), inputs, int(media[-1]) + 1
+
+
+def test_decode_prompts_are_long_enough_that_selection_drops_blocks():
+    for vision in (False, True):
+        model, inputs, _ = decode_prompt(vision, extra=34)
+        dense = model_of(replace(model.config, sparse_topk_blocks=1000))
+        with torch.no_grad():
+            gap = (model(**inputs).logits[:, -1] - dense(**inputs).logits[:, -1]).abs().max()
+        assert gap > 1e-2, "every block fits the budget: these prompts would not catch a wrong selection"
+
+
+@pytest.mark.parametrize("depths, options", [(1, m3.MTPConfig()), (2, m3.MTPConfig.vllm_drafter(repeated_layer=True)),
+                                             (2, m3.MTPConfig(zero_position0=True, pass_hidden="pre_norm"))])
+def test_padded_batch_generates_and_drafts_what_each_row_does_alone(depths, options):
+    model = model_of(tiny(vision=None, num_mtp_modules=depths, mtp=options))
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 500, (n,), generator=g) for n in (40, 9, 33)]
+    ids, mask = padded(rows)
+    for mtp in (False, True):
+        drafts, trace = (3 if mtp else None), []
+        tokens, _ = model.generate(ids, 6, attention_mask=mask, mtp=mtp, draft_tokens=drafts, draft_trace=trace)
+        for b, r in enumerate(rows):
+            alone, mine = [], []
+            alone_tokens, _ = model.generate(r[None], 6, mtp=mtp, draft_tokens=drafts, draft_trace=mine)
+            assert torch.equal(tokens[b, ids.shape[1]:], alone_tokens[0, len(r):])
+            if mtp:                      # the first step's drafts: before any rollback makes rows differ
+                torch.testing.assert_close(trace[0]["draft_logits"][b], mine[0]["draft_logits"][0],
+                                           rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+
+
+def test_the_drafter_sees_the_vision_features_with_the_rolled_embeddings():
+    """embed_source="inputs_embeds": the first pass over a prompt with media fuses its spliced
+    embeddings, so draft 1 equals depth 1 of a forward over the prompt plus the new token."""
+    model = model_of(tiny(mtp=m3.MTPConfig(embed_source="inputs_embeds", zero_position0=True)))
+    inputs = m3.demo_inputs(model.config)
+    inputs.pop("labels")
+    trace = []
+    with torch.no_grad():
+        tokens, _ = model.generate(max_new_tokens=2, mtp=True, draft_tokens=1, draft_trace=trace, **inputs)
+        S = inputs["input_ids"].shape[1]
+        whole = model(**dict(inputs, input_ids=tokens[:, :S + 1]))
+    assert int(tokens[0, S]) not in (model.config.image_token_index, model.config.video_token_index)
+    torch.testing.assert_close(trace[0]["draft_logits"][:, 0], whole.mtp_logits[0][:, S - 1],
+                               rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
+
+
+def acceptance_model(mtp_modules: int = 1, mtp: m3.MTPConfig = m3.MTPConfig.vllm_drafter()) -> m3.MiniMaxM3:
+    """Random weights bent (G.agreeing_mtp_) so that MTP drafts are right part of the time; vLLM's
+    drafter conventions unless `mtp` says otherwise."""
+    return G.agreeing_mtp_(model_of(tiny(vision=None, num_mtp_modules=mtp_modules, mtp=mtp)))
+
+
+@pytest.mark.parametrize("make, B, drafts", [(lambda: model_of(tiny(vision=None)), 1, 1), (acceptance_model, 1, 1),
+                                             (acceptance_model, 2, 3), (lambda: acceptance_model(2), 1, 3),
+                                             (lambda: model_of(tiny()), 1, 2)])
+def test_generate_with_and_without_mtp_gives_the_same_tokens(make, B, drafts):
+    model = make()
+    ids = torch.randint(0, 500, (B, 35), generator=torch.Generator().manual_seed(B))
+    greedy, plain = model.generate(ids, 16)
+    spec, stats = model.generate(ids, 16, mtp=True, draft_tokens=drafts)
+    assert torch.equal(spec, greedy)
+    assert plain == {"steps": 15, "drafted": 0, "accepted": 0, "acceptance": None}
+    assert stats["drafted"] == stats["steps"] * drafts * B and 0 <= stats["accepted"] <= stats["drafted"]
+    assert stats["acceptance"] == stats["accepted"] / stats["drafted"]
+
+
+def test_acceptance_is_total_when_every_head_predicts_the_same_token():
+    """Final norms of weight -1 zero the hidden state (Gemma scale 1 + w), so the main head and
+    the MTP head both see zeros and predict token 0 everywhere: every draft is accepted."""
+    for depths, drafts in ((1, 1), (1, 3), (2, 3)):
+        model = model_of(tiny(vision=None, num_mtp_modules=depths))
+        text = model.language_model.model
+        with torch.no_grad():
+            for norm in [text.norm] + [d.final_layernorm for d in text.mtp["layers"]]:
+                norm.weight.fill_(-1.0)
+        ids = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+        tokens, stats = model.generate(ids, 13, mtp=True, draft_tokens=drafts)
+        assert bool((tokens[:, 20:] == 0).all())
+        assert stats["acceptance"] == 1.0 and stats["steps"] == math.ceil(12 / (drafts + 1))
+
+
+def test_drafts_after_rejections_equal_drafts_from_scratch():
+    """Rollback leaves no trace: at every step the drafts equal those of a fresh generate whose
+    prompt is everything verified so far (so main and MTP caches hold exactly the kept slots)."""
+    model = acceptance_model()
+    ids = torch.randint(0, 500, (1, 30), generator=torch.Generator().manual_seed(4))
+    trace = []
+    tokens, stats = model.generate(ids, 20, mtp=True, draft_tokens=3, draft_trace=trace)
+    assert 0 < stats["accepted"] < stats["drafted"], "a run with both kept and rejected drafts"
+    done = 30 + trace[0]["accepted"] + 1
+    for step in trace[1:]:
+        fresh = []
+        model.generate(tokens[:, :done], 2, mtp=True, draft_tokens=3, draft_trace=fresh)
+        assert torch.equal(fresh[0]["drafts"], step["drafts"]), f"step after {done} verified tokens"
+        done += step["accepted"] + 1
+
+
+def drafts_by_hand(model: m3.MiniMaxM3, verified: torch.Tensor, newest: int, n: int) -> torch.Tensor:
+    """The draft logits [1, n, V] of generate's docstring, computed without a cache: every physical
+    depth runs over all of its slots at once, with the model's MTP conventions. verified [1, L]: the
+    tokens in the main cache; newest: the token sampled after them."""
+    text, head, mc = model.language_model.model, model.language_model.lm_head, model.config.mtp
+    M, L = model.config.num_mtp_modules, verified.shape[1]
+    h_main = model(verified).hidden                                            # post-norm [1, L, D]
+    emb = text.embed_tokens(torch.cat([verified[:, 1:], torch.tensor([[newest]])], 1))
+    if mc.zero_position0:
+        emb[:, 0] = 0.0
+    slots = [[(emb[:, p], h_main[:, p], p) for p in range(L)]] + [[] for _ in range(len(text.mtp["layers"]) - 1)]
+    logits, physical = [], 0
+    for j in range(n):
+        if j:
+            physical = 0 if mc.repeated_layer else j % M
+            slots[physical].append((text.embed_tokens(logits[-1].argmax(-1)), passed, L + j - 1))
+        e, h, pos = (torch.stack(x, 1) for x in zip(*[(a, b, torch.tensor([p])) for a, b, p in slots[physical]]))
+        depth = text.mtp["layers"][physical]
+        x = depth(h, e, text.layout(pos))[:, -1]                                       # before final_layernorm
+        normed = depth.final_layernorm(x)
+        passed = normed if mc.pass_hidden == "post_norm" else x
+        logits.append(depth.head(normed, head))
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("depths, mtp", [(1, m3.MTPConfig.vllm_drafter()), (2, m3.MTPConfig.vllm_drafter()),
+                                         (1, m3.MTPConfig()), (2, m3.MTPConfig(repeated_layer=True)),
+                                         (1, m3.MTPConfig(head="per_depth", sublayers="attention_moe"))])
+def test_draft_logits_equal_the_drafter_computed_without_a_cache(depths, mtp):
+    model = acceptance_model(depths, mtp)
+    ids = torch.randint(0, 500, (1, 30), generator=torch.Generator().manual_seed(4))
+    trace = []
+    with torch.no_grad():
+        tokens, stats = model.generate(ids, 16, mtp=True, draft_tokens=3, draft_trace=trace)
+        assert 0 < stats["accepted"] < stats["drafted"]
+        done = 30                                                   # tokens in the main cache at a step
+        for step in trace:
+            want = drafts_by_hand(model, tokens[:, :done], int(tokens[0, done]), 3)
+            torch.testing.assert_close(step["draft_logits"], want, rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
+            done += step["accepted"] + 1
+
+
+def test_eos_ends_rows_and_fills_the_rest():
+    model = model_of(tiny(vision=None))
+    ids = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    plain, _ = model.generate(ids, 10)
+    eos = int(plain[0, 23])                                         # row 0's fourth new token
+    for mtp in (False, True):
+        tokens, stats = model.generate(ids, 10, eos_token_id=eos, mtp=mtp)
+        assert tokens.shape == (2, 30) and torch.equal(tokens[0, :24], plain[0, :24])
+        assert bool((tokens[0, 24:] == eos).all())
+        ended = (plain[1, 20:] == eos).cumsum(0) > 0
+        assert torch.equal(tokens[1, 20:], plain[1, 20:].masked_fill(ended, eos))
+        alone, stats = model.generate(ids[:1], 10, eos_token_id=eos, mtp=mtp)
+        assert torch.equal(alone, tokens[:1]) and stats["steps"] == (3 if not mtp else stats["steps"])
+    assert model.generate(ids.int(), 2)[0].dtype == torch.int32
+
+
+def test_chunked_prefill_of_a_left_padded_batch_equals_one_forward():
+    model = model_of(tiny(vision=None))
+    g = torch.Generator().manual_seed(2)
+    ids, mask = padded([torch.randint(0, 500, (n,), generator=g) for n in (44, 9)])
+    cache = model.new_cache()
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask).logits
+        parts = [model(ids[:, a:b], attention_mask=mask[:, a:b], cache=cache).logits    # row 1: pads only at first
+                 for a, b in ((0, 20), (20, 37), (37, 44))]
+    got = torch.cat(parts, 1)
+    torch.testing.assert_close(got[mask == 1], whole[mask == 1], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    with pytest.raises(ValueError, match="truncate length must be an int in \\[0, 44\\]"):
+        cache.truncate(45)
+
+
+def _filled(model, ids):
+    cache = model.new_cache()
+    model(ids, cache=cache)
+    return cache
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m, ids: m(ids, attention_mask=torch.ones(1, 5, dtype=torch.int64)), ValueError, "attention_mask must be"),
+    (lambda m, ids: m.generate(ids, 3, attention_mask=torch.ones(6, dtype=torch.int64)), ValueError,
+     "attention_mask must be a tensor shaped like input_ids"),
+    (lambda m, ids: m.generate(ids, 3, draft_tokens=2), ValueError, "goes with mtp=True"),
+    (lambda m, ids: m.generate(torch.cat([ids, ids]), 3, attention_mask=torch.tensor([[1] * 6, [0] * 6])), ValueError,
+     "row 1's last prompt position is a pad"),
+    (lambda m, ids: m(ids, attention_mask=torch.tensor([[1, 0, 1, 1, 1, 1]])), ValueError, "pads between its tokens"),
+    (lambda m, ids: m(ids, attention_mask=torch.tensor([[2] * 6])), ValueError, "1 \\(token\\) and 0 \\(pad\\)"),
+    (lambda m, ids: m.generate(ids, 3, attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0]])), ValueError, "left padding"),
+    (lambda m, ids: m.generate(ids, 3, mtp=True, draft_tokens=0), ValueError, "draft_tokens must be an int >= 1"),
+    (lambda m, ids: m.generate(ids, -1), ValueError, "max_new_tokens must be"),
+    (lambda m, ids: m(ids, inputs_embeds=torch.zeros(1, 6, 5)), ValueError, "inputs_embeds shape"),
+    (lambda m, ids: m(torch.cat([ids, ids]), cache=_filled(m, ids)), ValueError, "but the cache holds 1"),
+])
+def test_decode_input_errors(call, error, match):
+    model = model_of(tiny(vision=None))
+    with pytest.raises(error, match=match):
+        call(model, torch.arange(6)[None])
+
+
+def test_a_failed_cached_call_leaves_the_cache_as_it_was():
+    model = model_of(tiny(vision=None))
+    ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache = _filled(model, ids[:, :10])
+    before = [(layer.k.clone(), layer.v.clone()) for layer in cache.layers]
+    with torch.no_grad():                          # layers 0 and 1 extend their caches, layer 2 fails
+        model.language_model.model.layers[2].block_sparse_moe.shared_experts.down_proj.weight.fill_(float("inf"))
+    with pytest.raises(ValueError, match="layer 2 output"):
+        model(ids[:, 10:], cache=cache)
+    assert cache.length == 10
+    for layer, (k, v) in zip(cache.layers, before):
+        assert torch.equal(layer.k, k) and torch.equal(layer.v, v)
+
+
+def test_mtp_generate_needs_mtp_depths():
+    with pytest.raises(ValueError, match="needs MTP depths"):
+        model_of(tiny(vision=None, num_mtp_modules=0)).generate(torch.arange(6)[None], 3, mtp=True)
+
+
+@given(vision=st.booleans(), data=st.data())
+@few(6)
+def test_prop_incremental_logits_equal_the_full_forward(vision, data):
+    model, inputs, first = decode_prompt(vision, extra=data.draw(st.integers(34, 50)))
+    ids = inputs["input_ids"]
+    S = ids.shape[1]
+    cuts = [data.draw(st.integers(first, S), label="prefill")]
+    while cuts[-1] < S:
+        cuts.append(min(S, cuts[-1] + data.draw(st.sampled_from([1, 1, 2, 3, 7]), label="step")))
+    cache = model.new_cache()
+    with torch.no_grad():
+        full = model(**inputs).logits
+        parts = [model(**inputs | dict(input_ids=ids[:, :cuts[0]]), cache=cache).logits]
+        for a, b in zip(cuts, cuts[1:]):
+            parts.append(model(ids[:, a:b], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    cfg = model.config
+    assert cache.length == S and cache.mask.shape == (1, S) and len(cache.mtp) == cfg.num_mtp_modules
+    for layer, sparse in zip(cache.layers, cfg.sparse_attention_freq):
+        assert layer.k.shape == layer.v.shape == (1, S, cfg.num_key_value_heads, cfg.head_dim)
+        assert (layer.ik.shape == (1, S, cfg.sparse_index_dim)) if sparse else layer.ik is None
+
+
+PADDED_MTP = [m3.MTPConfig(), m3.MTPConfig(embed_source="inputs_embeds", zero_position0=True, pass_hidden="pre_norm")]
+
+
+@pytest.mark.parametrize("mtp", PADDED_MTP)
+@given(lengths=st.lists(st.integers(1, 45), min_size=2, max_size=3), left=st.booleans(), seed=seeds)
+@example(lengths=[9, 30], left=False, seed=0)          # right padding: a row's tail meets pads, not its end
+@few(4)
+def test_prop_padded_rows_equal_their_rows_alone(mtp, lengths, left, seed):
+    model = model_of(tiny(vision=None, num_mtp_modules=2, mtp=mtp), seed)
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, 500, (n,), generator=g) for n in lengths]
+    ids, mask = padded(rows, left)
+    S = ids.shape[1]
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        for b, r in enumerate(rows):
+            at = slice(S - len(r), S) if left else slice(0, len(r))
+            alone = model(r[None])
+            torch.testing.assert_close(out.logits[b, at], alone.logits[0], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+            for mine, its in zip(out.mtp_logits, alone.mtp_logits):
+                torch.testing.assert_close(mine[b, at], its[0], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+    assert torch.isfinite(out.loss)
+
+
+def test_the_decode_case_drops_blocks_of_the_cached_history(tmp_path, capsys):
+    out = _outputs("decode")
+    bs = V.sparse_rules(V.find_case(V.load_manifest(GOLDEN), GOLDEN, "decode")["config"])["block_size"]
+    for s in range(1, 6):
+        start = int(out[f"step.{s}.q_start"])
+        assert int(out[f"step.{s}.cache_length"]) == start + out[f"step.{s}.logits"].shape[1]
+        ids = out[f"step.{s}.layers.1.indexer.block_ids"]                  # [1, Hi, n, topk]
+        causal = (start + torch.arange(ids.shape[2])) // bs + 1
+        assert bool(((ids >= 0).sum(-1) < causal).all()), s
+    # a swap to a block that is causal only from the call's q_start is judged by its score
+    ids, scores = out["step.1.layers.1.indexer.block_ids"], out["step.1.layers.1.indexer.block_scores"]
+    chosen = set(ids[0, 0, 0].tolist())
+    c = int(out["step.1.q_start"]) // bs
+    drop = next(n for n in sorted(chosen) if n not in V.forced_blocks(c, 1, 1))
+    take = min(set(range(c + 1)) - chosen, key=lambda n: float(scores[0, 0, 0, n]))
+    got, text = _verify(capsys, "--case", "decode", "--outputs", _foreign(
+        tmp_path, "decode", lambda o: _swap(o, "step.1.layers.1.indexer.block_ids", 0, 0, drop, take)))
+    assert got == V.DIVERGED and "first divergence: step.1.layers.1.indexer.block_ids" in text
+    assert f"{sorted(chosen)} -> " in text and "score gap" in _row(text, "step.1.layers.1.indexer.block_ids")
+
+
+def _inputs(case: str) -> dict:
+    return _outputs(case, "inputs")
+
+
+def test_the_speculative_case_keeps_some_drafts_and_equals_the_drafter_by_hand():
+    model = m3.from_pretrained(GOLDEN / "mtp-speculative")
+    inputs, out = _inputs("mtp-speculative"), _outputs("mtp-speculative")
+    n = int(inputs["draft_tokens"])
+    accepted = [int(out[f"step.{s}.accepted"]) for s in range(1, 100) if f"step.{s}.accepted" in out]
+    assert 0 in accepted and n in accepted and any(0 < a < n for a in accepted)
+    with torch.no_grad():
+        for b, row in enumerate(inputs["input_ids"]):
+            prompt = row[inputs["attention_mask"][b] == 1][None]
+            tokens, done = torch.cat([prompt, out["generated"][b:b + 1]], 1), prompt.shape[1]
+            for s, a in enumerate(accepted, start=1):
+                want = drafts_by_hand(model, tokens[:, :done], int(tokens[0, done]), n)[0]
+                torch.testing.assert_close(out[f"step.{s}.draft_logits"][b], want, rtol=FP32_LOGITS_TOL,
+                                           atol=FP32_LOGITS_TOL)
+                done += a + 1
+
+
+def test_the_padded_batch_case_holds_each_row_as_if_run_alone():
+    path = GOLDEN / "padded-batch"
+    model = m3.from_pretrained(path)
+    inputs, out = _inputs("padded-batch"), _outputs("padded-batch")
+    mask = inputs["attention_mask"]
+    assert bool((mask[:, 0] == 0).any()) and bool(mask[:, -1].all())
+    with torch.no_grad():
+        for b, row in enumerate(inputs["input_ids"]):
+            alone = model(row[mask[b] == 1][None])
+            torch.testing.assert_close(alone.logits, out[f"row.{b}.logits"], rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
+            n = int(inputs["max_new_tokens"])
+            # tokens, exactly: the generator keeps every greedy choice >= 1e-3 from a tie, 10x fp32's tolerance
+            assert torch.equal(model.generate(row[mask[b] == 1][None], n)[0][0, -n:], out["generated"][b, -n:])
+
+
+# ============================================================================================
+# Kernel flag and benchmarks
+# ============================================================================================
+
+def test_each_kernel_twin_has_the_same_signature():
+    import inspect
+    K = kernels_module()
+    twins = [n for n, f in vars(m3).items() if callable(f) and hasattr(f, "torch")]
+    assert sorted(twins) == sorted(["rms_norm", "swiglu_oai", "norm_rope", "rope", "route", "routed_experts",
+                                    "index_block_scores", "select_blocks", "sparse_attention"])
+    for name in twins:
+        assert list(inspect.signature(getattr(m3, name).torch).parameters) == \
+            list(inspect.signature(getattr(K, name)).parameters), name
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")    # the 0/0 under test
+def test_kernels_at_the_edges_of_their_contracts():
+    K = kernels_module()
+    scores = torch.tensor([[[[0.5, float("-inf"), 0.2, float("-inf"), 1.0, 3.0]]]], device=KDEV).expand(1, 1, 3, 6)
+    for q_start in (40, 60):                    # a causal block scored -inf; queries past the last scored block
+        for args in [(8, 5, 1, 0), (8, 3, 0, 0), (8, 6, 2, 2)]:
+            assert torch.equal(K.select_blocks(scores.contiguous(), q_start, *args),
+                               m3.select_blocks.torch(scores, q_start, *args)), (q_start, args)
+    q, k, v = kr(1, 1, 3, 2, 8), kr(2, 1, 3, 1, 8), kr(3, 1, 3, 1, 8)
+    ids = torch.tensor([[[[0], [-1], [0]]]], dtype=torch.int32, device=KDEV)        # query 1 selects nothing
+    assert_twins(K.sparse_attention(q, k, v, ids, 2, 0.3), m3.sparse_attention.torch(q, k, v, ids, 2, 0.3), torch.float32)
+    assert bool(K.sparse_attention(q, k, v, ids, 2, 0.3)[0, 1].isnan().all())
+    iq, ik = kr(4, 1, 5, 1, 8, dtype=torch.bfloat16), kr(5, 1, 5, 8)                # mixed dtypes: fp32, as the twin
+    assert_twins(K.index_block_scores(iq, ik, 0, 2), m3.index_block_scores.torch(iq, ik, 0, 2), torch.float32)
+    g, u = kr(6, 7, dtype=torch.bfloat16), kr(7, 7)
+    assert_twins(K.swiglu_oai(g, u, 1.702, 7.0), m3.swiglu_oai.torch(g, u, 1.702, 7.0), torch.bfloat16)
+    x, w = kr(8, 2, 16, dtype=torch.bfloat16), kr(9, 16, dtype=torch.bfloat16)
+    x[0, 3] = float("nan")                                                          # NaN stays NaN through bf16 rounding
+    assert_twins(K.rms_norm(x, w, 1e-6), m3.rms_norm.torch(x, w, 1e-6), torch.bfloat16)
+    gate = torch.tensor([float("nan"), 1.0], device=KDEV)
+    assert bool(K.swiglu_oai(gate, torch.tensor([1.0, float("nan")], device=KDEV), 1.702, 7.0).isnan().all())
+    xe = kr(10, 5, 32)
+    weights, ids = m3.route.torch(xe, kr(11, 3, 32), torch.zeros(3, device=KDEV), 2, 2.0)
+    storage = torch.empty(3 * 16 * 32 + 3, device=KDEV)                             # expert weights 4 bytes off 32
+    w1 = [storage[3 + e * 512:3 + (e + 1) * 512].view(16, 32).copy_(kr(20 + e, 16, 32)) for e in range(3)]
+    w2 = [kr(30 + e, 32, 16) for e in range(3)]
+    assert_twins(K.routed_experts(xe, ids, weights, w1, w2, w1, 1.702, 7.0),
+                 m3.routed_experts.torch(xe, ids, weights, w1, w2, w1, 1.702, 7.0), torch.float32)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        K.route(kr(12, 2, 8), kr(13, 3, 8), kr(14, 3), 4, 2.0)
+
+
+def test_the_flag_routes_the_whole_model_and_torch_imports_no_kernels(monkeypatch):
+    import subprocess
+    import sys
+    probe = ("import sys, torch, m3_reference as m3; cfg = m3.M3Config.tiny(); "
+             "m3.init_random_(m3.MiniMaxM3(cfg)).eval()(**m3.demo_inputs(cfg)); print('m3_kernels' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "M3_KERNELS"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=Path(m3.__file__).parent)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr      # the torch path is the spec alone
+    with pytest.raises(ValueError, match="must be 'torch' or 'triton'"):
+        m3.set_kernels("cuda")
+    cfg = tiny()
+    model = model_of(cfg).to(KDEV)
+    inputs = {k: v.to(KDEV) for k, v in m3.demo_inputs(cfg).items()}
+    K, calls = kernels_module(), set()
+    for name in ("rms_norm", "norm_rope", "rope", "route", "routed_experts", "index_block_scores", "select_blocks",
+                 "sparse_attention", "swiglu_oai"):
+        monkeypatch.setattr(K, name, lambda *a, _f=getattr(K, name), _n=name, **kw: calls.add(_n) or _f(*a, **kw))
+    with torch.no_grad():
+        want = model(**inputs)
+        try:
+            m3.set_kernels("triton")
+            got = model(**inputs)
+        finally:
+            m3.set_kernels("torch")
+    assert len(calls) == 9                                        # every twin ran as its kernel
+    torch.testing.assert_close(got.logits, want.logits, rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
+    torch.testing.assert_close(got.loss, want.loss, rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
+
+
+def test_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="need a CUDA device, or TRITON_INTERPRET=1"):
+        m3.set_kernels("triton")
+    assert m3._kernels is None
+
+
+def test_golden_cases_pass_through_the_triton_kernels(capsys):
+    """Every golden case re-run with the kernels under Triton's interpreter, on the CPU tensors the
+    golden runner keeps: in this process where the interpreter is on (a CPU machine); on a GPU
+    machine, where the twin tests above run the compiled kernels, in a child process that turns
+    the interpreter on (it must be set before Triton compiles anything)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            m3.set_kernels("triton")
+            status = G.verify_golden(GOLDEN)
+        finally:
+            m3.set_kernels("torch")
+        out = capsys.readouterr().out
+    else:
+        import subprocess
+        import sys
+        proc = subprocess.run([sys.executable, "m3_reference.py", "--kernels", "triton", "verify", str(GOLDEN)],
+                              cwd=Path(__file__).parent, env={**os.environ, "TRITON_INTERPRET": "1"},
+                              capture_output=True, text=True)
+        status, out = proc.returncode, proc.stdout + proc.stderr
+    assert status == V.PASS and out.count("PASS (exit 0)") == len(V.load_manifest(GOLDEN)["cases"]), out[-2000:]
+
+
+def test_attention_benchmark_measures_both_paths_and_prints_the_ratio(capsys):
+    runs = [G._bench_attention(f"attention-{impl}", 512) for impl in ("dense", "sparse")]
+    assert runs[0]["seconds"] > 0 and runs[1]["indexer"] > 0 and runs[1]["sparse"] > 0
+    assert runs[1]["seconds"] >= runs[1]["indexer"] + runs[1]["sparse"]
+    G._print_attention_bench(runs)
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[0] == "512" and float(row[-1]) == pytest.approx(runs[1]["seconds"] / runs[0]["seconds"], abs=0.01)
+    flops = 4 * 512 * 16 * 16 * 16 * 32                    # selected blocks: H * topk * block keys per query
+    assert float(row[-2]) == pytest.approx(flops / runs[1]["sparse"] / 1e9, rel=0.01)
+
+
+def test_kernel_benchmark_runs_its_cases_and_says_when_there_is_no_gpu(capsys):
+    K = kernels_module()
+    small = dict(D=64, H=4, Hkv=2, Dh=16, R=8, E=8, K=2, I=32, Hi=2, Di=16, bs=8, topk=4)
+    for kernel, label, (twin, mine), args, _, _ in K.bench_cases(small, (40,), (1, 3), torch.device(KDEV), torch.float32):
+        got, want = mine(*args), twin(*args)
+        if kernel == "route":                                    # choices may differ on near ties: weights here
+            got, want = got[0], want[0]
+        if kernel == "index_block_scores":
+            got, want = got.nan_to_num(neginf=0.0), want.nan_to_num(neginf=0.0)
+        assert_twins(got, want, torch.float32)
+    if not torch.cuda.is_available():
+        K.bench()
+        assert "needs a CUDA device" in capsys.readouterr().out
+
+
+# ============================================================================================
+# Checkpoint I/O, MXFP8, the released checkpoint, loading checks
 # ============================================================================================
 
 def _assert_same_weights(a: m3.MiniMaxM3, b: m3.MiniMaxM3):
@@ -1191,16 +2306,6 @@ def _rewrite(path: Path, edit) -> None:
 
 Q = "language_model.model.layers.1.self_attn.q_proj.weight"
 EXPERT = "language_model.model.layers.1.block_sparse_moe.experts.3.w2.weight"
-DOWN = "language_model.model.layers.0.mlp.down_proj.weight"
-
-
-def _set_codes(key: str, code: int, scale: int | None = None):
-    def edit(t):
-        if key in t:
-            t[key] = torch.full_like(t[key].view(torch.uint8), code).view(torch.float8_e4m3fn)
-        if scale is not None and key + "_scale_inv" in t:
-            t[key + "_scale_inv"] = torch.full_like(t[key + "_scale_inv"], scale)
-    return edit
 
 
 @pytest.mark.parametrize("edit, says", [
@@ -1223,6 +2328,18 @@ def test_checkpoint_format_errors_name_the_key(tmp_path, edit, says):
     assert says in str(e.value)
 
 
+DOWN = "language_model.model.layers.0.mlp.down_proj.weight"
+
+
+def _set_codes(key: str, code: int, scale: int | None = None):
+    def edit(t):
+        if key in t:
+            t[key] = torch.full_like(t[key].view(torch.uint8), code).view(torch.float8_e4m3fn)
+        if scale is not None and key + "_scale_inv" in t:
+            t[key + "_scale_inv"] = torch.full_like(t[key + "_scale_inv"], scale)
+    return edit
+
+
 @pytest.mark.parametrize("edit, says", [
     (_set_codes(Q, 0x30, scale=255), f"checkpoint key {Q}_scale_inv holds the E8M0 code 255, which is NaN"),
     (_set_codes(EXPERT, 0x7F), f"checkpoint key {EXPERT} (as float32) holds NaN"),
@@ -1234,54 +2351,6 @@ def test_non_finite_weights_are_found_by_key(tmp_path, edit, says):
     _rewrite(tmp_path, edit)
     with pytest.raises(ValueError, match=re.escape(says)):
         m3.from_pretrained(tmp_path, dtype=torch.float16 if "float16" in says else torch.float32)
-
-
-def _same(a: dict, b: dict) -> None:
-    assert list(a) == list(b)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
-@pytest.mark.parametrize("media, shape, mtp", [(True, None, None), (False, (2, 41), None), (False, (1, 3), 0)])
-def test_streamed_forward_equals_the_in_memory_model_bit_for_bit(tmp_path, media, shape, mtp):
-    write_release_like(tmp_path)
-    cfg = m3.Checkpoint(tmp_path).config
-    g = torch.Generator().manual_seed(0)
-    inputs = m3.demo_inputs(cfg) if media else {"input_ids": torch.randint(0, 500, shape, generator=g),
-                                                 "labels": torch.randint(0, 500, shape, generator=g)}
-    model = m3.from_pretrained(tmp_path, mtp_depths=mtp)
-    media_kinds = ["image", "video"] if media else []
-    tracer = G.Tracer(model, media_kinds)
-    with torch.no_grad():
-        out = model(**inputs)
-    tracer.close()
-    run = m3.stream_forward(tmp_path, inputs, trace=True, mtp_depths=mtp)
-    _same(G.named_outputs(tracer.out, out), run.tensors)
-    assert len(run.output.mtp_logits) == (0 if mtp == 0 else 1)
-    # one piece resident at a time, and never more than the largest piece of the run
-    assert 0 < run.peak_param_bytes <= run.largest_piece_bytes
-    # an MoE layer reads exactly the experts its tokens chose (3 tokens x 2 choices: at most 6 of 8)
-    for prefix, ids in [(p.removesuffix("router.ids"), t) for p, t in run.tensors.items() if p.endswith("router.ids")]:
-        key = "language_model.model." + ("mtp.layers.0.transformer_layer." if prefix.startswith("mtp") else prefix)
-        read = {int(k.split(".")[-3]) for k in run.reads if k.startswith(key + "block_sparse_moe.experts.")
-                and k.endswith("weight")}
-        assert read == set(ids.unique().tolist()), prefix
-
-
-def test_streamed_run_holds_at_most_one_piece(tmp_path):
-    write_release_like(tmp_path, vision=False)
-    inputs = {"input_ids": torch.randint(0, 500, (1, 30))}
-    run = m3.stream_forward(tmp_path, inputs)
-    model = m3.load_meta_model(m3.Checkpoint(tmp_path), torch.float32)
-    sizes = {}
-    for name, t in model.state_dict().items():
-        piece = re.match(r"^(language_model\.model\.(layers|mtp\.layers)\.\d+|language_model\.model\.embed_tokens|"
-                         r"language_model\.model\.norm|language_model\.lm_head)", name).group(1)
-        sizes[piece] = sizes.get(piece, 0) + t.numel() * t.element_size()
-    assert run.largest_piece_bytes == max(sizes.values())
-    assert run.peak_param_bytes <= max(sizes.values()) < sum(sizes.values()) / 2
-    print(f"peak parameter bytes {run.peak_param_bytes}, largest piece {max(sizes.values())}, "
-          f"whole model {sum(sizes.values())}")
 
 
 @pytest.mark.parametrize("break_it, says", [
@@ -1338,6 +2407,112 @@ def test_loader_input_errors(tmp_path):
                                                 for k, f in weight_map.items()}}))
     with pytest.raises(ValueError, match=r"hint: the keys are in transformers' layout"):
         m3.from_pretrained(tmp_path)
+
+
+def test_free_memory_asks_cuda_or_the_host(monkeypatch):
+    assert m3.free_memory(torch.device("cpu")) > 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123, 456))
+    assert m3.free_memory(torch.device("cuda")) == 123
+    assert m3.free_memory(torch.device("meta")) is None
+
+
+def test_a_model_larger_than_free_memory_is_refused_before_any_read(tmp_path, monkeypatch, capsys):
+    m3.save_pretrained(model_of(tiny()), tmp_path)
+    loaded = m3.from_pretrained(tmp_path, dtype=torch.bfloat16)          # router in fp32: counted as such
+    need = sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
+    monkeypatch.setattr(m3, "free_memory", lambda device: need)
+    m3.from_pretrained(tmp_path, dtype=torch.bfloat16)                   # exactly enough
+    monkeypatch.setattr(m3, "free_memory", lambda device: need - 1)
+    monkeypatch.setattr(m3.Checkpoint, "_read", lambda self, key: pytest.fail(f"{key} read before the check"))
+    with pytest.raises(ValueError, match=re.escape(f"needs {m3._size(need)} for its weights in bfloat16 on cpu, "
+                                                   f"and {m3._size(need - 1)} is free there: run it streamed")):
+        m3.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    with pytest.raises(SystemExit) as e:
+        m3.main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "1"])
+    assert e.value.code == 2 and "run it streamed" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(m3, "free_memory", lambda device: 0)
+    m3.stream_forward(tmp_path, {"input_ids": torch.tensor([[1, 2, 3]])})    # the streamed forward is not checked
+
+
+@given(cfg=tiny_configs(), seed=seeds, shard=st.sampled_from([None, "8KB", 30000]))
+@few(6)
+def test_prop_checkpoint_round_trip(cfg, seed, shard):
+    model = model_of(cfg, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        m3.save_pretrained(model, tmp, max_shard_size=shard)
+        loaded = m3.from_pretrained(tmp)
+    assert loaded.config == cfg
+    _assert_same_weights(model, loaded)
+
+
+def np_e4m3(codes: np.ndarray) -> np.ndarray:
+    """float8 e4m3fn bytes -> float64: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0
+    is subnormal (m / 8 * 2^-6); 0x7F / 0xFF are NaN."""
+    c = codes.astype(np.int64)
+    e, m = (c >> 3) & 0xF, c & 7
+    value = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+    return np.where(c & 0x80, -value, value)
+
+
+@pytest.mark.parametrize("bug", [None, "floor(in / 32) scale columns", "linear scale", "scale - 128"])
+def test_the_mxfp8_case_in_numpy(bug):
+    entry, x, _, ref = _np_case("component-mxfp8")
+    weight, scale = x["weight"], x["weight_scale_inv"].astype(np.int64)
+    assert weight.dtype == np.uint8 and scale.shape[1] == -(-weight.shape[1] // 32)
+    if bug == "floor(in / 32) scale columns":
+        scale = scale[:, :weight.shape[1] // 32]
+        scale = np.concatenate([scale, scale[:, -1:]], 1)    # the partial block borrows its neighbour's
+    factor = {None: 2.0 ** (scale - 127), "floor(in / 32) scale columns": 2.0 ** (scale - 127),
+              "linear scale": scale / 127.0, "scale - 128": 2.0 ** (scale - 128)}[bug]
+    w = np_e4m3(weight) * np.repeat(factor, 32, 1)[:, :weight.shape[1]]
+    assert _np_verdict(entry, ref, {"weight": w.astype(np.float32)}) == (V.PASS if bug is None else V.DIVERGED)
+
+
+# ============================================================================================
+# Streamed forward, run and check
+# ============================================================================================
+
+@pytest.mark.parametrize("media, shape, mtp", [(True, None, None), (False, (2, 41), None), (False, (1, 3), 0)])
+def test_streamed_forward_equals_the_in_memory_model_bit_for_bit(tmp_path, media, shape, mtp):
+    write_release_like(tmp_path)
+    cfg = m3.Checkpoint(tmp_path).config
+    g = torch.Generator().manual_seed(0)
+    inputs = m3.demo_inputs(cfg) if media else {"input_ids": torch.randint(0, 500, shape, generator=g),
+                                                 "labels": torch.randint(0, 500, shape, generator=g)}
+    model = m3.from_pretrained(tmp_path, mtp_depths=mtp)
+    media_kinds = ["image", "video"] if media else []
+    tracer = G.Tracer(model, media_kinds)
+    with torch.no_grad():
+        out = model(**inputs)
+    tracer.close()
+    run = m3.stream_forward(tmp_path, inputs, trace=True, mtp_depths=mtp)
+    _same(G.named_outputs(tracer.out, out), run.tensors)
+    assert len(run.output.mtp_logits) == (0 if mtp == 0 else 1)
+    # one piece resident at a time, and never more than the largest piece of the run
+    assert 0 < run.peak_param_bytes <= run.largest_piece_bytes
+    # an MoE layer reads exactly the experts its tokens chose (3 tokens x 2 choices: at most 6 of 8)
+    for prefix, ids in [(p.removesuffix("router.ids"), t) for p, t in run.tensors.items() if p.endswith("router.ids")]:
+        key = "language_model.model." + ("mtp.layers.0.transformer_layer." if prefix.startswith("mtp") else prefix)
+        read = {int(k.split(".")[-3]) for k in run.reads if k.startswith(key + "block_sparse_moe.experts.")
+                and k.endswith("weight")}
+        assert read == set(ids.unique().tolist()), prefix
+
+
+def test_streamed_run_holds_at_most_one_piece(tmp_path):
+    write_release_like(tmp_path, vision=False)
+    inputs = {"input_ids": torch.randint(0, 500, (1, 30))}
+    run = m3.stream_forward(tmp_path, inputs)
+    model = m3.load_meta_model(m3.Checkpoint(tmp_path), torch.float32)
+    sizes = {}
+    for name, t in model.state_dict().items():
+        piece = re.match(r"^(language_model\.model\.(layers|mtp\.layers)\.\d+|language_model\.model\.embed_tokens|"
+                         r"language_model\.model\.norm|language_model\.lm_head)", name).group(1)
+        sizes[piece] = sizes.get(piece, 0) + t.numel() * t.element_size()
+    assert run.largest_piece_bytes == max(sizes.values())
+    assert run.peak_param_bytes <= max(sizes.values()) < sum(sizes.values()) / 2
+    print(f"peak parameter bytes {run.peak_param_bytes}, largest piece {max(sizes.values())}, "
+          f"whole model {sum(sizes.values())}")
 
 
 def test_non_finite_inputs_and_layer_outputs_are_named(tmp_path):
@@ -1398,32 +2573,6 @@ def test_run_cli_end_to_end_and_its_outputs_are_a_reference(tmp_path, capsys):
     assert not (tmp_path / "never.safetensors").exists() and not list(tmp_path.glob(".never*"))
 
 
-def test_free_memory_asks_cuda_or_the_host(monkeypatch):
-    assert m3.free_memory(torch.device("cpu")) > 0
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123, 456))
-    assert m3.free_memory(torch.device("cuda")) == 123
-    assert m3.free_memory(torch.device("meta")) is None
-
-
-def test_a_model_larger_than_free_memory_is_refused_before_any_read(tmp_path, monkeypatch, capsys):
-    m3.save_pretrained(model_of(tiny()), tmp_path)
-    loaded = m3.from_pretrained(tmp_path, dtype=torch.bfloat16)          # router in fp32: counted as such
-    need = sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
-    monkeypatch.setattr(m3, "free_memory", lambda device: need)
-    m3.from_pretrained(tmp_path, dtype=torch.bfloat16)                   # exactly enough
-    monkeypatch.setattr(m3, "free_memory", lambda device: need - 1)
-    monkeypatch.setattr(m3.Checkpoint, "_read", lambda self, key: pytest.fail(f"{key} read before the check"))
-    with pytest.raises(ValueError, match=re.escape(f"needs {m3._size(need)} for its weights in bfloat16 on cpu, "
-                                                   f"and {m3._size(need - 1)} is free there: run it streamed")):
-        m3.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    with pytest.raises(SystemExit) as e:
-        m3.main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "1"])
-    assert e.value.code == 2 and "run it streamed" in capsys.readouterr().err
-    monkeypatch.undo()
-    monkeypatch.setattr(m3, "free_memory", lambda device: 0)
-    m3.stream_forward(tmp_path, {"input_ids": torch.tensor([[1, 2, 3]])})    # the streamed forward is not checked
-
-
 def _check(capsys, path, *args) -> tuple[int, str, str]:
     """`check` through the CLI: (exit status, stdout, stderr)."""
     with pytest.raises(SystemExit) as e:
@@ -1481,680 +2630,201 @@ def test_check_of_unusable_input_exits_2(tmp_path, capsys):
 
 
 # ============================================================================================
-# Properties (hypothesis), in forward order. Hypothesis draws shapes, sizes, configs and a seed;
-# tensors come from a generator seeded by it. Each property's comment names a wrong
-# implementation it catches.
+# Processor: images, videos, prompts
 # ============================================================================================
 
-seeds = st.integers(0, 2 ** 31 - 1)
+def test_smart_resize_rules():
+    r = lambda h, w: m3.smart_resize(h, w, 28, 3136, 451584)
+    assert r(56, 84) == (56, 84)                     # already multiples of 28
+    assert r(50, 120) == (56, 112)                   # one side up, one down
+    assert r(45, 70) == (56, 56)                     # 70 / 28 = 2.5 rounds half to even: 2
+    assert r(12, 420) == (28, 420)                   # a side under 14 px keeps one factor (released rule)
+    assert r(20, 30) == (56, 84)                     # under min: x sqrt(3136/600) = 2.29: 45.7, 68.6 ceiled
+    assert r(1000, 2000) == (448, 924)               # over max: / sqrt(2e6/451584) = 2.10: 475.2, 950.3 floored
+    for h, w in [(1, 201), (0, 10)]:
+        with pytest.raises(ValueError, match="aspect ratio|at least 1 pixel"):
+            r(h, w)
 
 
-def randn(seed, *shape, scale=1.0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+def hand_rows(image, proc=m3.ProcessorConfig()) -> torch.Tensor:
+    """Pixel rows of an image that needs no resize, built with loops: 2x2 merge windows in raster
+    order, the 4 patches of each, every row (C, Tp, P, P) with the one frame twice, each pixel
+    (x - 255 mean) / (255 std) in fp32."""
+    x = torch.tensor(image).to(torch.float32)                               # [H, W, 3]
+    mean = torch.tensor(proc.image_mean, dtype=torch.float32) * 255.0
+    std = torch.tensor(proc.image_std, dtype=torch.float32) * 255.0
+    rows = []
+    for by in range(x.shape[0] // 28):
+        for bx in range(x.shape[1] // 28):
+            for dy in range(2):
+                for dx in range(2):
+                    py, px = 2 * by + dy, 2 * bx + dx
+                    patch = x[14 * py:14 * py + 14, 14 * px:14 * px + 14]
+                    channels = [(patch[:, :, c] - mean[c]) / std[c] for c in range(3)]
+                    rows.append(torch.cat([torch.stack([ch, ch]).flatten() for ch in channels]))
+    return torch.stack(rows)
 
 
-@st.composite
-def tiny_configs(draw, vision=None, max_layers=3):
-    """Small M3 configs: any mix of dense/MoE and full/sparse layers, GQA, partial rotary, blocks
-    that do not divide the lengths drawn below, top-k above and below the block count."""
-    n = draw(st.integers(1, max_layers))
-    kv = draw(st.sampled_from([1, 2]))
-    head_dim = draw(st.sampled_from([8, 12, 16]))
-    index_dim = draw(st.sampled_from([8, 16]))
-    rotary = draw(st.sampled_from([r for r in (2, 4, 6, 8) if r <= min(head_dim, index_dim)]))
-    experts = draw(st.integers(2, 6))
-    with_vision = draw(st.booleans()) if vision is None else vision
-    vis = m3.VisionConfig(hidden_size=draw(st.sampled_from([16, 24])), intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, vision_segment_max_frames=draw(st.integers(1, 3)))
-    return m3.M3Config(
-        vocab_size=64, hidden_size=32, num_hidden_layers=n, num_attention_heads=kv * draw(st.integers(1, 3)),
-        num_key_value_heads=kv, head_dim=head_dim, rotary_dim=rotary, rope_theta=10000.0,
-        sparse_attention_freq=draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)),
-        sparse_index_dim=index_dim, sparse_num_index_heads=kv,
-        sparse_topk_blocks=draw(st.integers(1, 5)), sparse_block_size=draw(st.integers(2, 5)),
-        sparse_init_block=draw(st.integers(0, 2)), sparse_local_block=draw(st.integers(0, 2)),
-        moe_layer_freq=draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)),
-        dense_intermediate_size=24, intermediate_size=16, shared_intermediate_size=16,
-        num_local_experts=experts, num_experts_per_tok=draw(st.integers(1, min(3, experts))),
-        num_mtp_modules=draw(st.integers(0, 2)),
-        vision=vis if with_vision else None, image_token_index=60, video_token_index=61, projector_hidden_size=24)
-
-
-# ---- Gemma RMSNorm --------------------------------------------------------------------------
-
-@given(seed=seeds, rows=st.integers(1, 5), dim=st.integers(1, 40), c=st.floats(0.25, 16.0))
-def test_prop_rms_norm(seed, rows, dim, c):
-    x, w = randn(seed, rows, dim), randn(seed + 1, dim, scale=0.3)
-    y = m3.rms_norm(x, w, 1e-6)
-    # the fp32 formula (catches: weight used as w instead of 1 + w, eps outside the sqrt, no mean)
-    torch.testing.assert_close(y, gemma_norm(x, w).float(), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    # scale invariance up to eps: |rel change| <= eps / (2 * min(1, c^2) * mean(x^2)) + fp32 rounding
-    ms = x.pow(2).mean(-1, keepdim=True)
-    bound = 1e-6 / (2 * min(1.0, c * c) * ms) + FP32_OP_TOL
-    assert ((m3.rms_norm(c * x, w, 1e-6) - y).abs() <= bound * y.abs() + FP32_OP_TOL).all()
-    # bf16 in: the fp32 result rounded once (catches: squaring or weighting in bf16)
-    xb = x.bfloat16()
-    assert torch.equal(m3.rms_norm(xb, w, 1e-6), gemma_norm(xb.float(), w).float().bfloat16())
-
-
-# ---- SwiGLU-OAI ------------------------------------------------------------------------------
-
-@given(seed=seeds, n=st.integers(1, 64), scale=st.sampled_from([1.0, 10.0, 1e4, 1e30]),
-       alpha=st.sampled_from([1.702, 1.0]), limit=st.sampled_from([7.0, 3.5]))
-def test_prop_swiglu_oai(seed, n, scale, alpha, limit):
-    g, u = randn(seed, n, scale=scale), randn(seed + 1, n, scale=scale)
-    out = m3.swiglu_oai(g, u, alpha, limit)
-    assert torch.isfinite(out).all()
-    # elementwise against the scalar formula (catches: clamp on the wrong side, missing +1, silu gain)
-    for gi, ui, oi in zip(g.tolist(), u.tolist(), out.tolist()):
-        gc, uc = min(gi, limit), max(-limit, min(ui, limit))
-        z = alpha * gc
-        sigmoid = 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
-        expected = gc * sigmoid * (uc + 1)
-        assert abs(oi - expected) <= FP32_OP_TOL * (1 + abs(expected))
-    # a gate above the limit behaves as the limit; up is clamped on both sides
-    big = torch.full((n,), limit) + randn(seed + 2, n).abs() + 1
-    assert torch.equal(m3.swiglu_oai(big, u, alpha, limit), m3.swiglu_oai(torch.full((n,), limit), u, alpha, limit))
-    assert torch.equal(m3.swiglu_oai(g, big, alpha, limit), m3.swiglu_oai(g, torch.full((n,), limit), alpha, limit))
-    assert torch.equal(m3.swiglu_oai(g, -big, alpha, limit), m3.swiglu_oai(g, torch.full((n,), -limit), alpha, limit))
-
-
-# ---- Router ----------------------------------------------------------------------------------
-
-@given(seed=seeds, T=st.integers(1, 20), E=st.integers(2, 12), data=st.data(),
-       shift=st.sampled_from([-3.0, 0.5, 64.0]))
-def test_prop_router(seed, T, E, data, shift):
-    K = data.draw(st.integers(1, E))
-    x, W, bias = randn(seed, T, 16), randn(seed + 1, E, 16, scale=0.25), randn(seed + 2, E, scale=0.1)
-    w, ids = m3.route(x, W, bias, K, 2.0)
-    # distinct, in range; weights sum to the scaling factor
-    assert ids.shape == (T, K) and ((ids >= 0) & (ids < E)).all()
-    assert all(len(set(r)) == K for r in ids.tolist())
-    torch.testing.assert_close(w.sum(-1), torch.full((T,), 2.0))
-    # the weights are the chosen experts' unbiased scores, renormalised (catches: biased weights)
-    p = torch.sigmoid(x @ W.T)
-    chosen = p.gather(-1, ids)
-    torch.testing.assert_close(w, chosen / chosen.sum(-1, keepdim=True) * 2.0)
-    # a constant added to every bias changes nothing (catches: bias scaled into the score)
-    w2, ids2 = m3.route(x, W, bias + shift, K, 2.0)
-    assert torch.equal(ids2.sort(-1).values, ids.sort(-1).values)
-    torch.testing.assert_close(w2.gather(-1, ids2.argsort(-1)), w.gather(-1, ids.argsort(-1)))
-    # a bias that forces other experts changes the choice, never the chosen experts' weight rule
-    forced = torch.zeros(E)
-    forced[:K] = 100.0
-    w3, ids3 = m3.route(x, W, forced, K, 2.0)
-    assert (ids3.sort(-1).values == torch.arange(K)).all()
-    torch.testing.assert_close(w3, p.gather(-1, ids3) / p.gather(-1, ids3).sum(-1, keepdim=True) * 2.0)
-    # permuting the experts permutes the choice (catches: ids taken from a sorted copy)
-    perm = torch.randperm(E, generator=torch.Generator().manual_seed(seed))
-    wp, idsp = m3.route(x, W[perm], bias[perm], K, 2.0)
-    assert torch.equal(perm[idsp].sort(-1).values, ids.sort(-1).values)
-
-
-# ---- MoE -------------------------------------------------------------------------------------
-
-@given(cfg=tiny_configs(vision=False), seed=seeds, T=st.integers(1, 13))
-def test_prop_moe(cfg, seed, T):
-    cfg = replace(cfg, moe_layer_freq=[1] * cfg.num_hidden_layers)
-    moe = m3.init_random_(m3.MoE(cfg), seed)
-    x = randn(seed, 1, T, cfg.hidden_size)
-    out = moe(x)[0]
-    # brute force over all experts with one-hot routing (catches: weight applied to the wrong slot)
-    w, ids = m3.route(x[0], moe.gate.weight, moe.e_score_correction_bias, cfg.num_experts_per_tok, 2.0)
-    onehot = torch.zeros(T, cfg.num_local_experts).scatter(1, ids, w)
-    ref = moe.shared_experts(x[0]).double()
-    for e, ex in enumerate(moe.experts):
-        y = ex.w2(m3.swiglu_oai(ex.w1(x[0]), ex.w3(x[0]), cfg.swiglu_alpha, cfg.swiglu_limit))
-        ref = ref + onehot[:, e:e + 1].double() * y.double()
-    torch.testing.assert_close(out.double(), ref, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    # tokens are independent: permuting tokens permutes outputs
-    perm = torch.randperm(T, generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(moe(x[:, perm])[0], out[perm], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    # the shared expert is added unscaled (catches: shared output times routed_scaling_factor)
+def test_preprocess_image_equals_hand_built_rows_and_runs_end_to_end():
+    cfg = tiny()
+    image = np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8)     # no resize needed
+    rows, grid = m3.preprocess_image(image, cfg)
+    assert grid.tolist() == [[1, 4, 6]] and torch.equal(rows, hand_rows(image))
+    I, S, E = cfg.image_token_index, cfg.vision_start_token_index, cfg.vision_end_token_index
+    ids = m3.expand_prompt(torch.tensor([[7, I, 8]]), grid, None, cfg=cfg)
+    assert ids.tolist() == [[7, S] + [I] * 6 + [E, 8]]
+    model = model_of(cfg)
     with torch.no_grad():
-        for ex in moe.experts:
-            ex.w2.weight.zero_()
-    torch.testing.assert_close(moe(x)[0], moe.shared_experts(x[0]), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
+        ours = model(ids, pixel_values=rows, image_grid_thw=grid).logits
+        hand = model(torch.tensor([[7, S] + [I] * 6 + [E, 8]]), pixel_values=hand_rows(image),
+                     image_grid_thw=torch.tensor([[1, 4, 6]])).logits
+    assert torch.equal(ours, hand)
 
 
-# ---- RoPE (text and vision 3D) ---------------------------------------------------------------
-
-def _dot_by_offset(q_rot, k_rot, offsets):
-    """q_i . k_j grouped by the position offset of (i, j): every group must hold one value."""
-    dots = q_rot @ k_rot.T
-    groups = {}
-    for i in range(len(offsets)):
-        for j in range(len(offsets)):
-            groups.setdefault(tuple((offsets[i] - offsets[j]).tolist()), []).append(dots[i, j])
-    return [torch.stack(v) for v in groups.values()]
-
-
-@given(seed=seeds, rotary=st.sampled_from([2, 4, 8]), extra=st.integers(0, 6), S=st.integers(2, 12))
-def test_prop_text_rope(seed, rotary, extra, S):
-    Dh = rotary + extra
-    pos = torch.arange(S)[None] * 37                                  # spread the angles
-    cos, sin = m3.rope_angles(pos, rotary, 10000.0)
-    x = randn(seed, 1, S, 3, Dh)
-    y = m3.rope(x, cos, sin)
-    assert torch.equal(y[..., rotary:], x[..., rotary:])               # pass-through untouched
-    torch.testing.assert_close(y[..., :rotary].norm(dim=-1), x[..., :rotary].norm(dim=-1))
-    # NeoX pairing: unit vector e_i (i < R/2) turns by pos * theta^(-2i/R) into the plane (i, i + R/2)
-    # (catches: interleaved pairs (2i, 2i+1), a head_dim denominator)
-    half = rotary // 2
-    e = torch.eye(Dh)[:half].expand(1, S, half, Dh)
-    ye = m3.rope(e, cos, sin)
-    angle = pos[0, :, None].double() * 10000.0 ** (-2 * torch.arange(half, dtype=torch.float64) / rotary)
-    idx = torch.arange(half)
-    torch.testing.assert_close(ye[0, :, idx, idx].double(), angle.cos(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ye[0, :, idx, idx + half].double(), angle.sin(), rtol=1e-4, atol=1e-4)
-    # the same q and k at every position: q.k depends only on the offset (catches: interleaved pairs
-    # rotated with NeoX angles, or a per-position frequency)
-    q, k = randn(seed + 1, Dh).expand(1, S, 1, Dh), randn(seed + 2, Dh).expand(1, S, 1, Dh)
-    for group in _dot_by_offset(m3.rope(q, cos, sin)[0, :, 0], m3.rope(k, cos, sin)[0, :, 0], pos[0, :, None]):
-        torch.testing.assert_close(group, group[:1].expand_as(group), rtol=1e-4, atol=1e-4)
-
-
-@given(seed=seeds, head_dim=st.sampled_from([6, 8, 12, 16, 80]), t=st.integers(1, 3), hw=st.sampled_from([(2, 2), (2, 4), (4, 2)]))
-def test_prop_vision_rope(seed, head_dim, t, hw):
-    pos = m3.vision_positions([(t, *hw)], 2)
-    cos, sin = m3.vision_rope_angles(pos, head_dim, 10000.0)
-    R = 2 * cos.shape[-1]
-    assert R == 3 * 2 * ((head_dim // 3) // 2)
-    x = randn(seed, len(pos), 2, head_dim)
-    y = m3.rope(x, cos, sin)
-    assert torch.equal(y[..., R:], x[..., R:])
-    torch.testing.assert_close(y[..., :R].norm(dim=-1), x[..., :R].norm(dim=-1))
-    # pair (i, i + R/2) turns by pos[axis] * theta^(-2j/d_axis), axis = i // (d_axis/2), j = i % (d_axis/2)
-    d_axis, half = R // 3, R // 2
-    j = torch.arange(half) % (d_axis // 2)
-    axis = torch.arange(half) // (d_axis // 2)
-    angle = pos[:, axis].double() * 10000.0 ** (-2 * j.double() / d_axis)
-    ye = m3.rope(torch.eye(head_dim)[:half].expand(len(pos), half, head_dim), cos, sin)
-    idx = torch.arange(half)
-    torch.testing.assert_close(ye[:, idx, idx].double(), angle.cos(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ye[:, idx, idx + half].double(), angle.sin(), rtol=1e-4, atol=1e-4)
-    q, k = randn(seed + 1, head_dim).expand(len(pos), 1, head_dim), randn(seed + 2, head_dim).expand(len(pos), 1, head_dim)
-    for group in _dot_by_offset(m3.rope(q, cos, sin)[:, 0], m3.rope(k, cos, sin)[:, 0], pos):
-        torch.testing.assert_close(group, group[:1].expand_as(group), rtol=1e-4, atol=1e-4)
-
-
-# ---- Attention -------------------------------------------------------------------------------
-
-@given(seed=seeds, S=st.integers(1, 33), kv=st.sampled_from([1, 2]), group=st.integers(1, 3), data=st.data())
-def test_prop_causal_gqa_attention(seed, S, kv, group, data):
-    q, k, v = randn(seed, 2, S, kv * group, 8), randn(seed + 1, 2, S, kv, 8), randn(seed + 2, 2, S, kv, 8)
-    out = m3.causal_attention(q, k, v, 8 ** -0.5)
-    # GQA equals multi-head attention on K/V repeated per group (catches: head j -> KV j % Hkv)
-    rep = lambda t: t.repeat_interleave(group, dim=2)
-    torch.testing.assert_close(out, m3.causal_attention(q, rep(k), rep(v), 8 ** -0.5), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    # causal: changing a later token never changes an earlier output (catches: a missing mask)
-    p = data.draw(st.integers(0, S - 1))
-    k2, v2 = k.clone(), v.clone()
-    k2[:, p:] += 1.0
-    v2[:, p:] -= 1.0
-    assert torch.equal(m3.causal_attention(q, k2, v2, 8 ** -0.5)[:, :p], out[:, :p])
-
-
-# ---- Lightning indexer -----------------------------------------------------------------------
-
-@given(seed=seeds, S=st.integers(1, 41), bs=st.integers(1, 6), topk=st.integers(1, 9), init=st.integers(0, 3),
-       local=st.integers(0, 3), Hi=st.sampled_from([1, 2]), chunk=st.sampled_from([None, 1, 5]), ties=st.booleans())
-@example(seed=0, S=40, bs=8, topk=2, init=1, local=1, Hi=1, chunk=None, ties=False)   # S a multiple of the block
-@example(seed=0, S=20, bs=2, topk=1, init=0, local=3, Hi=1, chunk=None, ties=False)   # local blocks overflow
-@example(seed=0, S=30, bs=3, topk=3, init=1, local=1, Hi=2, chunk=7, ties=True)       # every score ties
-def test_prop_indexer(seed, S, bs, topk, init, local, Hi, chunk, ties):
-    iq, ik = randn(seed, 2, S, Hi, 8) * (0.0 if ties else 1.0), randn(seed + 1, 2, S, 8)
-    ids = m3.lightning_indexer(iq, ik, bs, topk, init, local, query_chunk=chunk)
-    assert ids.dtype == torch.int32 and ids.shape == (2, Hi, S, topk)
-    scores = m3.index_block_scores(iq, ik, 0, bs)                   # [2, Hi, S, nb]
-    # block scores = max over the block's causal keys, masked before the pool (brute force)
-    dots = torch.einsum("bihd,bjd->bhij", iq, ik)
-    for n in range(-(-S // bs)):
-        for i in range(S):
-            keys = range(n * bs, min(n * bs + bs, i + 1))
-            expected = dots[:, :, i, list(keys)].amax(-1) if len(keys) else torch.full((2, Hi), float("-inf"))
-            torch.testing.assert_close(scores[:, :, i, n], expected, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    for b, h, i in [(b, h, i) for b in range(2) for h in range(Hi) for i in range(S)]:
-        row, c = ids[b, h, i].tolist(), i // bs
-        valid = [n for n in row if n >= 0]
-        k = min(topk, c + 1)
-        # left-packed, -1 only at the tail, distinct, ascending, causal, exactly min(topk, c + 1)
-        assert row == valid + [-1] * (topk - len(valid)) and valid == sorted(set(valid))
-        assert len(valid) == k and all(0 <= n <= c for n in valid)
-        init_set = list(range(min(init, c + 1)))
-        local_set = [n for n in range(c, max(c - local, -1), -1) if n >= min(init, c + 1)]
-        forced = (init_set + local_set)[:k]                          # init outranks local
-        assert set(forced) <= set(valid)                             # own block kept when it fits
-        if local >= 1 and init < k:
-            assert c in valid
-        # the unforced picks beat (or tie, then lower id) every candidate left out
-        rest = [n for n in valid if n not in forced]
-        left = [n for n in range(c + 1) if n not in valid]
-        s = scores[b, h, i]
-        for n in rest:
-            for m in left:
-                assert s[n] > s[m] or (s[n] == s[m] and n < m)
-
-
-# ---- Block-sparse attention ------------------------------------------------------------------
-
-@st.composite
-def selections(draw, B, Hkv, S, bs, topk, q_start=0):
-    """Any valid selection: per (b, h, i) a set of causal blocks of size <= topk, ascending, -1 padded
-    (query i at slot q_start + i)."""
-    ids = torch.full((B, Hkv, S, topk), -1, dtype=torch.int32)
-    for b in range(B):
-        for h in range(Hkv):
-            for i in range(S):
-                c = (q_start + i) // bs
-                chosen = sorted(draw(st.sets(st.integers(0, c), min_size=1, max_size=min(topk, c + 1))))
-                ids[b, h, i, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
-    return ids
-
-
-@given(seed=seeds, S=st.integers(1, 19), bs=st.integers(1, 5), topk=st.integers(1, 4), Hkv=st.sampled_from([1, 2]),
-       group=st.integers(1, 2), data=st.data())
-def test_prop_block_sparse_attention(seed, S, bs, topk, Hkv, group, data):
-    H = Hkv * group
-    q, k, v = randn(seed, 1, S, H, 8), randn(seed + 1, 1, S, Hkv, 8), randn(seed + 2, 1, S, Hkv, 8)
-    ids = data.draw(selections(1, Hkv, S, bs, topk))
-    out = m3.sparse_attention(q, k, v, ids, bs, 0.35)
-    # equals dense attention masked to (causal & selected block) for any selection
-    allowed = torch.zeros(1, Hkv, S, S, dtype=torch.bool)
-    for h, i in [(h, i) for h in range(Hkv) for i in range(S)]:
-        for n in ids[0, h, i].tolist():
-            if n >= 0:
-                allowed[0, h, i, n * bs:min(n * bs + bs, i + 1)] = True
-    rep = lambda t: t.transpose(1, 2).repeat_interleave(group, dim=1)
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2), rep(k), rep(v),
-                                         attn_mask=allowed.repeat_interleave(group, dim=1), scale=0.35)
-    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    # the query chunk never changes the result
-    chunk = data.draw(st.integers(1, S))
-    torch.testing.assert_close(m3.sparse_attention(q, k, v, ids, bs, 0.35, query_chunk=chunk), out,
-                               rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    # top-k covering every block: dense causal attention
-    every = m3.lightning_indexer(randn(seed, 1, S, Hkv, 4), randn(seed, 1, S, 4), bs, -(-S // bs), 0, 1)
-    torch.testing.assert_close(m3.sparse_attention(q, k, v, every, bs, 0.35),
-                               m3.causal_attention(q, k, v, 0.35), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-
-
-def gathered_sparse_attention(q, k, v, block_ids, block_size, scale, q_start=0):
-    """sparse_attention's first formulation, kept as a brute-force definition: every query gathers
-    its own topk*bs keys ([B, Hkv, S, topk*bs, Dh]) and masks them elementwise."""
-    B, S, H, Dh = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
-    group, nb = H // Hkv, -(-Sk // block_size)
-    pad = (0, 0, 0, 0, 0, nb * block_size - Sk)
-    kb = F.pad(k, pad).view(B, nb, block_size, Hkv, Dh).permute(0, 3, 1, 2, 4)   # [B, Hkv, nb, bs, Dh]
-    vb = F.pad(v, pad).view(B, nb, block_size, Hkv, Dh).permute(0, 3, 1, 2, 4)
-    ids = block_ids.long()
-    safe = ids.clamp(min=0)
-    bi, hi = torch.arange(B)[:, None, None, None], torch.arange(Hkv)[None, :, None, None]
-    kg, vg = kb[bi, hi, safe].flatten(3, 4).float(), vb[bi, hi, safe].flatten(3, 4).float()
-    slot = (safe[..., None] * block_size + torch.arange(block_size)).flatten(3)          # [B, Hkv, S, topk*bs]
-    keep = (ids >= 0).repeat_interleave(block_size, dim=-1) & (slot <= torch.arange(q_start, q_start + S)[:, None])
-    qc = q.float().view(B, S, Hkv, group, Dh).permute(0, 2, 3, 1, 4)                      # [B, Hkv, G, S, Dh]
-    scores = torch.einsum("bhgcd,bhckd->bhgck", qc, kg) * scale
-    o = torch.einsum("bhgck,bhckd->bhgcd", scores.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1), vg)
-    return o.permute(0, 3, 1, 2, 4).reshape(B, S, H, Dh).to(q.dtype)
-
-
-@given(seed=seeds, S=st.integers(1, 23), past=st.integers(0, 13), bs=st.integers(1, 6), topk=st.integers(1, 5),
-       Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4]), B=st.integers(1, 2), data=st.data())
-def test_prop_sparse_attention_equals_its_gathered_definition(seed, S, past, bs, topk, Hkv, group, B, data):
-    """The block-major, per-(query, KV head) matmul formulation against the per-query gather: any
-    selection (-1 padding, different selections inside one query block), lengths that are not a
-    multiple of the block, own blocks partly in the future, queries after `past` cached keys."""
-    H = Hkv * group
-    q, k, v = randn(seed, B, S, H, 8), randn(seed + 1, B, past + S, Hkv, 8), randn(seed + 2, B, past + S, Hkv, 8)
-    ids = data.draw(selections(B, Hkv, S, bs, topk, q_start=past))
-    chunk = data.draw(st.one_of(st.none(), st.integers(1, S)))
-    torch.testing.assert_close(m3.sparse_attention(q, k, v, ids, bs, 0.35, q_start=past, query_chunk=chunk),
-                               gathered_sparse_attention(q, k, v, ids, bs, 0.35, q_start=past),
-                               rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-
-
-# ---- Model -----------------------------------------------------------------------------------
-
-@given(cfg=tiny_configs(vision=False), seed=seeds, S=st.integers(2, 21), data=st.data())
-@few(8)
-def test_prop_model(cfg, seed, S, data):
-    model = model_of(cfg, seed)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (2, S), generator=g)
-    labels = ids.masked_fill(torch.rand(2, S, generator=g) < 0.3, -100)
-    with torch.no_grad():
-        out = model(ids, labels=labels)
-        # batch rows are independent
-        torch.testing.assert_close(model(ids[1:]).logits[0], out.logits[1], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-        # causal end to end, sparse layers included; MTP depth d at i sees tokens <= i + d. Not bit
-        # for bit: an expert's matmul sees a different number of token rows once a later token
-        # routes elsewhere, and BLAS rounds differently per shape
-        p = data.draw(st.integers(1, S - 1))
-        changed = ids.clone()
-        changed[:, p] = (changed[:, p] + 1) % cfg.vocab_size
-        out2 = model(changed)
-        close = lambda a, b: torch.testing.assert_close(a, b, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-        close(out2.logits[:, :p], out.logits[:, :p])
-        for d, (a, b) in enumerate(zip(out.mtp_logits, out2.mtp_logits), start=1):
-            close(a[:, :max(p - d, 0)], b[:, :max(p - d, 0)])
-            if p - d >= 0:                       # ... and does see token i + d (embedded at slot i)
-                assert (a[:, p - d] - b[:, p - d]).abs().max() > 1e-3
-        # the recursion: depth d takes depth d - 1's output and the ids shifted by d
-        text, head = model.language_model.model, model.language_model.lm_head
-        layout = text.layout(torch.arange(S).expand(2, S))
-        h = text(text.embed_tokens(ids), layout)
-        for d in range(cfg.num_mtp_modules):
-            shifted = torch.cat([ids[:, d + 1:], torch.zeros(2, min(d + 1, S), dtype=ids.dtype)], 1)
-            h = text.mtp["layers"][d].final_layernorm(text.mtp["layers"][d](h, text.embed_tokens(shifted), layout))
-            close(head(h), out.mtp_logits[d])
-
-    def ce(logits, shift):
-        terms = [-torch.log_softmax(logits[b, i].double(), -1)[labels[b, i + shift]]
-                 for b in range(2) for i in range(S) if i + shift < S and labels[b, i + shift] != -100]
-        return sum(terms) / len(terms) if terms else torch.tensor(0.0, dtype=torch.float64)
-    torch.testing.assert_close(out.lm_loss.double(), ce(out.logits, 1), rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    if cfg.num_mtp_modules:
-        D = cfg.num_mtp_modules
-        expected = 0.1 / D * sum(ce(lg, 1 + k) for k, lg in enumerate(out.mtp_logits, start=1))
-        torch.testing.assert_close(out.mtp_loss.double(), expected, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    else:
-        assert out.mtp_loss is None and out.mtp_logits == []
-
-
-# ---- Decoding --------------------------------------------------------------------------------
-# The tiny preset: block 8, top-4 (one init, one local), so any history past 32 tokens drops blocks.
-
-def decode_prompt(vision: bool, seed: int = 0, extra: int = 30) -> tuple[m3.MiniMaxM3, dict, int]:
-    """(model, forward inputs, the first position a cached call may start at): demo_inputs then
-    `extra` text tokens, or only text; media must come in the call holding their placeholders."""
-    cfg = tiny() if vision else tiny(vision=None)
-    g = torch.Generator().manual_seed(seed + 1)
-    text = torch.randint(0, 500, (1, extra), generator=g)             # below every special id
-    if not vision:
-        return model_of(cfg, seed), dict(input_ids=text), 1
-    inputs = {k: v for k, v in m3.demo_inputs(cfg, seed).items() if k != "labels"}
-    inputs["input_ids"] = torch.cat([inputs["input_ids"], text], 1)
-    media = (inputs["input_ids"][0] >= cfg.image_token_index).nonzero()
-    return model_of(cfg, seed), inputs, int(media[-1]) + 1
-
-
-@given(vision=st.booleans(), data=st.data())
-@few(6)
-def test_prop_incremental_logits_equal_the_full_forward(vision, data):
-    model, inputs, first = decode_prompt(vision, extra=data.draw(st.integers(34, 50)))
-    ids = inputs["input_ids"]
-    S = ids.shape[1]
-    cuts = [data.draw(st.integers(first, S), label="prefill")]
-    while cuts[-1] < S:
-        cuts.append(min(S, cuts[-1] + data.draw(st.sampled_from([1, 1, 2, 3, 7]), label="step")))
-    cache = model.new_cache()
-    with torch.no_grad():
-        full = model(**inputs).logits
-        parts = [model(**inputs | dict(input_ids=ids[:, :cuts[0]]), cache=cache).logits]
-        for a, b in zip(cuts, cuts[1:]):
-            parts.append(model(ids[:, a:b], cache=cache).logits)
-    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    cfg = model.config
-    assert cache.length == S and cache.mask.shape == (1, S) and len(cache.mtp) == cfg.num_mtp_modules
-    for layer, sparse in zip(cache.layers, cfg.sparse_attention_freq):
-        assert layer.k.shape == layer.v.shape == (1, S, cfg.num_key_value_heads, cfg.head_dim)
-        assert (layer.ik.shape == (1, S, cfg.sparse_index_dim)) if sparse else layer.ik is None
-
-
-def test_decode_prompts_are_long_enough_that_selection_drops_blocks():
-    for vision in (False, True):
-        model, inputs, _ = decode_prompt(vision, extra=34)
-        dense = model_of(replace(model.config, sparse_topk_blocks=1000))
-        with torch.no_grad():
-            gap = (model(**inputs).logits[:, -1] - dense(**inputs).logits[:, -1]).abs().max()
-        assert gap > 1e-2, "every block fits the budget: these prompts would not catch a wrong selection"
-
-
-def padded(rows: list[torch.Tensor], left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows of different lengths -> (ids [B, S], attention_mask [B, S]), pads of id 7."""
-    S = max(len(r) for r in rows)
-    ids = torch.full((len(rows), S), 7)
-    mask = torch.zeros(len(rows), S, dtype=torch.int64)
-    for b, r in enumerate(rows):
-        at = slice(S - len(r), S) if left else slice(0, len(r))
-        ids[b, at], mask[b, at] = r, 1
-    return ids, mask
-
-
-PADDED_MTP = [m3.MTPConfig(), m3.MTPConfig(embed_source="inputs_embeds", zero_position0=True, pass_hidden="pre_norm")]
-
-
-@pytest.mark.parametrize("mtp", PADDED_MTP)
-@given(lengths=st.lists(st.integers(1, 45), min_size=2, max_size=3), left=st.booleans(), seed=seeds)
-@example(lengths=[9, 30], left=False, seed=0)          # right padding: a row's tail meets pads, not its end
-@few(4)
-def test_prop_padded_rows_equal_their_rows_alone(mtp, lengths, left, seed):
-    model = model_of(tiny(vision=None, num_mtp_modules=2, mtp=mtp), seed)
-    g = torch.Generator().manual_seed(seed)
-    rows = [torch.randint(0, 500, (n,), generator=g) for n in lengths]
-    ids, mask = padded(rows, left)
-    S = ids.shape[1]
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-        for b, r in enumerate(rows):
-            at = slice(S - len(r), S) if left else slice(0, len(r))
-            alone = model(r[None])
-            torch.testing.assert_close(out.logits[b, at], alone.logits[0], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-            for mine, its in zip(out.mtp_logits, alone.mtp_logits):
-                torch.testing.assert_close(mine[b, at], its[0], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    assert torch.isfinite(out.loss)
-
-
-@pytest.mark.parametrize("depths, options", [(1, m3.MTPConfig()), (2, m3.MTPConfig.vllm_drafter(repeated_layer=True)),
-                                             (2, m3.MTPConfig(zero_position0=True, pass_hidden="pre_norm"))])
-def test_padded_batch_generates_and_drafts_what_each_row_does_alone(depths, options):
-    model = model_of(tiny(vision=None, num_mtp_modules=depths, mtp=options))
-    g = torch.Generator().manual_seed(3)
-    rows = [torch.randint(0, 500, (n,), generator=g) for n in (40, 9, 33)]
-    ids, mask = padded(rows)
-    for mtp in (False, True):
-        drafts, trace = (3 if mtp else None), []
-        tokens, _ = model.generate(ids, 6, attention_mask=mask, mtp=mtp, draft_tokens=drafts, draft_trace=trace)
-        for b, r in enumerate(rows):
-            alone, mine = [], []
-            alone_tokens, _ = model.generate(r[None], 6, mtp=mtp, draft_tokens=drafts, draft_trace=mine)
-            assert torch.equal(tokens[b, ids.shape[1]:], alone_tokens[0, len(r):])
-            if mtp:                      # the first step's drafts: before any rollback makes rows differ
-                torch.testing.assert_close(trace[0]["draft_logits"][b], mine[0]["draft_logits"][0],
-                                           rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-
-
-def test_the_drafter_sees_the_vision_features_with_the_rolled_embeddings():
-    """embed_source="inputs_embeds": the first pass over a prompt with media fuses its spliced
-    embeddings, so draft 1 equals depth 1 of a forward over the prompt plus the new token."""
-    model = model_of(tiny(mtp=m3.MTPConfig(embed_source="inputs_embeds", zero_position0=True)))
-    inputs = m3.demo_inputs(model.config)
-    inputs.pop("labels")
-    trace = []
-    with torch.no_grad():
-        tokens, _ = model.generate(max_new_tokens=2, mtp=True, draft_tokens=1, draft_trace=trace, **inputs)
-        S = inputs["input_ids"].shape[1]
-        whole = model(**dict(inputs, input_ids=tokens[:, :S + 1]))
-    assert int(tokens[0, S]) not in (model.config.image_token_index, model.config.video_token_index)
-    torch.testing.assert_close(trace[0]["draft_logits"][:, 0], whole.mtp_logits[0][:, S - 1],
-                               rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
-
-
-def acceptance_model(mtp_modules: int = 1, mtp: m3.MTPConfig = m3.MTPConfig.vllm_drafter()) -> m3.MiniMaxM3:
-    """Random weights bent (G.agreeing_mtp_) so that MTP drafts are right part of the time; vLLM's
-    drafter conventions unless `mtp` says otherwise."""
-    return G.agreeing_mtp_(model_of(tiny(vision=None, num_mtp_modules=mtp_modules, mtp=mtp)))
-
-
-@pytest.mark.parametrize("make, B, drafts", [(lambda: model_of(tiny(vision=None)), 1, 1), (acceptance_model, 1, 1),
-                                             (acceptance_model, 2, 3), (lambda: acceptance_model(2), 1, 3),
-                                             (lambda: model_of(tiny()), 1, 2)])
-def test_generate_with_and_without_mtp_gives_the_same_tokens(make, B, drafts):
-    model = make()
-    ids = torch.randint(0, 500, (B, 35), generator=torch.Generator().manual_seed(B))
-    greedy, plain = model.generate(ids, 16)
-    spec, stats = model.generate(ids, 16, mtp=True, draft_tokens=drafts)
-    assert torch.equal(spec, greedy)
-    assert plain == {"steps": 15, "drafted": 0, "accepted": 0, "acceptance": None}
-    assert stats["drafted"] == stats["steps"] * drafts * B and 0 <= stats["accepted"] <= stats["drafted"]
-    assert stats["acceptance"] == stats["accepted"] / stats["drafted"]
-
-
-def test_acceptance_is_total_when_every_head_predicts_the_same_token():
-    """Final norms of weight -1 zero the hidden state (Gemma scale 1 + w), so the main head and
-    the MTP head both see zeros and predict token 0 everywhere: every draft is accepted."""
-    for depths, drafts in ((1, 1), (1, 3), (2, 3)):
-        model = model_of(tiny(vision=None, num_mtp_modules=depths))
-        text = model.language_model.model
-        with torch.no_grad():
-            for norm in [text.norm] + [d.final_layernorm for d in text.mtp["layers"]]:
-                norm.weight.fill_(-1.0)
-        ids = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
-        tokens, stats = model.generate(ids, 13, mtp=True, draft_tokens=drafts)
-        assert bool((tokens[:, 20:] == 0).all())
-        assert stats["acceptance"] == 1.0 and stats["steps"] == math.ceil(12 / (drafts + 1))
-
-
-def test_drafts_after_rejections_equal_drafts_from_scratch():
-    """Rollback leaves no trace: at every step the drafts equal those of a fresh generate whose
-    prompt is everything verified so far (so main and MTP caches hold exactly the kept slots)."""
-    model = acceptance_model()
-    ids = torch.randint(0, 500, (1, 30), generator=torch.Generator().manual_seed(4))
-    trace = []
-    tokens, stats = model.generate(ids, 20, mtp=True, draft_tokens=3, draft_trace=trace)
-    assert 0 < stats["accepted"] < stats["drafted"], "a run with both kept and rejected drafts"
-    done = 30 + trace[0]["accepted"] + 1
-    for step in trace[1:]:
-        fresh = []
-        model.generate(tokens[:, :done], 2, mtp=True, draft_tokens=3, draft_trace=fresh)
-        assert torch.equal(fresh[0]["drafts"], step["drafts"]), f"step after {done} verified tokens"
-        done += step["accepted"] + 1
-
-
-def drafts_by_hand(model: m3.MiniMaxM3, verified: torch.Tensor, newest: int, n: int) -> torch.Tensor:
-    """The draft logits [1, n, V] of generate's docstring, computed without a cache: every physical
-    depth runs over all of its slots at once, with the model's MTP conventions. verified [1, L]: the
-    tokens in the main cache; newest: the token sampled after them."""
-    text, head, mc = model.language_model.model, model.language_model.lm_head, model.config.mtp
-    M, L = model.config.num_mtp_modules, verified.shape[1]
-    h_main = model(verified).hidden                                            # post-norm [1, L, D]
-    emb = text.embed_tokens(torch.cat([verified[:, 1:], torch.tensor([[newest]])], 1))
-    if mc.zero_position0:
-        emb[:, 0] = 0.0
-    slots = [[(emb[:, p], h_main[:, p], p) for p in range(L)]] + [[] for _ in range(len(text.mtp["layers"]) - 1)]
-    logits, physical = [], 0
-    for j in range(n):
-        if j:
-            physical = 0 if mc.repeated_layer else j % M
-            slots[physical].append((text.embed_tokens(logits[-1].argmax(-1)), passed, L + j - 1))
-        e, h, pos = (torch.stack(x, 1) for x in zip(*[(a, b, torch.tensor([p])) for a, b, p in slots[physical]]))
-        depth = text.mtp["layers"][physical]
-        x = depth(h, e, text.layout(pos))[:, -1]                                       # before final_layernorm
-        normed = depth.final_layernorm(x)
-        passed = normed if mc.pass_hidden == "post_norm" else x
-        logits.append(depth.head(normed, head))
-    return torch.stack(logits, 1)
-
-
-@pytest.mark.parametrize("depths, mtp", [(1, m3.MTPConfig.vllm_drafter()), (2, m3.MTPConfig.vllm_drafter()),
-                                         (1, m3.MTPConfig()), (2, m3.MTPConfig(repeated_layer=True)),
-                                         (1, m3.MTPConfig(head="per_depth", sublayers="attention_moe"))])
-def test_draft_logits_equal_the_drafter_computed_without_a_cache(depths, mtp):
-    model = acceptance_model(depths, mtp)
-    ids = torch.randint(0, 500, (1, 30), generator=torch.Generator().manual_seed(4))
-    trace = []
-    with torch.no_grad():
-        tokens, stats = model.generate(ids, 16, mtp=True, draft_tokens=3, draft_trace=trace)
-        assert 0 < stats["accepted"] < stats["drafted"]
-        done = 30                                                   # tokens in the main cache at a step
-        for step in trace:
-            want = drafts_by_hand(model, tokens[:, :done], int(tokens[0, done]), 3)
-            torch.testing.assert_close(step["draft_logits"], want, rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
-            done += step["accepted"] + 1
-
-
-def test_eos_ends_rows_and_fills_the_rest():
-    model = model_of(tiny(vision=None))
-    ids = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
-    plain, _ = model.generate(ids, 10)
-    eos = int(plain[0, 23])                                         # row 0's fourth new token
-    for mtp in (False, True):
-        tokens, stats = model.generate(ids, 10, eos_token_id=eos, mtp=mtp)
-        assert tokens.shape == (2, 30) and torch.equal(tokens[0, :24], plain[0, :24])
-        assert bool((tokens[0, 24:] == eos).all())
-        ended = (plain[1, 20:] == eos).cumsum(0) > 0
-        assert torch.equal(tokens[1, 20:], plain[1, 20:].masked_fill(ended, eos))
-        alone, stats = model.generate(ids[:1], 10, eos_token_id=eos, mtp=mtp)
-        assert torch.equal(alone, tokens[:1]) and stats["steps"] == (3 if not mtp else stats["steps"])
-    assert model.generate(ids.int(), 2)[0].dtype == torch.int32
-
-
-def test_chunked_prefill_of_a_left_padded_batch_equals_one_forward():
-    model = model_of(tiny(vision=None))
-    g = torch.Generator().manual_seed(2)
-    ids, mask = padded([torch.randint(0, 500, (n,), generator=g) for n in (44, 9)])
-    cache = model.new_cache()
-    with torch.no_grad():
-        whole = model(ids, attention_mask=mask).logits
-        parts = [model(ids[:, a:b], attention_mask=mask[:, a:b], cache=cache).logits    # row 1: pads only at first
-                 for a, b in ((0, 20), (20, 37), (37, 44))]
-    got = torch.cat(parts, 1)
-    torch.testing.assert_close(got[mask == 1], whole[mask == 1], rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-    with pytest.raises(ValueError, match="truncate length must be an int in \\[0, 44\\]"):
-        cache.truncate(45)
+def test_preprocess_video_pads_frames_and_writes_timestamps():
+    cfg = tiny()
+    frames = np.random.default_rng(1).integers(0, 256, (3, 56, 56, 3), dtype=np.uint8)
+    rows, grid, stamps = m3.preprocess_video(frames, cfg, fps=2.5, frame_indices=[0, 4, 9])
+    assert grid.tolist() == [[2, 4, 4]] and stamps == [0.0, 9 / 2.5]
+    first, last = hand_rows(frames[0]), hand_rows(frames[2])
+    half = 3 * 2 * 14 * 14 // 2                                     # (C, Tp, P, P): frame 0 then frame 1 per channel
+    pairs = rows.view(2, 16, 3, 2, 196)
+    assert torch.equal(pairs[0, :, :, 0], first.view(16, 3, 2, 196)[:, :, 0])
+    assert torch.equal(pairs[1, :, :, 0], last.view(16, 3, 2, 196)[:, :, 0])
+    assert torch.equal(pairs[1, :, :, 1], pairs[1, :, :, 0]) and half == 588     # frame 2 repeated as frame 3
+    assert m3.preprocess_video(frames, cfg)[2] is None
+    V, S, E = cfg.video_token_index, cfg.vision_start_token_index, cfg.vision_end_token_index
+    ids = m3.expand_prompt([1, V, 2], None, grid, [[[40, 41], [42]]], cfg=cfg)
+    assert ids.tolist() == [1, 40, 41, S] + [V] * 4 + [E, 42, S] + [V] * 4 + [E, 2]
+    assert m3.timestamp_text(3.6) == "]<]3.6 seconds[>["
 
 
 @pytest.mark.parametrize("call, error, match", [
-    (lambda m, ids: m(ids, attention_mask=torch.ones(1, 5, dtype=torch.int64)), ValueError, "attention_mask must be"),
-    (lambda m, ids: m.generate(ids, 3, attention_mask=torch.ones(6, dtype=torch.int64)), ValueError,
-     "attention_mask must be a tensor shaped like input_ids"),
-    (lambda m, ids: m.generate(ids, 3, draft_tokens=2), ValueError, "goes with mtp=True"),
-    (lambda m, ids: m.generate(torch.cat([ids, ids]), 3, attention_mask=torch.tensor([[1] * 6, [0] * 6])), ValueError,
-     "row 1's last prompt position is a pad"),
-    (lambda m, ids: m(ids, attention_mask=torch.tensor([[1, 0, 1, 1, 1, 1]])), ValueError, "pads between its tokens"),
-    (lambda m, ids: m(ids, attention_mask=torch.tensor([[2] * 6])), ValueError, "1 \\(token\\) and 0 \\(pad\\)"),
-    (lambda m, ids: m.generate(ids, 3, attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0]])), ValueError, "left padding"),
-    (lambda m, ids: m.generate(ids, 3, mtp=True, draft_tokens=0), ValueError, "draft_tokens must be an int >= 1"),
-    (lambda m, ids: m.generate(ids, -1), ValueError, "max_new_tokens must be"),
-    (lambda m, ids: m(ids, inputs_embeds=torch.zeros(1, 6, 5)), ValueError, "inputs_embeds shape"),
-    (lambda m, ids: m(torch.cat([ids, ids]), cache=_filled(m, ids)), ValueError, "but the cache holds 1"),
+    (lambda c: m3.preprocess_image(np.zeros((4, 900, 3), np.uint8), c), ValueError, "aspect ratio 225.0"),
+    (lambda c: m3.preprocess_image(np.zeros((0, 10, 3), np.uint8), c), ValueError, "non-empty RGB"),
+    (lambda c: m3.preprocess_image(np.zeros((10, 10, 4), np.uint8), c), ValueError, r"RGB array \[H, W, 3\]"),
+    (lambda c: m3.preprocess_image(np.zeros((10, 10, 3), np.float32), c), TypeError, "uint8"),
+    (lambda c: m3.preprocess_video(np.zeros((10, 10, 3), np.uint8), c), ValueError, r"\[F, H, W, 3\]"),
+    (lambda c: m3.preprocess_video(np.zeros((2, 10, 10, 3), np.uint8), c, frame_indices=[0]), ValueError,
+     "frame_indices has 1 entries for 2 frames"),
+    (lambda c: m3.expand_prompt([1, c.image_token_index], None, None, cfg=c), ValueError,
+     "hold 1 image placeholders .* but 0 image grids"),
+    (lambda c: m3.expand_prompt([1, c.video_token_index], None, [[2, 2, 2]], [[[5]]], cfg=c), ValueError,
+     r"timestamp_ids\[0\] has 1 entries for 2 temporal groups"),
+    (lambda c: m3.expand_prompt([1], None, None, cfg=replace(c, vision_start_token_index=10 ** 6)), ValueError,
+     "vision_start_token_index = 1000000 is outside the vocabulary"),
+    (lambda c: m3.expand_prompt([1, c.image_token_index], [[1, 0, 2]], None, cfg=c), ValueError,
+     "rows of positive"),
+    (lambda c: m3.expand_prompt([1, c.image_token_index], [1, 2, 2], None, cfg=c), ValueError, r"\[n, 3\] rows"),
+    (lambda c: m3.expand_prompt([c.video_token_index], None, [[1, 2, 2]], [[[c.image_token_index]]], cfg=c),
+     ValueError, "not placeholders"),
+    (lambda c: m3.preprocess_video(np.zeros((2, 10, 10, 3), np.uint8), c, fps=float("inf")), ValueError,
+     "finite number > 0"),
+    (lambda c: m3.preprocess_image(np.zeros((10, 10, 3), np.uint8), replace(c, vision=None)), ValueError,
+     "text-only model"),
+    (lambda c: m3.smart_resize(30, 3000, 28, 28, 20000), ValueError, "leaves a side under 28"),
+    (lambda c: m3.expand_prompt_text(m3.IMAGE_TEXT, None, None), ValueError, "holds 1 .* placeholders but 0 grids"),
 ])
-def test_decode_input_errors(call, error, match):
-    model = model_of(tiny(vision=None))
+def test_preprocessing_rejects_bad_input(call, error, match):
     with pytest.raises(error, match=match):
-        call(model, torch.arange(6)[None])
+        call(tiny())
 
 
-def _filled(model, ids):
-    cache = model.new_cache()
-    model(ids, cache=cache)
-    return cache
+def test_image_loading_orientation_strides_and_frame_order(tmp_path):
+    from PIL import Image
+    pixels = np.random.default_rng(6).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                            # "rotate 90 degrees clockwise to view"
+    Image.fromarray(pixels).save(tmp_path / "turned.png", exif=exif)
+    assert m3.load_image(tmp_path / "turned.png").shape == (50, 30, 3)
+    flipped = pixels[:, ::-1]                                   # negative strides (BGR<->RGB views alike)
+    assert torch.equal(m3.preprocess_image(flipped, tiny())[0], m3.preprocess_image(flipped.copy(), tiny())[0])
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in (2, 10, 1):
+        Image.fromarray(np.full((28, 28, 3), i, np.uint8)).save(frames / f"f{i}.png")
+    assert m3.load_video(frames, None)[0][:, 0, 0, 0].tolist() == [1, 2, 10]        # natural order, not f1 f10 f2
+    with pytest.raises(ValueError, match="is an image file; give it as --image"):
+        m3.load_video(tmp_path / "turned.png", None)
 
 
-def test_a_failed_cached_call_leaves_the_cache_as_it_was():
-    model = model_of(tiny(vision=None))
-    ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
-    cache = _filled(model, ids[:, :10])
-    before = [(layer.k.clone(), layer.v.clone()) for layer in cache.layers]
-    with torch.no_grad():                          # layers 0 and 1 extend their caches, layer 2 fails
-        model.language_model.model.layers[2].block_sparse_moe.shared_experts.down_proj.weight.fill_(float("inf"))
-    with pytest.raises(ValueError, match="layer 2 output"):
-        model(ids[:, 10:], cache=cache)
-    assert cache.length == 10
-    for layer, (k, v) in zip(cache.layers, before):
-        assert torch.equal(layer.k, k) and torch.equal(layer.v, v)
+def test_image_and_video_files_through_the_cli(tmp_path, capsys):
+    from PIL import Image
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    rgba = rng.integers(0, 256, (56, 56, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "b.png")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(frames / f"{i:03d}.png")
+    # transparency is composited over white, as the released processor does
+    alpha = rgba[..., 3:].astype(np.float64) / 255
+    assert np.abs(m3.load_image(tmp_path / "b.png").astype(np.float64) - (rgba[..., :3] * alpha + 255 * (1 - alpha))).max() <= 1
+    m3.main(["demo", "--image", str(tmp_path / "a.png"), "--image", str(tmp_path / "b.png"), "--video", str(frames),
+             "--video-fps", "2"])
+    out = capsys.readouterr()
+    # 60x90 -> 56x84 (24 rows), 56x56 (16 rows); frames 40x50 -> 28x56 is under min_pixels -> 56x84, 3 frames -> t = 2
+    assert "pixel_values         [40, 1176]" in out.out and "video grids [[2, 4, 6]]" in out.out
+    assert "video timestamps left out" in out.err
+    with pytest.raises(SystemExit) as e:
+        m3.main(["demo", "--video", str(tmp_path / "clip.mp4")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ("needs PyAV" in err or "cannot decode" in err)
 
 
-def test_mtp_generate_needs_mtp_depths():
-    with pytest.raises(ValueError, match="needs MTP depths"):
-        model_of(tiny(vision=None, num_mtp_modules=0)).generate(torch.arange(6)[None], 3, mtp=True)
+def test_run_with_text_prompt_media_and_timestamps(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from PIL import Image
+    cfg = tiny()
+    ckpt = tmp_path / "ckpt"
+    m3.save_pretrained(model_of(cfg), ckpt)
+    run = ["run", "--checkpoint", str(ckpt)]
+    with pytest.raises(SystemExit) as e:
+        m3.main(run + ["--prompt", "hello"])
+    assert e.value.code == 2 and "--prompt needs" in capsys.readouterr().err
+    words = ["[UNK]", "hello", "world", "seconds"]
+    vocab = {w: i for i, w in enumerate(words)}
+    specials = {m3.IMAGE_TEXT: cfg.image_token_index, m3.VIDEO_TEXT: cfg.video_token_index,
+                m3.START_TEXT: cfg.vision_start_token_index, m3.END_TEXT: cfg.vision_end_token_index}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({**vocab, **specials}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(specials))
+    tok.save(str(ckpt / "tokenizer.json"))
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    np.save(tmp_path / "v.npy", np.random.default_rng(4).integers(0, 256, (3, 56, 56, 3), dtype=np.uint8))
+    out = tmp_path / "out.safetensors"
+    m3.main(run + ["--prompt", "hello ]<]image[>[ world ]<]video[>[", "--image", str(tmp_path / "a.png"),
+                   "--video", str(tmp_path / "v.npy"), "--video-fps", "1", "--save-outputs", str(out)])
+    assert "top next tokens" in capsys.readouterr().out
+    ids = V.read_safetensors(out)["input_ids"][0].tolist()
+    S, E, I, Vt = cfg.vision_start_token_index, cfg.vision_end_token_index, cfg.image_token_index, cfg.video_token_index
+    stamp = tok.encode(m3.timestamp_text(0.0), add_special_tokens=False).ids + [S]
+    assert ids[:2] == [vocab["hello"], S] and ids[2:6] == [I] * 4 and ids[6:8] == [E, vocab["world"]]
+    assert ids[8:8 + len(stamp)] == stamp and ids.count(Vt) == 8 and ids.count(S) == 3
+    with pytest.raises(SystemExit) as e:
+        m3.main(run + ["--prompt-ids", "1,2", "--image", str(tmp_path / "a.png")])
+    assert e.value.code == 2 and "hold 0 image placeholders" in capsys.readouterr().err
 
 
-# ---- Vision ----------------------------------------------------------------------------------
-
-grids = st.tuples(st.integers(1, 4), st.sampled_from([2, 4]), st.sampled_from([2, 4, 6]))
+def test_video_files_decode_through_pyav_and_sample_one_frame_per_second(tmp_path):
+    # 1 s apart (less 1e-4 s), then the last frame when it is later than the last kept one
+    assert m3.sample_frame_indices(10, 4.0) == [0, 4, 8, 9] and m3.sample_frame_indices(5, 1.0) == [0, 1, 2, 3, 4]
+    assert m3.sample_frame_indices(30, 29.97) == [0, 29] and m3.sample_frame_indices(7, 2.0) == [0, 2, 4, 6]
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    frames, fps, indices = m3.load_video(path, None)
+    assert fps == 4.0 and indices == [0, 4, 8, 9] and frames.shape == (4, 48, 64, 3)
+    assert frames[3].mean() > frames[2].mean() > frames[1].mean() > frames[0].mean()     # frames 9, 8, 4, 0
+    with pytest.raises(ValueError, match="--video-fps is for frame folders"):
+        m3.load_video(path, 2.0)
 
 
 @given(h=st.integers(1, 4000), ratio=st.floats(1 / 200, 200), video=st.booleans())
@@ -2232,438 +2902,6 @@ def test_prop_expand_then_splice_keeps_every_other_token(seed, data):
     spliced = m3.splice(emb, out[None], feats, cfg.image_token_index, "image")
     keep = out[None] != cfg.image_token_index
     assert torch.equal(spliced[keep], emb[keep]) and torch.equal(spliced[~keep], feats)
-
-
-@given(t=st.integers(1, 5), h=st.sampled_from([2, 4, 6]), w=st.sampled_from([2, 4]), max_frames=st.integers(1, 3))
-@example(t=2, h=2, w=4, max_frames=2)        # rows 0 0 1 1 0 0 1 1, cols 0 1 0 1 2 3 2 3 in each frame
-def test_prop_vision_positions_follow_the_merge_window_order(t, h, w, max_frames):
-    pos = m3.vision_positions(m3.video_segments([(t, h, w)], max_frames), 2)
-    assert pos.shape == (t * h * w, 3)
-    for n, (pt, r, c) in enumerate(pos.tolist()):
-        window, inner = divmod(n % (h * w), 4)
-        # t restarts in every segment (unobservable in the features: a segment's attention only sees
-        # differences of t, but pinned here and in the golden vision_rope case)
-        assert (pt, r, c) == ((n // (h * w)) % max_frames, 2 * (window // (w // 2)) + inner // 2,
-                              2 * (window % (w // 2)) + inner % 2)
-
-
-@given(seed=seeds, a=grids, b=grids, max_frames=st.integers(1, 3))
-@example(seed=0, a=(3, 2, 2), b=(1, 2, 4), max_frames=2)          # a video of two segments, then an image
-@few(6)
-def test_prop_vision_tower(seed, a, b, max_frames):
-    cfg = tiny(vision=replace(m3.M3Config.tiny().vision, vision_segment_max_frames=max_frames))
-    model = model_of(cfg, seed)
-    P = cfg.vision.patch_dim
-    rows_a, rows_b = a[0] * a[1] * a[2], b[0] * b[1] * b[2]
-    pa, pb = randn(seed, rows_a, P), randn(seed + 1, rows_b, P)
-    with torch.no_grad():
-        both = model.vision_features(torch.cat([pa, pb]), torch.tensor([a, b]))
-        # one output row per 2x2 window; an item's features ignore the other item, before or after it
-        assert both.shape == ((rows_a + rows_b) // 4, cfg.hidden_size)
-        torch.testing.assert_close(both[:rows_a // 4], model.vision_features(pa, torch.tensor([a])),
-                                   rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-        torch.testing.assert_close(both[rows_a // 4:], model.vision_features(pb, torch.tensor([b])),
-                                   rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-        # a video equals its segments run separately (catches: t not restarting, cross-segment attention)
-        t, h, w = a
-        segments = [(min(max_frames, t - s), h, w) for s in range(0, t, max_frames)]
-        parts = pa.split([n * h * w for n, _, _ in segments])
-        torch.testing.assert_close(model.vision_tower(pa, [a]),
-                                   torch.cat([model.vision_tower(p, [s]) for p, s in zip(parts, segments)]),
-                                   rtol=FP32_OP_TOL, atol=FP32_OP_TOL)
-
-
-@given(seed=seeds, B=st.integers(1, 3), S=st.integers(1, 15), data=st.data())
-def test_prop_splice(seed, B, S, data):
-    mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=B * S, max_size=B * S))).view(B, S)
-    ids = torch.where(mask, 7, 3)
-    embeds, feats = randn(seed, B, S, 4), randn(seed + 1, int(mask.sum()), 4)
-    out = m3.splice(embeds, ids, feats, 7, "image")
-    assert torch.equal(out[~mask], embeds[~mask]) and torch.equal(out[mask], feats)   # row-major order
-
-
-# ---- Checkpoint ------------------------------------------------------------------------------
-
-@given(cfg=tiny_configs(), seed=seeds, shard=st.sampled_from([None, "8KB", 30000]))
-@few(6)
-def test_prop_checkpoint_round_trip(cfg, seed, shard):
-    model = model_of(cfg, seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        m3.save_pretrained(model, tmp, max_shard_size=shard)
-        loaded = m3.from_pretrained(tmp)
-    assert loaded.config == cfg
-    _assert_same_weights(model, loaded)
-
-
-# ============================================================================================
-# Triton kernels (kernels.py) against their torch twins: under the interpreter on a CPU (small
-# shapes: it runs one program at a time), on the GPU where there is one
-# ============================================================================================
-
-KDEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-# the interpreter computes sigmoid with numpy's exp, which warns when it (rightly) overflows to inf
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-# fp32: the kernels sum in another order (tiles, trees): ~1e-7 relative per term, 1e-5 covers it.
-# bf16: both sides round the same fp32 values at the same points, so they agree unless a value sits
-# on a rounding boundary, where they differ by one bf16 ulp (2^-7 relative); 2^-6 allows two such.
-KERNEL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -6}
-kernel_dtypes = st.sampled_from([torch.float32, torch.bfloat16])
-
-
-def kernels_module():
-    return m3.load_kernels()
-
-
-def kr(seed, *shape, scale=1.0, dtype=torch.float32):
-    return (randn(seed, *shape, scale=scale)).to(dtype).to(KDEV)
-
-
-def assert_twins(got, want, dtype):
-    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
-    for a, b in zip(got, want):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        tol = KERNEL_TOL[dtype] if a.is_floating_point() else 0
-        torch.testing.assert_close(a.cpu().double(), b.cpu().double(), rtol=tol, atol=tol * max(1.0, float(b.abs().max())),
-                                   equal_nan=True)
-
-
-def test_each_kernel_twin_has_the_same_signature():
-    import inspect
-    K = kernels_module()
-    twins = [n for n, f in vars(m3).items() if callable(f) and hasattr(f, "torch")]
-    assert sorted(twins) == sorted(["rms_norm", "swiglu_oai", "norm_rope", "rope", "route", "routed_experts",
-                                    "index_block_scores", "select_blocks", "sparse_attention"])
-    for name in twins:
-        assert list(inspect.signature(getattr(m3, name).torch).parameters) == \
-            list(inspect.signature(getattr(K, name)).parameters), name
-
-
-@given(seed=seeds, rows=st.integers(1, 9), D=st.integers(1, 70), residual=st.booleans(), dtype=kernel_dtypes)
-@few(6)
-def test_kernel_rms_norm(seed, rows, D, residual, dtype):
-    x, w = kr(seed, rows, D, scale=3.0, dtype=dtype), kr(seed + 1, D, scale=0.1, dtype=dtype)
-    res = kr(seed + 2, rows, D, dtype=dtype) if residual else None
-    assert_twins(kernels_module().rms_norm(x, w, 1e-6, res), m3.rms_norm.torch(x, w, 1e-6, res), dtype)
-
-
-@given(seed=seeds, n=st.integers(1, 300), scale=st.sampled_from([1.0, 4.0, 1e4]), dtype=kernel_dtypes)
-@few(6)
-def test_kernel_swiglu_oai(seed, n, scale, dtype):
-    g, u = kr(seed, n, scale=scale, dtype=dtype), kr(seed + 1, n, scale=scale, dtype=dtype)
-    assert_twins(kernels_module().swiglu_oai(g, u, 1.702, 7.0), m3.swiglu_oai.torch(g, u, 1.702, 7.0), dtype)
-
-
-@given(seed=seeds, B=st.integers(1, 2), S=st.integers(1, 9), H=st.integers(1, 4), dims=st.sampled_from(
-    [(8, 4), (16, 8), (20, 6), (6, 6)]), vision=st.booleans(), dtype=kernel_dtypes)
-@few(6)
-def test_kernel_norm_rope_and_rope(seed, B, S, H, dims, vision, dtype):
-    Dh, R = dims
-    K = kernels_module()
-    if vision:                                            # 3D RoPE angles of a video's patches
-        positions = m3.vision_positions([(2, 2, 2 * S)], 2)
-        cos, sin = m3.vision_rope_angles(positions, Dh, 10000.0)
-        x = kr(seed, positions.shape[0], H, Dh, dtype=dtype)
-        assert_twins(K.rope(x, cos.to(KDEV), sin.to(KDEV)), m3.rope.torch(x, cos.to(KDEV), sin.to(KDEV)), dtype)
-        return
-    cos, sin = m3.rope_angles(torch.arange(S).expand(B, S) * 7, R, 10000.0)
-    x, w = kr(seed, B, S, H, Dh, scale=2.0, dtype=dtype), kr(seed + 1, Dh, scale=0.1, dtype=dtype)
-    cos, sin = cos.to(KDEV), sin.to(KDEV)
-    assert_twins(K.norm_rope(x, w, cos, sin, 1e-6), m3.norm_rope.torch(x, w, cos, sin, 1e-6), dtype)
-    assert_twins(K.rope(x, cos, sin), m3.rope.torch(x, cos, sin), dtype)
-
-
-def assert_same_choices(name: str, want: torch.Tensor, got: torch.Tensor, scores: torch.Tensor, dtype) -> None:
-    """Choices compared as sets per row with the golden suite's near-tie rule (golden/verify.py)."""
-    rules = V.Rules([{"name": name, "shape": list(want.shape), "compare": "set"}], [name],
-                    V.tie_tolerance(str(dtype).removeprefix("torch.")), None, "float32")
-    ref = {name: want.cpu().numpy(), name.removesuffix("ids") + "scores": scores.cpu().numpy()}
-    row = V.compare(rules, ref, {name: got.cpu().numpy()})[0]
-    assert row["status"] in ("pass", "near tie"), row
-
-
-@given(seed=seeds, T=st.integers(1, 20), E=st.integers(2, 12), D=st.integers(1, 40), data=st.data(), dtype=kernel_dtypes)
-@few(6)
-def test_kernel_route(seed, T, E, D, data, dtype):
-    k = data.draw(st.integers(1, min(4, E)))
-    x, w, b = kr(seed, T, D, dtype=dtype), kr(seed + 1, E, D, scale=D ** -0.5), kr(seed + 2, E, scale=0.1)
-    (wk, ik), (wt, it) = kernels_module().route(x, w, b, k, 2.0), m3.route.torch(x, w, b, k, 2.0)
-    scores = torch.sigmoid(F.linear(x.float(), w)) + b
-    assert_same_choices("router.ids", it, ik, scores, dtype)
-    same = (ik == it).all(-1)                                    # weights compared where the choice agrees
-    assert_twins(wk[same], wt[same], torch.float32)
-
-
-@given(seed=seeds, T=st.integers(1, 13), E=st.integers(2, 6), D=st.integers(8, 40), I=st.integers(4, 24),
-       data=st.data(), dtype=kernel_dtypes)
-@few(6)
-def test_kernel_routed_experts(seed, T, E, D, I, data, dtype):
-    k = data.draw(st.integers(1, min(2, E)))
-    x = kr(seed, T, D, dtype=dtype)
-    weights, ids = m3.route.torch(x, kr(seed + 1, E, D), torch.zeros(E, device=KDEV), k, 2.0)
-    w1 = [kr(seed + 10 + e, I, D, scale=D ** -0.5, dtype=dtype) for e in range(E)]
-    w2 = [kr(seed + 30 + e, D, I, scale=I ** -0.5, dtype=dtype) for e in range(E)]
-    w3 = [kr(seed + 50 + e, I, D, scale=D ** -0.5, dtype=dtype) for e in range(E)]
-    assert_twins(kernels_module().routed_experts(x, ids, weights, w1, w2, w3, 1.702, 7.0),
-                 m3.routed_experts.torch(x, ids, weights, w1, w2, w3, 1.702, 7.0), dtype)
-
-
-@given(seed=seeds, B=st.integers(1, 2), Sc=st.integers(1, 20), q_start=st.sampled_from([0, 0, 5, 17]),
-       Hi=st.integers(1, 2), Di=st.sampled_from([4, 8, 16]), bs=st.integers(1, 9), data=st.data(), dtype=kernel_dtypes)
-@few(6)
-def test_kernel_indexer(seed, B, Sc, q_start, Hi, Di, bs, data, dtype):
-    Sk = q_start + Sc + data.draw(st.integers(0, 3))           # cached keys before the chunk (decode), maybe more after
-    iq, ik = kr(seed, B, Sc, Hi, Di, dtype=dtype), kr(seed + 1, B, Sk, Di, dtype=dtype)
-    K = kernels_module()
-    scores = m3.index_block_scores.torch(iq, ik, q_start, bs)
-    assert_twins(K.index_block_scores(iq, ik, q_start, bs), scores, torch.float32)
-    topk, init, local = data.draw(st.integers(1, 6)), data.draw(st.integers(0, 2)), data.draw(st.integers(0, 2))
-    assert torch.equal(K.select_blocks(scores, q_start, bs, topk, init, local),
-                       m3.select_blocks.torch(scores, q_start, bs, topk, init, local))
-
-
-@given(seed=seeds, B=st.integers(1, 2), S=st.integers(1, 12), q_start=st.sampled_from([0, 0, 9]),
-       Hkv=st.sampled_from([1, 2]), group=st.integers(1, 3), Dh=st.sampled_from([8, 16]), bs=st.integers(1, 8),
-       topk=st.integers(1, 4), dtype=kernel_dtypes)
-@few(6)
-def test_kernel_sparse_attention(seed, B, S, q_start, Hkv, group, Dh, bs, topk, dtype):
-    Sk = q_start + S                                            # q_start > 0: new queries against cached keys
-    q = kr(seed, B, S, Hkv * group, Dh, dtype=dtype)
-    k, v = kr(seed + 1, B, Sk, Hkv, Dh, dtype=dtype), kr(seed + 2, B, Sk, Hkv, Dh, dtype=dtype)
-    scores = m3.index_block_scores.torch(kr(seed + 3, B, S, Hkv, 8), kr(seed + 4, B, Sk, 8), q_start, bs)
-    ids = m3.select_blocks.torch(scores, q_start, bs, topk, 1, 1)
-    assert_twins(kernels_module().sparse_attention(q, k, v, ids, bs, Dh ** -0.5, q_start),
-                 m3.sparse_attention.torch(q, k, v, ids, bs, Dh ** -0.5, q_start), dtype)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")    # the 0/0 under test
-def test_kernels_at_the_edges_of_their_contracts():
-    K = kernels_module()
-    scores = torch.tensor([[[[0.5, float("-inf"), 0.2, float("-inf"), 1.0, 3.0]]]], device=KDEV).expand(1, 1, 3, 6)
-    for q_start in (40, 60):                    # a causal block scored -inf; queries past the last scored block
-        for args in [(8, 5, 1, 0), (8, 3, 0, 0), (8, 6, 2, 2)]:
-            assert torch.equal(K.select_blocks(scores.contiguous(), q_start, *args),
-                               m3.select_blocks.torch(scores, q_start, *args)), (q_start, args)
-    q, k, v = kr(1, 1, 3, 2, 8), kr(2, 1, 3, 1, 8), kr(3, 1, 3, 1, 8)
-    ids = torch.tensor([[[[0], [-1], [0]]]], dtype=torch.int32, device=KDEV)        # query 1 selects nothing
-    assert_twins(K.sparse_attention(q, k, v, ids, 2, 0.3), m3.sparse_attention.torch(q, k, v, ids, 2, 0.3), torch.float32)
-    assert bool(K.sparse_attention(q, k, v, ids, 2, 0.3)[0, 1].isnan().all())
-    iq, ik = kr(4, 1, 5, 1, 8, dtype=torch.bfloat16), kr(5, 1, 5, 8)                # mixed dtypes: fp32, as the twin
-    assert_twins(K.index_block_scores(iq, ik, 0, 2), m3.index_block_scores.torch(iq, ik, 0, 2), torch.float32)
-    g, u = kr(6, 7, dtype=torch.bfloat16), kr(7, 7)
-    assert_twins(K.swiglu_oai(g, u, 1.702, 7.0), m3.swiglu_oai.torch(g, u, 1.702, 7.0), torch.bfloat16)
-    x, w = kr(8, 2, 16, dtype=torch.bfloat16), kr(9, 16, dtype=torch.bfloat16)
-    x[0, 3] = float("nan")                                                          # NaN stays NaN through bf16 rounding
-    assert_twins(K.rms_norm(x, w, 1e-6), m3.rms_norm.torch(x, w, 1e-6), torch.bfloat16)
-    gate = torch.tensor([float("nan"), 1.0], device=KDEV)
-    assert bool(K.swiglu_oai(gate, torch.tensor([1.0, float("nan")], device=KDEV), 1.702, 7.0).isnan().all())
-    xe = kr(10, 5, 32)
-    weights, ids = m3.route.torch(xe, kr(11, 3, 32), torch.zeros(3, device=KDEV), 2, 2.0)
-    storage = torch.empty(3 * 16 * 32 + 3, device=KDEV)                             # expert weights 4 bytes off 32
-    w1 = [storage[3 + e * 512:3 + (e + 1) * 512].view(16, 32).copy_(kr(20 + e, 16, 32)) for e in range(3)]
-    w2 = [kr(30 + e, 32, 16) for e in range(3)]
-    assert_twins(K.routed_experts(xe, ids, weights, w1, w2, w1, 1.702, 7.0),
-                 m3.routed_experts.torch(xe, ids, weights, w1, w2, w1, 1.702, 7.0), torch.float32)
-    with pytest.raises(ValueError, match="top_k must be in"):
-        K.route(kr(12, 2, 8), kr(13, 3, 8), kr(14, 3), 4, 2.0)
-
-
-def test_the_flag_routes_the_whole_model_and_torch_imports_no_kernels(monkeypatch):
-    import subprocess
-    import sys
-    probe = ("import sys, torch, m3_reference as m3; cfg = m3.M3Config.tiny(); "
-             "m3.init_random_(m3.MiniMaxM3(cfg)).eval()(**m3.demo_inputs(cfg)); print('m3_kernels' in sys.modules)")
-    env = {k: v for k, v in os.environ.items() if k != "M3_KERNELS"}
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=Path(m3.__file__).parent)
-    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr      # the torch path is the spec alone
-    with pytest.raises(ValueError, match="must be 'torch' or 'triton'"):
-        m3.set_kernels("cuda")
-    cfg = tiny()
-    model = model_of(cfg).to(KDEV)
-    inputs = {k: v.to(KDEV) for k, v in m3.demo_inputs(cfg).items()}
-    K, calls = kernels_module(), set()
-    for name in ("rms_norm", "norm_rope", "rope", "route", "routed_experts", "index_block_scores", "select_blocks",
-                 "sparse_attention", "swiglu_oai"):
-        monkeypatch.setattr(K, name, lambda *a, _f=getattr(K, name), _n=name, **kw: calls.add(_n) or _f(*a, **kw))
-    with torch.no_grad():
-        want = model(**inputs)
-        try:
-            m3.set_kernels("triton")
-            got = model(**inputs)
-        finally:
-            m3.set_kernels("torch")
-    assert len(calls) == 9                                        # every twin ran as its kernel
-    torch.testing.assert_close(got.logits, want.logits, rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
-    torch.testing.assert_close(got.loss, want.loss, rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
-
-
-def test_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="need a CUDA device, or TRITON_INTERPRET=1"):
-        m3.set_kernels("triton")
-    assert m3._kernels is None
-
-
-def test_golden_cases_pass_through_the_triton_kernels(capsys):
-    """Every golden case re-run with the kernels under Triton's interpreter, on the CPU tensors the
-    golden runner keeps: in this process where the interpreter is on (a CPU machine); on a GPU
-    machine, where the twin tests above run the compiled kernels, in a child process that turns
-    the interpreter on (it must be set before Triton compiles anything)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        try:
-            m3.set_kernels("triton")
-            status = G.verify_golden(GOLDEN)
-        finally:
-            m3.set_kernels("torch")
-        out = capsys.readouterr().out
-    else:
-        import subprocess
-        import sys
-        proc = subprocess.run([sys.executable, "m3_reference.py", "--kernels", "triton", "verify", str(GOLDEN)],
-                              cwd=Path(__file__).parent, env={**os.environ, "TRITON_INTERPRET": "1"},
-                              capture_output=True, text=True)
-        status, out = proc.returncode, proc.stdout + proc.stderr
-    assert status == V.PASS and out.count("PASS (exit 0)") == len(V.load_manifest(GOLDEN)["cases"]), out[-2000:]
-
-
-def test_attention_benchmark_measures_both_paths_and_prints_the_ratio(capsys):
-    runs = [G._bench_attention(f"attention-{impl}", 512) for impl in ("dense", "sparse")]
-    assert runs[0]["seconds"] > 0 and runs[1]["indexer"] > 0 and runs[1]["sparse"] > 0
-    assert runs[1]["seconds"] >= runs[1]["indexer"] + runs[1]["sparse"]
-    G._print_attention_bench(runs)
-    row = capsys.readouterr().out.splitlines()[-1].split()
-    assert row[0] == "512" and float(row[-1]) == pytest.approx(runs[1]["seconds"] / runs[0]["seconds"], abs=0.01)
-    flops = 4 * 512 * 16 * 16 * 16 * 32                    # selected blocks: H * topk * block keys per query
-    assert float(row[-2]) == pytest.approx(flops / runs[1]["sparse"] / 1e9, rel=0.01)
-
-
-def test_kernel_benchmark_runs_its_cases_and_says_when_there_is_no_gpu(capsys):
-    K = kernels_module()
-    small = dict(D=64, H=4, Hkv=2, Dh=16, R=8, E=8, K=2, I=32, Hi=2, Di=16, bs=8, topk=4)
-    for kernel, label, (twin, mine), args, _, _ in K.bench_cases(small, (40,), (1, 3), torch.device(KDEV), torch.float32):
-        got, want = mine(*args), twin(*args)
-        if kernel == "route":                                    # choices may differ on near ties: weights here
-            got, want = got[0], want[0]
-        if kernel == "index_block_scores":
-            got, want = got.nan_to_num(neginf=0.0), want.nan_to_num(neginf=0.0)
-        assert_twins(got, want, torch.float32)
-    if not torch.cuda.is_available():
-        K.bench()
-        assert "needs a CUDA device" in capsys.readouterr().out
-
-
-# ============================================================================================
-# Parity with transformers (MiniMaxM3SparseForConditionalGeneration, eager)
-# ============================================================================================
-
-PARITY_CASES = [
-    dict(),                                                                    # dense+full, 2x MoE+sparse
-    dict(layers=(1, 0, 1, 1), sparse=(1, 0, 0, 1), heads=8, kv_heads=2, rotary_dim=6, topk=3, block=4),
-    dict(layers=(0, 1), sparse=(1, 1), heads=4, kv_heads=4, head_dim=8, rotary_dim=8, topk=1, block=16, local=1),
-]
-
-
-def _transformers_checkpoint(tmp_path: Path, seed: int, **kw):
-    """A random transformers model saved by its own save_pretrained, config.json replaced by the
-    upstream form. Returns (transformers model, checkpoint path)."""
-    transformers = pytest.importorskip("transformers")
-    up = upstream_config(**kw)
-    # transformers keys its save-time key conversion on model_type: the released text part's
-    # "minimax_m2" would pick another model's renames, so its own config drops that string
-    text = {k: v for k, v in up["text_config"].items() if k != "model_type"}
-    hf_cfg = transformers.MiniMaxM3VLConfig(text_config=text, vision_config=up["vision_config"],
-                                            image_token_index=290, video_token_index=291, projector_hidden_size=64)
-    hf_cfg.text_config._attn_implementation = hf_cfg.vision_config._attn_implementation = "eager"
-    hf = transformers.MiniMaxM3SparseForConditionalGeneration(hf_cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(hf.named_parameters()) + list(hf.named_buffers()):
-            if "inv_freq" not in name:
-                std = 1.0 if "embed" in name else (t[0].numel() ** -0.5 if t.dim() >= 2 else 0.1)
-                t.copy_(torch.randn(t.shape, generator=g) * std)
-    hf.save_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(up))
-    return hf, tmp_path
-
-
-def _vl_inputs(seed: int):
-    g = torch.Generator().manual_seed(seed)
-    img, vid = torch.tensor([[1, 4, 4], [1, 2, 6]]), torch.tensor([[3, 4, 2]])    # video within one segment
-    text = lambda n: torch.randint(0, 280, (n,), generator=g)
-    ids = torch.cat([text(5), torch.full((4,), 290), text(3), torch.full((3,), 290), text(4),
-                     torch.full((6,), 291), text(25)])[None]
-    return dict(input_ids=ids, pixel_values=torch.randn(28, 1176, generator=g), image_grid_thw=img,
-                pixel_values_videos=torch.randn(24, 1176, generator=g), video_grid_thw=vid)
-
-
-@pytest.mark.parametrize("case", range(len(PARITY_CASES)))
-def test_parity_with_transformers(tmp_path, case):
-    hf, path = _transformers_checkpoint(tmp_path, seed=case, **PARITY_CASES[case])
-    ours = m3.from_pretrained(path)
-    inputs = _vl_inputs(case)
-    text_rows = torch.randint(0, 280, (2, 47), generator=torch.Generator().manual_seed(case))
-    with torch.no_grad():
-        diff_vl = (ours(**inputs).logits - hf(**inputs).logits).abs().max()
-        diff_text = (ours(text_rows).logits - hf(input_ids=text_rows).logits).abs().max()
-    assert diff_vl <= FP32_LOGITS_TOL and diff_text <= FP32_LOGITS_TOL, (diff_vl, diff_text)
-
-
-def test_parity_text_only_checkpoint_built_from_the_vl_one(tmp_path):
-    from safetensors.torch import load_file, save_file
-    hf, path = _transformers_checkpoint(tmp_path / "vl", seed=7)
-    text_dir = tmp_path / "text"
-    text_dir.mkdir()
-    state = load_file(path / m3.SINGLE_FILE)
-    save_file({k.removeprefix("language_model."): t for k, t in state.items() if k.startswith("language_model.")},
-              text_dir / m3.SINGLE_FILE)
-    (text_dir / "config.json").write_text(json.dumps(upstream_config(vision=False)))
-    ours = m3.from_pretrained(text_dir)
-    assert ours.config.vision is None and not hasattr(ours, "vision_tower")
-    ids = torch.randint(0, 280, (2, 40), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        diff = (ours(ids).logits - hf(input_ids=ids).logits).abs().max()
-    assert diff <= FP32_LOGITS_TOL, diff
-
-
-def test_mtp_parity_with_a_transformers_decoder_layer(tmp_path):
-    """Our MTP depth against an independent composition: transformers' own decoder layer (loaded
-    with the MTP transformer_layer's weights), the fusion written out here, the shared head."""
-    from safetensors.torch import load_file, save_file
-    transformers = pytest.importorskip("transformers")
-    hf, path = _transformers_checkpoint(tmp_path, seed=3)
-    state = load_file(path / m3.SINGLE_FILE)
-    mtp = {"enorm.weight": torch.randn(64) * 0.1, "hnorm.weight": torch.randn(64) * 0.1,
-           "final_layernorm.weight": torch.randn(64) * 0.1, "eh_proj.weight": torch.randn(64, 128) / 128 ** 0.5}
-    last = "language_model.model.layers.2."
-    for k, t in state.items():
-        if k.startswith(last):
-            mtp["transformer_layer." + k.removeprefix(last)] = t + 0.01 * torch.randn(t.shape)
-    state.update({"language_model.model.mtp.layers.0." + k: t for k, t in mtp.items()})
-    save_file(state, path / m3.SINGLE_FILE)
-    cfg = upstream_config(mtp=1)
-    (path / "config.json").write_text(json.dumps(cfg))
-    ours = m3.from_pretrained(path)
-    # transformers' decoder layer carrying the MTP transformer_layer weights
-    layer_dir = tmp_path / "layer"
-    layer_dir.mkdir()
-    save_file({**{k: t for k, t in state.items() if ".mtp." not in k},
-               **{last + k.removeprefix("transformer_layer."): t for k, t in mtp.items()
-                  if k.startswith("transformer_layer.")}}, layer_dir / m3.SINGLE_FILE)
-    (layer_dir / "config.json").write_text(json.dumps(upstream_config()))
-    hf_layer = transformers.MiniMaxM3SparseForConditionalGeneration.from_pretrained(
-        layer_dir, attn_implementation="eager").model.language_model.layers[2].eval()
-    ids = torch.randint(0, 280, (2, 30), generator=torch.Generator().manual_seed(3))
-    pos = torch.arange(30).expand(2, 30)
-    with torch.no_grad():
-        lm = hf.model.language_model
-        h0 = lm(input_ids=ids).last_hidden_state
-        shifted = torch.cat([ids[:, 1:], torch.zeros(2, 1, dtype=ids.dtype)], 1)
-        x = (torch.cat([gemma_norm(lm.embed_tokens(shifted), mtp["enorm.weight"]),
-                        gemma_norm(h0, mtp["hnorm.weight"])], -1) @ mtp["eh_proj.weight"].double().T).float()
-        x = hf_layer(x, position_embeddings=lm.rotary_emb(x, pos), attention_mask=None, position_ids=pos)
-        expected = hf.lm_head(gemma_norm(x, mtp["final_layernorm.weight"]).float())
-        got = ours(ids).mtp_logits[0]
-    assert (got - expected).abs().max() <= FP32_LOGITS_TOL
 
 
 # A stand-in `torchvision` for transformers' MiniMax M3 processors: the torchvision builds the
@@ -2805,49 +3043,76 @@ def test_prompt_expansion_matches_transformers_text():
     assert m3.expand_prompt_text(prompt, images, videos, stamps) == expected
 
 
+def np_resize_axis(img: np.ndarray, axis: int, n_out: int, fixed_point: bool = True) -> np.ndarray:
+    """One pass of README's antialiased bicubic rule along `axis` of a uint8 image, float64 weights,
+    int16 fixed-point taps (fixed_point=False: the float weights, rounded once: a PIL-like port)."""
+    n_in = img.shape[axis]
+    if n_in == n_out:
+        return img
+    scale = n_in / n_out
+    support, inv = (2.0 * scale, 1.0 / scale) if scale >= 1.0 else (2.0, 1.0)
+    K = 2 * math.ceil(support) + 1
+    center = scale * (np.arange(n_out) + 0.5)
+    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    xsize = np.clip(np.minimum(np.trunc(center + support + 0.5).astype(np.int64), n_in) - xmin, 0, K)
+    j = np.arange(K)
+    x = np.abs((xmin[:, None] + j - center[:, None] + 0.5) * inv)
+    a = -0.5
+    w = np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1, np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0))
+    w = np.where(j < xsize[:, None], w, 0.0)
+    total = np.zeros(n_out)
+    for t in range(K):                                       # left to right
+        total = total + w[:, t]
+    w = w / np.where(total == 0, 1.0, total)[:, None]
+    prec = next((p for p in range(22) if int(0.5 + w.max() * 2 ** (p + 1)) >= 2 ** 15), 22)
+    src = np.moveaxis(img, axis, 0).astype(np.int64 if fixed_point else np.float64)
+    taps = np.trunc(w * 2 ** prec + np.where(w < 0, -0.5, 0.5)).astype(np.int64) if fixed_point else w
+    acc = np.full((n_out,) + src.shape[1:], 2 ** (prec - 1) if fixed_point else 0.0)
+    for t in range(K):
+        acc = acc + src[np.minimum(xmin + t, n_in - 1)] * taps[:, t].reshape((n_out,) + (1,) * (src.ndim - 1))
+    out = acc >> prec if fixed_point else np.round(acc)
+    return np.moveaxis(np.clip(out, 0, 255).astype(np.uint8), 0, axis)
+
+
+def np_pixel_rows(frames: np.ndarray, proc: dict, P: int = 14, Tp: int = 2, M: int = 2) -> np.ndarray:
+    """README's steps 3-5: uint8 frames [F, H, W, 3] -> fp32 rows [t*h*w, 3*Tp*P*P]."""
+    mean = np.float32(proc["image_mean"]) * np.float32(255)
+    std = np.float32(proc["image_std"]) * np.float32(255)
+    x = (frames.astype(np.float32) - mean) / std
+    x = np.concatenate([x, x[-1:].repeat(-len(x) % Tp, 0)])
+    t, h, w = len(x) // Tp, x.shape[1] // P, x.shape[2] // P
+    x = x.reshape(t, Tp, h // M, M, P, w // M, M, P, 3).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    return x.reshape(t * h * w, 3 * Tp * P * P)
+
+
+@pytest.mark.parametrize("fixed_point", [True, False])
+def test_readmes_resize_rule_in_numpy_reproduces_the_preprocessing_cases(capsys, fixed_point):
+    """The arithmetic README states (float64 taps, int16 weights, width pass then height pass, each
+    rounded to uint8) gives the committed resized frames exactly and the case passes; a port that
+    keeps float weights and rounds once per pass (as a PIL-like port does) misses pixels."""
+    theirs, mismatched = {}, 0
+    for case, items in [("preprocess-image", [f"image.{i}" for i in range(3)]), ("preprocess-video", ["video"])]:
+        entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, case)
+        assert entry["processor"]["image_mean"] == [0.48145466, 0.4578275, 0.40821073]       # OpenAI CLIP
+        assert json.loads((GOLDEN / case / "preprocessor_config.json").read_text()) == entry["processor"]
+        inputs, ref = _inputs(case), _outputs(case, numpy=True)
+        theirs = {}
+        for item in items:
+            frames = inputs[item if case == "preprocess-image" else "frames"].numpy()
+            frames = frames[None] if frames.ndim == 3 else frames
+            h, w = ref[f"{item}.resized"].shape[-3:-1]
+            resized = np_resize_axis(np_resize_axis(frames, 2, w, fixed_point), 1, h, fixed_point)
+            mismatched += int((resized != ref[f"{item}.resized"].reshape(resized.shape)).sum())
+            theirs[f"{item}.resized"] = resized.reshape(ref[f"{item}.resized"].shape)
+            theirs[f"{item}.pixel_values"] = np_pixel_rows(resized, entry["processor"])
+        rows = V.compare(V.case_rules(entry), ref, theirs)
+        assert all(r["status"] == ("pass" if fixed_point else r["status"]) for r in rows if r["status"] != "missing")
+    assert (mismatched == 0) == fixed_point, mismatched
+
+
 # ============================================================================================
-# Golden cases and the verifier (golden/verify.py: numpy only, shared with `m3_reference.py verify`)
+# Golden cases and the verifier (golden/verify.py)
 # ============================================================================================
-
-GOLDEN = Path(__file__).parent / "golden"
-
-
-def _outputs(case: str, file: str = "outputs", numpy: bool = False) -> dict:
-    """A committed case's tensors: torch tensors, or the verifier's numpy arrays (bf16 as fp32)."""
-    if numpy:
-        return V.read_safetensors(GOLDEN / case / f"{file}.safetensors")
-    from safetensors.torch import load_file
-    return load_file(GOLDEN / case / f"{file}.safetensors")
-
-
-def _inputs(case: str) -> dict:
-    return _outputs(case, "inputs")
-
-
-def _write(path: Path, tensors: dict) -> str:
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-    return str(path)
-
-
-def _foreign(tmp_path, case, edit) -> str:
-    """A committed case's outputs, edited, saved as another implementation's file."""
-    outputs = _outputs(case)
-    edit(outputs)
-    return _write(tmp_path / "theirs.safetensors", outputs)
-
-
-def _verify(capsys, *args) -> tuple[int, str]:
-    """golden/verify.py's CLI in-process: (exit status, stdout + stderr)."""
-    status = V.main([str(a) for a in args])
-    out = capsys.readouterr()
-    return status, out.out + out.err
-
-
-def _row(out: str, name: str) -> str:
-    """The verifier table line of one tensor."""
-    return next(line for line in out.splitlines() if line.split()[:1] == [name])
-
 
 def test_committed_golden_cases_verify(capsys):
     assert G.verify_golden(GOLDEN) == V.PASS
@@ -2908,11 +3173,6 @@ def test_bf16_tensors_decode_exactly_without_torch():
     for name, t in _outputs("bf16").items():
         expected = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
         assert theirs[name].dtype == expected.dtype and (theirs[name] == expected).all(), name
-
-
-def _rename(o):
-    for k in list(o):
-        o["model." + k] = o.pop(k)
 
 
 def _reverse_selections(o):
@@ -2986,17 +3246,22 @@ def _near_tie(case: str):
     return entry["tie_tol"], *best
 
 
-def _swap(o, name, h, i, a, b):
-    ids = o[name]
-    row = sorted([n for n in ids[0, h, i].tolist() if n >= 0 and n != a] + [b])
-    ids[0, h, i, :len(row)] = torch.tensor(row, dtype=torch.int32)
-
-
 def _swap_near_tie(case: str):
     tie_tol, gap, swap = _near_tie(case)
     if gap >= tie_tol:
         pytest.fail(f"{case} holds no near tie under tie_tol {tie_tol} (closest gap {gap:.2e})")
     return swap[0], lambda o: _swap(o, *swap)
+
+
+def test_a_swapped_near_tie_block_is_a_near_tie_and_passes(tmp_path, capsys):
+    name, swap = _swap_near_tie("bf16")     # bf16 rankers flip choices within its tie_tol; fp32 cases hold none
+    got, out = _verify(capsys, "--case", "bf16", "--outputs", _foreign(tmp_path, "bf16", swap))
+    assert got == V.PASS and "pass, all 32 compared (with near ties)" in out
+    assert "near tie" in _row(out, name)
+    after = V.forward_order(_outputs("bf16"))
+    assert "(after a near tie)" in _row(out, after[after.index(name) + 1])
+    # the layer's hidden state passed: what follows is computed from it, the tie is over
+    assert "(after a near tie)" not in _row(out, "logits") and "(after a near tie)" not in _row(out, "embeddings")
 
 
 def _tie_query(case: str) -> int:
@@ -3019,17 +3284,6 @@ def _stream_after(name: str, o) -> list[str]:
     row = row or ""
     return [n for n in V.forward_order(o) if (m := re.fullmatch(re.escape(row) + r"layers\.(\d+)\.hidden", n))
             and int(m.group(1)) >= int(layer)] + [row + "hidden", row + "logits"]
-
-
-def test_a_swapped_near_tie_block_is_a_near_tie_and_passes(tmp_path, capsys):
-    name, swap = _swap_near_tie("bf16")     # bf16 rankers flip choices within its tie_tol; fp32 cases hold none
-    got, out = _verify(capsys, "--case", "bf16", "--outputs", _foreign(tmp_path, "bf16", swap))
-    assert got == V.PASS and "pass, all 32 compared (with near ties)" in out
-    assert "near tie" in _row(out, name)
-    after = V.forward_order(_outputs("bf16"))
-    assert "(after a near tie)" in _row(out, after[after.index(name) + 1])
-    # the layer's hidden state passed: what follows is computed from it, the tie is over
-    assert "(after a near tie)" not in _row(out, "logits") and "(after a near tie)" not in _row(out, "embeddings")
 
 
 def test_a_divergence_a_near_tie_can_have_caused_is_inconclusive(tmp_path, capsys):
@@ -3342,47 +3596,6 @@ def test_list_names_every_case_its_inputs_and_end_results(capsys):
     assert out.count("(required") == sum(len(e["required"]) for e in cases)
 
 
-def test_the_top3_sparse_component_case_drops_causal_blocks():
-    entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, "component-sparse_attention_top3")
-    bs = V.sparse_rules(entry["config"])["block_size"]
-    for case, drops in [("component-sparse_attention_top3", True), ("component-sparse_attention", False)]:
-        ids = _outputs(case)["indexer.block_ids"]                          # [B, Hi, S, topk]
-        kept = (ids >= 0).sum(-1)
-        causal = torch.arange(ids.shape[2]) // bs + 1
-        assert bool((kept < causal).any()) == drops, case
-
-
-def test_sparse_edge_b7_forces_more_blocks_than_its_topk(tmp_path, capsys):
-    ids = _outputs("sparse-edge-b7")["layers.1.indexer.block_ids"]            # block 7, top-3, 2 init + 2 local
-    for i in range(21, ids.shape[2]):
-        c = i // 7
-        assert all(set(ids[0, h, i].tolist()) == {0, 1, c} for h in range(ids.shape[1])), i
-    got, out = _verify(capsys, "--case", "sparse-edge-b7", "--outputs", _foreign(
-        tmp_path, "sparse-edge-b7", lambda o: _swap(o, "layers.1.indexer.block_ids", 0, 30, 4, 3)))
-    assert got == V.DIVERGED and "forced block [4] dropped" in _row(out, "layers.1.indexer.block_ids")
-
-
-def test_the_decode_case_drops_blocks_of_the_cached_history(tmp_path, capsys):
-    out = _outputs("decode")
-    bs = V.sparse_rules(V.find_case(V.load_manifest(GOLDEN), GOLDEN, "decode")["config"])["block_size"]
-    for s in range(1, 6):
-        start = int(out[f"step.{s}.q_start"])
-        assert int(out[f"step.{s}.cache_length"]) == start + out[f"step.{s}.logits"].shape[1]
-        ids = out[f"step.{s}.layers.1.indexer.block_ids"]                  # [1, Hi, n, topk]
-        causal = (start + torch.arange(ids.shape[2])) // bs + 1
-        assert bool(((ids >= 0).sum(-1) < causal).all()), s
-    # a swap to a block that is causal only from the call's q_start is judged by its score
-    ids, scores = out["step.1.layers.1.indexer.block_ids"], out["step.1.layers.1.indexer.block_scores"]
-    chosen = set(ids[0, 0, 0].tolist())
-    c = int(out["step.1.q_start"]) // bs
-    drop = next(n for n in sorted(chosen) if n not in V.forced_blocks(c, 1, 1))
-    take = min(set(range(c + 1)) - chosen, key=lambda n: float(scores[0, 0, 0, n]))
-    got, text = _verify(capsys, "--case", "decode", "--outputs", _foreign(
-        tmp_path, "decode", lambda o: _swap(o, "step.1.layers.1.indexer.block_ids", 0, 0, drop, take)))
-    assert got == V.DIVERGED and "first divergence: step.1.layers.1.indexer.block_ids" in text
-    assert f"{sorted(chosen)} -> " in text and "score gap" in _row(text, "step.1.layers.1.indexer.block_ids")
-
-
 def test_a_near_tie_in_one_padded_row_excuses_only_that_row(tmp_path, capsys):
     name, swap = _swap_near_tie("padded-batch")
     row = name[:name.index(".layers")]                              # e.g. row.0
@@ -3410,38 +3623,6 @@ def test_reference_mode_needs_every_call_and_row_logits(tmp_path, capsys):
         only = _write(tmp_path / "only.safetensors", {k: v for k, v in _outputs(case).items() if k not in ends})
         got, out = _verify(capsys, "--reference", ref, "--config", GOLDEN / case / "config.json", "--outputs", only)
         assert got == V.UNUSABLE and f"required tensors missing: {ends[0]}" in out, case
-
-
-def test_the_speculative_case_keeps_some_drafts_and_equals_the_drafter_by_hand():
-    model = m3.from_pretrained(GOLDEN / "mtp-speculative")
-    inputs, out = _inputs("mtp-speculative"), _outputs("mtp-speculative")
-    n = int(inputs["draft_tokens"])
-    accepted = [int(out[f"step.{s}.accepted"]) for s in range(1, 100) if f"step.{s}.accepted" in out]
-    assert 0 in accepted and n in accepted and any(0 < a < n for a in accepted)
-    with torch.no_grad():
-        for b, row in enumerate(inputs["input_ids"]):
-            prompt = row[inputs["attention_mask"][b] == 1][None]
-            tokens, done = torch.cat([prompt, out["generated"][b:b + 1]], 1), prompt.shape[1]
-            for s, a in enumerate(accepted, start=1):
-                want = drafts_by_hand(model, tokens[:, :done], int(tokens[0, done]), n)[0]
-                torch.testing.assert_close(out[f"step.{s}.draft_logits"][b], want, rtol=FP32_LOGITS_TOL,
-                                           atol=FP32_LOGITS_TOL)
-                done += a + 1
-
-
-def test_the_padded_batch_case_holds_each_row_as_if_run_alone():
-    path = GOLDEN / "padded-batch"
-    model = m3.from_pretrained(path)
-    inputs, out = _inputs("padded-batch"), _outputs("padded-batch")
-    mask = inputs["attention_mask"]
-    assert bool((mask[:, 0] == 0).any()) and bool(mask[:, -1].all())
-    with torch.no_grad():
-        for b, row in enumerate(inputs["input_ids"]):
-            alone = model(row[mask[b] == 1][None])
-            torch.testing.assert_close(alone.logits, out[f"row.{b}.logits"], rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
-            n = int(inputs["max_new_tokens"])
-            # tokens, exactly: the generator keeps every greedy choice >= 1e-3 from a tie, 10x fp32's tolerance
-            assert torch.equal(model.generate(row[mask[b] == 1][None], n)[0][0, -n:], out["generated"][b, -n:])
 
 
 def test_generate_cli_on_the_tiny_preset_and_on_a_checkpoint(capsys):
@@ -3524,6 +3705,10 @@ def test_a_file_without_what_the_case_pins_is_unusable(capsys, case, given):
     assert status == V.UNUSABLE and absent and f"missing: {absent[0]}" in reason, reason
 
 
+def _write_np(path: Path, arrays: dict) -> str:
+    return _write(path, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+
+
 def test_every_case_passes_with_its_required_tensors_and_says_what_was_not_given(tmp_path, capsys):
     for entry in V.load_manifest(GOLDEN)["cases"]:
         assert set(entry["end_results"]) <= set(entry["required"]) <= {o["name"] for o in entry["outputs"]}
@@ -3536,10 +3721,6 @@ def test_every_case_passes_with_its_required_tensors_and_says_what_was_not_given
             rows = V.compare(V.case_rules(entry), _outputs(entry["name"], numpy=True),
                              {n: t for n, t in _required_only(entry["name"]).items() if n != name})
             assert V.verdict(V.case_rules(entry), rows)[0] == V.UNUSABLE, (entry["name"], name)
-
-
-def _write_np(path: Path, arrays: dict) -> str:
-    return _write(path, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
 
 
 def test_relative_error_where_the_reference_is_zero_is_the_absolute_error():
@@ -3599,170 +3780,3 @@ print(t["logits"].dtype, t["logits"].shape)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parent)
     assert proc.returncode == 0 and proc.stdout.split()[0] == "float32", proc.stderr
-
-
-# ---- README's resize rule, in numpy ------------------------------------------------------------
-
-def np_resize_axis(img: np.ndarray, axis: int, n_out: int, fixed_point: bool = True) -> np.ndarray:
-    """One pass of README's antialiased bicubic rule along `axis` of a uint8 image, float64 weights,
-    int16 fixed-point taps (fixed_point=False: the float weights, rounded once: a PIL-like port)."""
-    n_in = img.shape[axis]
-    if n_in == n_out:
-        return img
-    scale = n_in / n_out
-    support, inv = (2.0 * scale, 1.0 / scale) if scale >= 1.0 else (2.0, 1.0)
-    K = 2 * math.ceil(support) + 1
-    center = scale * (np.arange(n_out) + 0.5)
-    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
-    xsize = np.clip(np.minimum(np.trunc(center + support + 0.5).astype(np.int64), n_in) - xmin, 0, K)
-    j = np.arange(K)
-    x = np.abs((xmin[:, None] + j - center[:, None] + 0.5) * inv)
-    a = -0.5
-    w = np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1, np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0))
-    w = np.where(j < xsize[:, None], w, 0.0)
-    total = np.zeros(n_out)
-    for t in range(K):                                       # left to right
-        total = total + w[:, t]
-    w = w / np.where(total == 0, 1.0, total)[:, None]
-    prec = next((p for p in range(22) if int(0.5 + w.max() * 2 ** (p + 1)) >= 2 ** 15), 22)
-    src = np.moveaxis(img, axis, 0).astype(np.int64 if fixed_point else np.float64)
-    taps = np.trunc(w * 2 ** prec + np.where(w < 0, -0.5, 0.5)).astype(np.int64) if fixed_point else w
-    acc = np.full((n_out,) + src.shape[1:], 2 ** (prec - 1) if fixed_point else 0.0)
-    for t in range(K):
-        acc = acc + src[np.minimum(xmin + t, n_in - 1)] * taps[:, t].reshape((n_out,) + (1,) * (src.ndim - 1))
-    out = acc >> prec if fixed_point else np.round(acc)
-    return np.moveaxis(np.clip(out, 0, 255).astype(np.uint8), 0, axis)
-
-
-def np_pixel_rows(frames: np.ndarray, proc: dict, P: int = 14, Tp: int = 2, M: int = 2) -> np.ndarray:
-    """README's steps 3-5: uint8 frames [F, H, W, 3] -> fp32 rows [t*h*w, 3*Tp*P*P]."""
-    mean = np.float32(proc["image_mean"]) * np.float32(255)
-    std = np.float32(proc["image_std"]) * np.float32(255)
-    x = (frames.astype(np.float32) - mean) / std
-    x = np.concatenate([x, x[-1:].repeat(-len(x) % Tp, 0)])
-    t, h, w = len(x) // Tp, x.shape[1] // P, x.shape[2] // P
-    x = x.reshape(t, Tp, h // M, M, P, w // M, M, P, 3).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    return x.reshape(t * h * w, 3 * Tp * P * P)
-
-
-@pytest.mark.parametrize("fixed_point", [True, False])
-def test_readmes_resize_rule_in_numpy_reproduces_the_preprocessing_cases(capsys, fixed_point):
-    """The arithmetic README states (float64 taps, int16 weights, width pass then height pass, each
-    rounded to uint8) gives the committed resized frames exactly and the case passes; a port that
-    keeps float weights and rounds once per pass (as a PIL-like port does) misses pixels."""
-    theirs, mismatched = {}, 0
-    for case, items in [("preprocess-image", [f"image.{i}" for i in range(3)]), ("preprocess-video", ["video"])]:
-        entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, case)
-        assert entry["processor"]["image_mean"] == [0.48145466, 0.4578275, 0.40821073]       # OpenAI CLIP
-        assert json.loads((GOLDEN / case / "preprocessor_config.json").read_text()) == entry["processor"]
-        inputs, ref = _inputs(case), _outputs(case, numpy=True)
-        theirs = {}
-        for item in items:
-            frames = inputs[item if case == "preprocess-image" else "frames"].numpy()
-            frames = frames[None] if frames.ndim == 3 else frames
-            h, w = ref[f"{item}.resized"].shape[-3:-1]
-            resized = np_resize_axis(np_resize_axis(frames, 2, w, fixed_point), 1, h, fixed_point)
-            mismatched += int((resized != ref[f"{item}.resized"].reshape(resized.shape)).sum())
-            theirs[f"{item}.resized"] = resized.reshape(ref[f"{item}.resized"].shape)
-            theirs[f"{item}.pixel_values"] = np_pixel_rows(resized, entry["processor"])
-        rows = V.compare(V.case_rules(entry), ref, theirs)
-        assert all(r["status"] == ("pass" if fixed_point else r["status"]) for r in rows if r["status"] != "missing")
-    assert (mismatched == 0) == fixed_point, mismatched
-
-
-# ---- the component cases a port broke on: splice, MTP fusion, losses, MXFP8 ----------------------
-
-def _np_case(case: str) -> tuple[dict, dict, dict, dict]:
-    """(manifest entry, inputs, weights without `language_model.model.`, reference outputs) as numpy."""
-    entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, case)
-    weights = V.read_safetensors(GOLDEN / case / "model.safetensors") if (GOLDEN / case / "model.safetensors").exists() else {}
-    return (entry, V.read_safetensors(GOLDEN / case / "inputs.safetensors"),
-            {k.removeprefix("language_model.model."): v for k, v in weights.items()}, _outputs(case, numpy=True))
-
-
-def _np_verdict(entry: dict, ref: dict, theirs: dict) -> int:
-    rules = V.case_rules(entry)
-    return V.verdict(rules, V.compare(rules, ref, theirs))[0]
-
-
-def np_gemma_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    x = x.astype(np.float32)
-    return (x / np.sqrt(np.mean(x * x, -1, keepdims=True) + np.float32(eps)) * (1 + w)).astype(np.float32)
-
-
-@pytest.mark.parametrize("bug", [None, "column-major order", "one list for both kinds"])
-def test_the_splice_case_in_numpy(bug):
-    entry, x, w, ref = _np_case("component-splice")
-    ids, cfg = x["input_ids"], entry["config"]
-    image, video = ids == cfg["image_token_index"], ids == cfg["video_token_index"]
-    emb = w["embed_tokens.weight"][ids]
-    if bug == "one list for both kinds":          # image rows then video rows, into placeholders of either kind
-        emb[image | video] = np.concatenate([x["image_features"], x["video_features"]])
-    elif bug == "column-major order":
-        emb = emb.swapaxes(0, 1)
-        emb[image.T], emb[video.T] = x["image_features"], x["video_features"]
-        emb = emb.swapaxes(0, 1)
-    else:
-        emb[image], emb[video] = x["image_features"], x["video_features"]
-    assert _np_verdict(entry, ref, {"embeddings": emb}) == (V.PASS if bug is None else V.DIVERGED)
-
-
-@pytest.mark.parametrize("bug", [None, "hidden first", "no shift", "no norms"])
-def test_the_mtp_fusion_case_in_numpy(bug):
-    entry, x, w, ref = _np_case("component-mtp_fusion")
-    eps, ids = entry["config"]["text_config"]["rms_norm_eps"], x["input_ids"]
-    shifted = ids if bug == "no shift" else np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], 1)
-    e = w["embed_tokens.weight"][shifted]
-    d = "mtp.layers.0."
-    e_n, h_n = (e, x["hidden"]) if bug == "no norms" else \
-        (np_gemma_norm(e, w[d + "enorm.weight"], eps), np_gemma_norm(x["hidden"], w[d + "hnorm.weight"], eps))
-    cat = np.concatenate([h_n, e_n] if bug == "hidden first" else [e_n, h_n], -1)
-    assert _np_verdict(entry, ref, {"fused": cat @ w[d + "eh_proj.weight"].T}) == (V.PASS if bug is None else V.DIVERGED)
-
-
-def np_cross_entropy(logits: np.ndarray, labels: np.ndarray, shift: int) -> tuple[float, int]:
-    """(sum, count) of CE(logits[:, i], labels[:, i + shift]) over targets that are not -100 or past the end."""
-    target = np.concatenate([labels[:, shift:], np.full((labels.shape[0], shift), -100)], 1)
-    z = logits.astype(np.float64)
-    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
-    ce = lse - np.take_along_axis(z, np.maximum(target, 0)[..., None], -1)[..., 0]
-    valid = target != -100
-    return float((ce * valid).sum()), int(valid.sum())
-
-
-@pytest.mark.parametrize("bug", [None, "no label shift", "mtp shifted like the main head", "one mean over depths"])
-def test_the_losses_case_in_numpy(bug):
-    entry, x, _, ref = _np_case("component-losses")
-    labels, depths = x["labels"], entry["config"]["text_config"]["num_mtp_modules"]
-    total, n = np_cross_entropy(x["logits"], labels, 0 if bug == "no label shift" else 1)
-    terms = [np_cross_entropy(x[f"mtp.{k - 1}.logits"], labels, 1 if bug == "mtp shifted like the main head" else 1 + k)
-             for k in range(1, depths + 1)]
-    per_depth = [s / c for s, c in terms]
-    if bug == "one mean over depths":
-        per_depth = [sum(s for s, _ in terms) / sum(c for _, c in terms)] * depths
-    mtp = 0.1 / depths * sum(per_depth)
-    theirs = {"lm_loss": np.float32(total / n), "mtp_loss": np.float32(mtp), "loss": np.float32(total / n + mtp)}
-    assert _np_verdict(entry, ref, theirs) == (V.PASS if bug is None else V.DIVERGED)
-
-
-def np_e4m3(codes: np.ndarray) -> np.ndarray:
-    """float8 e4m3fn bytes -> float64: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0
-    is subnormal (m / 8 * 2^-6); 0x7F / 0xFF are NaN."""
-    c = codes.astype(np.int64)
-    e, m = (c >> 3) & 0xF, c & 7
-    value = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
-    return np.where(c & 0x80, -value, value)
-
-
-@pytest.mark.parametrize("bug", [None, "floor(in / 32) scale columns", "linear scale", "scale - 128"])
-def test_the_mxfp8_case_in_numpy(bug):
-    entry, x, _, ref = _np_case("component-mxfp8")
-    weight, scale = x["weight"], x["weight_scale_inv"].astype(np.int64)
-    assert weight.dtype == np.uint8 and scale.shape[1] == -(-weight.shape[1] // 32)
-    if bug == "floor(in / 32) scale columns":
-        scale = scale[:, :weight.shape[1] // 32]
-        scale = np.concatenate([scale, scale[:, -1:]], 1)    # the partial block borrows its neighbour's
-    factor = {None: 2.0 ** (scale - 127), "floor(in / 32) scale columns": 2.0 ** (scale - 127),
-              "linear scale": scale / 127.0, "scale - 128": 2.0 ** (scale - 128)}[bug]
-    w = np_e4m3(weight) * np.repeat(factor, 32, 1)[:, :weight.shape[1]]
-    assert _np_verdict(entry, ref, {"weight": w.astype(np.float32)}) == (V.PASS if bug is None else V.DIVERGED)
