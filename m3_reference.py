@@ -2776,6 +2776,18 @@ def expand_prompt_text(text: str, image_grid_thw=None, video_grid_thw=None,
     return "".join(out)
 
 
+def _placeholder_grids(ids: torch.Tensor, grid, token: int, what: str):
+    """The (t, h, w) rows of `grid` [n, 3], one per placeholder `token` in ids, as an iterator."""
+    rows = [] if grid is None else torch.as_tensor(grid).reshape(-1, 3).tolist()
+    if grid is not None and (torch.as_tensor(grid).dim() != 2 or any(min(r) < 1 for r in rows)):
+        raise ValueError(f"{what}_grid_thw must be [n, 3] rows of positive (t, h, w), got {torch.as_tensor(grid).tolist()}")
+    n = int((ids == token).sum())
+    if n != len(rows):
+        raise ValueError(f"input_ids hold {n} {what} placeholders (id {token}) but {len(rows)} {what} grids "
+                         f"were given; the counts must match")
+    return iter(rows)
+
+
 def expand_prompt(input_ids, image_grid_thw=None, video_grid_thw=None,
                   timestamp_ids: Sequence[Sequence[Sequence[int]]] | None = None, *, cfg: M3Config) -> torch.Tensor:
     """Each image placeholder -> start + K image ids + end (K = t*h*w / m^2, the image's feature
@@ -2794,17 +2806,8 @@ def expand_prompt(input_ids, image_grid_thw=None, video_grid_thw=None,
     for name, i in (("vision_start_token_index", start), ("vision_end_token_index", end)):
         if not 0 <= i < cfg.vocab_size:        # configs without these keys get the released ids
             raise ValueError(f"config {name} = {i} is outside the vocabulary [0, {cfg.vocab_size}); set it in config.json")
-    grids = {}
-    for what, grid, token in [("image", image_grid_thw, cfg.image_token_index), ("video", video_grid_thw,
-                                                                                   cfg.video_token_index)]:
-        rows = [] if grid is None else torch.as_tensor(grid).reshape(-1, 3).tolist()
-        if grid is not None and (torch.as_tensor(grid).dim() != 2 or any(min(r) < 1 for r in rows)):
-            raise ValueError(f"{what}_grid_thw must be [n, 3] rows of positive (t, h, w), got {torch.as_tensor(grid).tolist()}")
-        n = int((ids == token).sum())
-        if n != len(rows):
-            raise ValueError(f"input_ids hold {n} {what} placeholders (id {token}) but {len(rows)} {what} grids "
-                             f"were given; the counts must match")
-        grids[token] = iter(rows)
+    grids = {cfg.image_token_index: _placeholder_grids(ids, image_grid_thw, cfg.image_token_index, "image"),
+             cfg.video_token_index: _placeholder_grids(ids, video_grid_thw, cfg.video_token_index, "video")}
     if timestamp_ids is not None:
         if len(timestamp_ids) != int((ids == cfg.video_token_index).sum()):
             raise ValueError(f"timestamp_ids has {len(timestamp_ids)} entries, one per video is needed")

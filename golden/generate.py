@@ -214,23 +214,6 @@ def run_component_case(path: Path, name: str, inputs: dict) -> dict[str, torch.T
                                                                          cfg.rope_theta))
             extra = indexer_outputs(attn, inputs["x"], layout, "indexer.") if attn.sparse else {}
             return {**extra, "out": attn(inputs["x"], layout)}
-        if name == "preprocess_image":
-            out, grids = {}, []
-            for i in range(sum(k.startswith("image.") for k in inputs)):
-                frames = m3.resized_frames(inputs[f"image.{i}"], cfg, video=False)
-                rows, grid = m3.pixel_rows(frames, cfg)
-                out.update({f"image.{i}.resized": frames[0].permute(1, 2, 0), f"image.{i}.pixel_values": rows,
-                            f"image.{i}.grid_thw": torch.tensor([grid])})
-                grids.append(grid)
-            return {**out, "expanded_ids": m3.expand_prompt(inputs["input_ids"], grids, None, cfg=cfg)}
-        if name == "preprocess_video":
-            frames = m3.resized_frames(inputs["frames"], cfg, video=True)
-            rows, grid = m3.pixel_rows(frames, cfg)
-            stamps = m3.video_timestamps(frames.shape[0], grid[0], cfg, float(inputs["fps"]), inputs["frame_indices"].tolist())
-            return {"video.resized": frames.permute(0, 2, 3, 1), "video.pixel_values": rows,
-                    "video.grid_thw": torch.tensor([grid]), "video.timestamps": torch.tensor(stamps),
-                    "expanded_ids": m3.expand_prompt(inputs["input_ids"], None, [grid], [inputs["timestamp_ids"].tolist()],
-                                                  cfg=cfg)}
         if name == "vision":
             model = m3.MiniMaxM3(cfg)
             model.load_state_dict({**model.state_dict(), **weights})
@@ -239,7 +222,31 @@ def run_component_case(path: Path, name: str, inputs: dict) -> dict[str, torch.T
             model.vision_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
             tracer.close()
             return tracer.out
+    if name.startswith("preprocess_"):
+        return run_processor_case(name, cfg, inputs)
     return run_piece_case(name, cfg, weights, inputs)
+
+
+def run_processor_case(name: str, cfg: m3.M3Config, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The processor cases: resize, normalise, patchify and expand the prompt (no weights)."""
+    if name == "preprocess_image":
+        out, grids = {}, []
+        for i in range(sum(k.startswith("image.") for k in inputs)):
+            frames = m3.resized_frames(inputs[f"image.{i}"], cfg, video=False)
+            rows, grid = m3.pixel_rows(frames, cfg)
+            out.update({f"image.{i}.resized": frames[0].permute(1, 2, 0), f"image.{i}.pixel_values": rows,
+                        f"image.{i}.grid_thw": torch.tensor([grid])})
+            grids.append(grid)
+        return {**out, "expanded_ids": m3.expand_prompt(inputs["input_ids"], grids, None, cfg=cfg)}
+    if name == "preprocess_video":
+        frames = m3.resized_frames(inputs["frames"], cfg, video=True)
+        rows, grid = m3.pixel_rows(frames, cfg)
+        stamps = m3.video_timestamps(frames.shape[0], grid[0], cfg, float(inputs["fps"]), inputs["frame_indices"].tolist())
+        return {"video.resized": frames.permute(0, 2, 3, 1), "video.pixel_values": rows,
+                "video.grid_thw": torch.tensor([grid]), "video.timestamps": torch.tensor(stamps),
+                "expanded_ids": m3.expand_prompt(inputs["input_ids"], None, [grid], [inputs["timestamp_ids"].tolist()],
+                                              cfg=cfg)}
+    raise ValueError(f"unknown processor case {name!r}")
 
 
 def run_piece_case(name: str, cfg: m3.M3Config, weights: dict[str, torch.Tensor],
@@ -400,6 +407,14 @@ def golden_cases() -> list[dict]:
              batch=2, length=23, media=False, description="two MTP depths, pinning the recursion h_1 -> h_2"),
         dict(name="bf16", kind="model", config=base, dtype="bfloat16", seed=101, media=True,
              description="the vision-language case with bf16 weights and activations"),
+    ]
+    cases += decoding_cases(text) + mtp_variant_cases(text, base)
+    return [dict(c, end_results=c.get("end_results", ["logits"])) for c in cases]
+
+
+def decoding_cases(text: m3.M3Config) -> list[dict]:
+    """The cases of decoding: a cached forward, a padded batch, MTP speculative decoding."""
+    return [
         dict(name="decode", kind="decode", config=replace(text, sparse_block_size=4, num_mtp_modules=0),
              dtype="float32", seed=105, steps=[37, 1, 1, 3, 1, 2], end_results=[f"step.{s}.logits" for s in range(6)],
              pins=[r"step\.\d+\.layers\.\d+\.indexer\.block_ids"],
@@ -421,8 +436,6 @@ def golden_cases() -> list[dict]:
                          "and some rolled back; per main-model call s after the prefill: `step.{s}.draft_logits`, "
                          "`step.{s}.drafts`, `step.{s}.accepted`; `generated`: the 12 new tokens"),
     ]
-    cases += mtp_variant_cases(text, base)
-    return [dict(c, end_results=c.get("end_results", ["logits"])) for c in cases]
 
 
 def mtp_variant_cases(text: m3.M3Config, base: m3.M3Config) -> list[dict]:
