@@ -85,76 +85,9 @@ import torch.nn.functional as F
 # ---- Config: the fields the math reads (released values as defaults) ---------------------
 
 @dataclass
-class VisionConfig:
-    """The CLIP-style vision tower (released values as defaults)."""
-    hidden_size: int = 1280                # Dv
-    intermediate_size: int = 5120          # MLP width (fc1 output)
-    num_hidden_layers: int = 32            # encoder layers
-    num_attention_heads: int = 16          # head_dim = Dv / heads; 3D RoPE uses 3 * d_axis of it
-    num_channels: int = 3                  # C
-    patch_size: int = 14                   # P
-    temporal_patch_size: int = 2           # Tp: frames fused by the Conv3d into one patch
-    spatial_merge_size: int = 2            # 2x2 patches merged into one text token
-    vision_segment_max_frames: int = 4     # temporal groups per attention segment of a video
-    rope_theta: float = 10000.0            # base of the 3D RoPE frequencies
-    layer_norm_eps: float = 1e-5           # every LayerNorm of the tower
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def patch_dim(self) -> int:            # length of one pixel_values row, laid out (C, Tp, P, P)
-        return self.num_channels * self.temporal_patch_size * self.patch_size ** 2
-
-
-@dataclass(frozen=True)
-class MTPConfig:
-    """How the MTP depths are built, chained and trained. The defaults are M3's as SPEC §3 states
-    them (the structure and chaining of Automodel's M3 training code, which built the released
-    weights); each other value is another implementation's convention, named at its field. The
-    presets bundle those of vLLM's drafter, Step3p7 and NemotronV3. README's "MTP variants" table
-    compares them."""
-    pass_hidden: str = "post_norm"    # the h_k depth k+1 fuses: after the depth's final_layernorm (M3,
-                                      # NemotronV3) or "pre_norm", the block output before it (Step3p7
-                                      # training, vLLM's drafter from its second draft on)
-    repeated_layer: bool = False      # True: one physical depth run num_mtp_modules times, weights tied
-                                      # (NemotronV3 use_repeated_layer; vLLM's layers[step % n] with n = 1)
-    head: str = "shared"              # logits = lm_head(final_layernorm(h_k)); "per_depth": the depth's own
-                                      # `output` projection after its final_layernorm (Step3p7
-                                      # transformer.shared_head.{norm, output})
-    embed_source: str = "token_ids"   # depth k embeds embed_tokens(ids shifted by k); "inputs_embeds": the
-                                      # model's input embeddings shifted by k, vision features included,
-                                      # zeros past the end (Step3p7; NemotronV3 given embeddings)
-    zero_position0: bool = False      # True: the embedding is zero where the position is 0, before enorm
-                                      # (vLLM and RTP at inference; training never does)
-    sublayers: str = "decoder_layer"  # one M3 decoder layer (`transformer_layer`); "attention_moe": an
-                                      # attention sublayer then an FFN sublayer, each h + mixer(norm(h))
-                                      # (NemotronV3 pattern "*E"): the same computation under other names
-    loss_weight: float = 0.1          # lambda of mtp_loss = lambda / M * sum_k L_k (SPEC; Automodel's M3
-                                      # output names none, its other models and Megatron default to 0.1)
-    loss_norm: str = "per_depth"      # L_k = CE over depth k's own valid targets / their count (SPEC's
-                                      # reading); "main_tokens": / the main loss's valid-target count
-                                      # (Automodel's calculate_mtp_loss, for every model it trains;
-                                      # DeepSeek-V3's 1/T)
-
-    # presets of other implementations' conventions: Part II, "Presets"
-    @classmethod
-    def vllm_drafter(cls, **changes) -> "MTPConfig":
-        return mtp_vllm_drafter(**changes)
-
-    @classmethod
-    def step3p7(cls, **changes) -> "MTPConfig":
-        return mtp_step3p7(**changes)
-
-    @classmethod
-    def nemotron_v3(cls, **changes) -> "MTPConfig":
-        return mtp_nemotron_v3(**changes)
-
-
-@dataclass
 class M3Config:
-    """Text model fields (released values as defaults) plus an optional vision part.
+    """Text model fields (released values as defaults) plus an optional vision part. The MTP
+    options (MTPConfig) and the vision tower's (VisionConfig) sit with the MTP depth and the tower.
 
     `moe_layer_freq[i] != 0` makes layer i an MoE layer (None: every layer);
     `sparse_attention_freq[i] != 0` gives layer i the indexer and block-sparse attention
@@ -195,11 +128,12 @@ class M3Config:
     swiglu_limit: float = 7.0              # gate clamped above, up clamped both sides
     # multi-token prediction
     num_mtp_modules: int = 1               # MTP depths M (M3 ships one)
-    mtp: MTPConfig = field(default_factory=MTPConfig)  # conventions of the MTP depths; config.json's
+    mtp: MTPConfig = field(default_factory=lambda: MTPConfig())   # conventions of the MTP depths (MTPConfig,
+                                           # with the MTP depth below); config.json's
                                            # text_config.mtp_config (the reference's own key) lists the
                                            # fields that differ from M3's
     # multimodal (vision=None: a text-only model, which has no placeholders or projector: all None)
-    vision: VisionConfig | None = field(default_factory=VisionConfig)
+    vision: VisionConfig | None = field(default_factory=lambda: VisionConfig())   # with the vision tower
     image_token_index: int | None = 200025  # placeholder id replaced by image features
     video_token_index: int | None = 200026  # placeholder id replaced by video features
     vision_start_token_index: int | None = 200029  # "]<]start of image[>[" before every image and video group
@@ -765,6 +699,50 @@ class DecoderLayer(nn.Module):
         return h + self.ffn_module(x)
 
 
+@dataclass(frozen=True)
+class MTPConfig:
+    """How the MTP depths are built, chained and trained. The defaults are M3's as SPEC §3 states
+    them (the structure and chaining of Automodel's M3 training code, which built the released
+    weights); each other value is another implementation's convention, named at its field. The
+    presets bundle those of vLLM's drafter, Step3p7 and NemotronV3. README's "MTP variants" table
+    compares them."""
+    pass_hidden: str = "post_norm"    # the h_k depth k+1 fuses: after the depth's final_layernorm (M3,
+                                      # NemotronV3) or "pre_norm", the block output before it (Step3p7
+                                      # training, vLLM's drafter from its second draft on)
+    repeated_layer: bool = False      # True: one physical depth run num_mtp_modules times, weights tied
+                                      # (NemotronV3 use_repeated_layer; vLLM's layers[step % n] with n = 1)
+    head: str = "shared"              # logits = lm_head(final_layernorm(h_k)); "per_depth": the depth's own
+                                      # `output` projection after its final_layernorm (Step3p7
+                                      # transformer.shared_head.{norm, output})
+    embed_source: str = "token_ids"   # depth k embeds embed_tokens(ids shifted by k); "inputs_embeds": the
+                                      # model's input embeddings shifted by k, vision features included,
+                                      # zeros past the end (Step3p7; NemotronV3 given embeddings)
+    zero_position0: bool = False      # True: the embedding is zero where the position is 0, before enorm
+                                      # (vLLM and RTP at inference; training never does)
+    sublayers: str = "decoder_layer"  # one M3 decoder layer (`transformer_layer`); "attention_moe": an
+                                      # attention sublayer then an FFN sublayer, each h + mixer(norm(h))
+                                      # (NemotronV3 pattern "*E"): the same computation under other names
+    loss_weight: float = 0.1          # lambda of mtp_loss = lambda / M * sum_k L_k (SPEC; Automodel's M3
+                                      # output names none, its other models and Megatron default to 0.1)
+    loss_norm: str = "per_depth"      # L_k = CE over depth k's own valid targets / their count (SPEC's
+                                      # reading); "main_tokens": / the main loss's valid-target count
+                                      # (Automodel's calculate_mtp_loss, for every model it trains;
+                                      # DeepSeek-V3's 1/T)
+
+    # presets of other implementations' conventions: Part II, "Presets"
+    @classmethod
+    def vllm_drafter(cls, **changes) -> "MTPConfig":
+        return mtp_vllm_drafter(**changes)
+
+    @classmethod
+    def step3p7(cls, **changes) -> "MTPConfig":
+        return mtp_step3p7(**changes)
+
+    @classmethod
+    def nemotron_v3(cls, **changes) -> "MTPConfig":
+        return mtp_nemotron_v3(**changes)
+
+
 def mtp_input_ids(input_ids: torch.Tensor, k: int) -> torch.Tensor:
     """The ids MTP depth k embeds: input_ids shifted left by k, the tail filled with id 0. [B, S] -> [B, S]."""
     return F.pad(input_ids[:, k:], (0, min(k, input_ids.shape[1])))
@@ -913,6 +891,30 @@ class LanguageModel(nn.Module):
 # ============================================================================================
 # Vision tower: patch embedding, 3D RoPE, encoder layers
 # ============================================================================================
+
+@dataclass
+class VisionConfig:
+    """The CLIP-style vision tower (released values as defaults)."""
+    hidden_size: int = 1280                # Dv
+    intermediate_size: int = 5120          # MLP width (fc1 output)
+    num_hidden_layers: int = 32            # encoder layers
+    num_attention_heads: int = 16          # head_dim = Dv / heads; 3D RoPE uses 3 * d_axis of it
+    num_channels: int = 3                  # C
+    patch_size: int = 14                   # P
+    temporal_patch_size: int = 2           # Tp: frames fused by the Conv3d into one patch
+    spatial_merge_size: int = 2            # 2x2 patches merged into one text token
+    vision_segment_max_frames: int = 4     # temporal groups per attention segment of a video
+    rope_theta: float = 10000.0            # base of the 3D RoPE frequencies
+    layer_norm_eps: float = 1e-5           # every LayerNorm of the tower
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patch_dim(self) -> int:            # length of one pixel_values row, laid out (C, Tp, P, P)
+        return self.num_channels * self.temporal_patch_size * self.patch_size ** 2
+
 
 def video_segments(grid_thw: Sequence[Sequence[int]], max_frames: int) -> list[tuple[int, int, int]]:
     """Attention segments: each image is one; a video of t temporal groups is cut into pieces of
