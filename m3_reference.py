@@ -1430,11 +1430,10 @@ def _first_pass(model: MiniMaxM3, cache: Cache, emb: torch.Tensor, hidden: torch
 def _draft(model: MiniMaxM3, cache: Cache, x: torch.Tensor, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n draft tokens [B, n] and their logits [B, n, V]: the first from the first pass's last slot
     (x: its final_layernorm output, h: the state passed on), draft j + 1 from one slot of
-    depth j % M + 1 at position (row's cached tokens) + j - 1, fed the previous draft's embedding and
-    the state passed on. The first physical depth attends its cache of verified slots; other
-    physical depths only the slots they ran this step."""
+    depth j % M + 1 at the position after the row's verified tokens and j - 1 drafts, fed the previous
+    draft's embedding and the state passed on. The first physical depth attends its cache of verified
+    slots; other physical depths only the slots they ran this step."""
     cfg, embed = model.config, model.language_model.model.embed_tokens
-    count = cache.mask.sum(-1, keepdim=True)                                     # [B, 1]
     logits = [draft_logits(model, 1, x)[:, -1]]
     for j in range(1, n):
         k = j % cfg.num_mtp_modules + 1
@@ -1442,7 +1441,8 @@ def _draft(model: MiniMaxM3, cache: Cache, x: torch.Tensor, h: torch.Tensor, n: 
         layer = cache.mtp[physical]
         history = cache.mask if physical == 0 else cache.mask[:, :0]
         mask = F.pad(history, (0, layer.length + 1 - history.shape[1]), value=1)
-        x, h = mtp_pass(model, layer, k, embed(logits[-1].argmax(-1)[:, None]), h, count + j - 1, mask)
+        position = token_positions(F.pad(cache.mask, (0, j), value=1), 1)     # [B, 1]
+        x, h = mtp_pass(model, layer, k, embed(logits[-1].argmax(-1)[:, None]), h, position, mask)
         logits.append(draft_logits(model, k, x)[:, -1])
     logits = torch.stack(logits, 1)
     return logits.argmax(-1), logits

@@ -797,7 +797,7 @@ def _bench_one(impl: str, S: int, ckpt: str) -> dict:
         run = lambda x, pos: text(x, text.layout(pos))
         width = model.config.hidden_size
     x = torch.randn(1, S, width)
-    pos = torch.arange(S)[None]
+    pos = m3.token_positions(torch.ones(1, S, dtype=torch.long), S)
     before = _peak_rss_bytes()
     with torch.no_grad():
         t0 = time.perf_counter()
