@@ -3743,6 +3743,7 @@ def test_all_cases_at_once_from_a_directory(tmp_path, capsys):
     summary = out[out.index("all cases:"):]
     assert "text                            UNUSABLE (exit 2)" in summary
     assert "mtp-depth-2                     DIVERGED (exit 1)" in summary
+    assert f"{len(cases) - 2} of {len(cases)} cases pass; 1 not given: text" in summary
     assert _verify(capsys, "--all", "--outputs-dir", tmp_path / "nope")[0] == V.UNUSABLE
 
 

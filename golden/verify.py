@@ -652,11 +652,12 @@ def check_all(root: Path, outputs_dir: Path, layerwise: bool = False) -> int:
     its file, or with an unreadable one, is unusable (exit 2): --all passes only when all passed."""
     if not outputs_dir.is_dir():
         raise Unusable(f"--outputs-dir {outputs_dir}: not a directory")
-    statuses = {}
+    statuses, absent = {}, []
     for entry in load_manifest(root)["cases"]:
         name, file = entry["name"], outputs_dir / f"{entry['name']}.safetensors"
         try:
             if not file.is_file():
+                absent.append(name)
                 raise Unusable(f"no file {file} (one file per case, named <case>.safetensors)")
             statuses[name] = check_case(root, entry, file, layerwise)
         except Unusable as e:
@@ -665,6 +666,8 @@ def check_all(root: Path, outputs_dir: Path, layerwise: bool = False) -> int:
     print("\nall cases:")
     for name, status in statuses.items():
         print(f"  {name:<32}{['PASS', 'DIVERGED', 'UNUSABLE', 'INCONCLUSIVE'][status]} (exit {status})")
+    print(f"  {sum(s == PASS for s in statuses.values())} of {len(statuses)} cases pass"
+          + (f"; {len(absent)} not given: {_names(absent)}" if absent else ""))
     others = sorted(f.name for f in outputs_dir.glob("*.safetensors") if f.stem not in statuses)
     if others:
         print(f"  not a case, ignored: {', '.join(others)}")
