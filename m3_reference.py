@@ -2506,8 +2506,9 @@ def check_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32
     for key in sorted(names):
         by_file.setdefault(ckpt.files[key], []).append(key)
     bad: list[str] = []
+    files = sorted(set(ckpt.files.values()))
     with torch.no_grad():
-        for file in sorted(set(ckpt.files.values())):
+        for file in files:
             reads, read_bytes, before = len(ckpt.reads), ckpt.bytes_read, len(bad)
             for key in by_file.get(file, []):
                 try:          # load_tensor returns the meta tensor it replaced: putting it back drops the weight
@@ -2519,7 +2520,7 @@ def check_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32
                   f"{found} problem{'s' * (found != 1)}", flush=True)
             for problem in bad[before:]:
                 print(f"  {problem}")
-    print(f"{'FAILED' if bad else 'OK'}: {len(names)} weights in {len(set(ckpt.files.values()))} files, "
+    print(f"{'FAILED' if bad else 'OK'}: {len(names)} weights in {len(files)} files, "
           f"{_size(ckpt.bytes_read)} read; " + (f"{len(bad)} bad" if bad else "every one finite"))
     return int(bool(bad))
 
@@ -2866,15 +2867,15 @@ class _Pieces:
 
     def __init__(self, model: MiniMaxM3, ckpt: Checkpoint, device, progress: bool):
         self.model, self.ckpt, self.device, self.progress = model, ckpt, device, progress
-        names = {m: n for n, m in model.named_modules()}
+        names, labelled = {m: n for n, m in model.named_modules()}, pieces(model)
         sizes = {n: t.numel() * t.element_size() for n, t in model.state_dict().items()}   # once: ~24k names
-        self.tensors = {m: [n for n in sizes if n.startswith(names[m] + ".")] for _, m in pieces(model)}
+        self.tensors = {m: [n for n in sizes if n.startswith(names[m] + ".")] for _, m in labelled}
         self.largest = max(sum(sizes[n] for n in ns) for ns in self.tensors.values())
         self.meta: dict[str, torch.Tensor] = {}    # the meta tensors the resident ones replaced
         self.live = self.peak = 0
         self.current: nn.Module | None = None
         self.handles = [m.register_forward_pre_hook(lambda m, args, label=label: self.enter(label, m))
-                        for label, m in pieces(model)]
+                        for label, m in labelled]
         self.handles += [m.register_forward_pre_hook(self.route_then_load(n + "."))
                          for n, m in model.named_modules() if isinstance(m, MoE)]
 

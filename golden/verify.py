@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 PASS, DIVERGED, UNUSABLE, INCONCLUSIVE = 0, 1, 2, 3
+VERDICTS = ("PASS", "DIVERGED", "UNUSABLE", "INCONCLUSIVE")     # by exit status
 GOLDEN_FORMAT = 3
 FP32_COMPONENT_TOL = 1e-5     # one fp32 op chain: ~100 eps_fp32 (1.2e-7)
 FP32_MODEL_TOL = 1e-4         # a few tiny layers deep: rounding grows ~10x more
@@ -556,7 +557,7 @@ def report(title: str, rules: Rules, rows: list[dict], extra: list[str] = (), la
               f"{status_text}{after}{note}")
     for line in extra:
         print(f"  {line}")
-    print(f"  {['PASS', 'DIVERGED', 'UNUSABLE', 'INCONCLUSIVE'][status]} (exit {status}): {reason}")
+    print(f"  {VERDICTS[status]} (exit {status}): {reason}")
     return status
 
 
@@ -655,17 +656,18 @@ def check_all(root: Path, outputs_dir: Path, layerwise: bool = False) -> int:
     statuses, absent = {}, []
     for entry in load_manifest(root)["cases"]:
         name, file = entry["name"], outputs_dir / f"{entry['name']}.safetensors"
+        statuses[name] = UNUSABLE
+        if not file.is_file():
+            absent.append(name)
+            print(f"\n{name}: error: no file {file} (one file per case, named <case>.safetensors)")
+            continue
         try:
-            if not file.is_file():
-                absent.append(name)
-                raise Unusable(f"no file {file} (one file per case, named <case>.safetensors)")
             statuses[name] = check_case(root, entry, file, layerwise)
         except Unusable as e:
             print(f"\n{name}: error: {e}")
-            statuses[name] = UNUSABLE
     print("\nall cases:")
     for name, status in statuses.items():
-        print(f"  {name:<32}{['PASS', 'DIVERGED', 'UNUSABLE', 'INCONCLUSIVE'][status]} (exit {status})")
+        print(f"  {name:<32}{VERDICTS[status]} (exit {status})")
     print(f"  {sum(s == PASS for s in statuses.values())} of {len(statuses)} cases pass"
           + (f"; {len(absent)} not given: {_names(absent)}" if absent else ""))
     others = sorted(f.name for f in outputs_dir.glob("*.safetensors") if f.stem not in statuses)
