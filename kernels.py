@@ -41,9 +41,15 @@ def _p2(n: int, least: int = 1) -> int:
 
 
 def _common(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors in one dtype, contiguous: theirs when they agree, else fp32 (the twins upcast)."""
+    """The tensors in one dtype: theirs when they agree (no copy), else fp32 (the twins upcast)."""
     dtype = tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float32
-    return [t.to(dtype).contiguous() for t in tensors]
+    return [t.to(dtype) for t in tensors]
+
+
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t as rows of `width` [n, width]: a view with t's strides wherever one exists (the kernels
+    take strides), a copy only where the layout cannot be viewed so."""
+    return t.reshape(-1, width)
 
 
 def _rows_per_program(width: int) -> int:
@@ -94,19 +100,21 @@ def _pv(p, v, acc, UPCAST: tl.constexpr):
 # ---- Gemma RMSNorm (+ the residual add) -----------------------------------------------------
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, Y, H, rows, D, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
-    """ROWS rows of D per program."""
+def _rms_norm_kernel(X, R, W, Y, H, rows, D, sx, sxd, sr, srd, sw, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                     RESIDUAL: tl.constexpr):
+    """ROWS rows of D per program; x and the residual are read through their (row, column) strides."""
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = tl.arange(0, BLOCK)
     mask = (r[:, None] < rows) & (offs[None, :] < D)
-    at = r[:, None].to(tl.int64) * D + offs[None, :]
-    x = tl.load(X + at, mask=mask, other=0.0).to(tl.float32)
+    row = r[:, None].to(tl.int64)
+    at = row * D + offs[None, :]
+    x = tl.load(X + row * sx + offs[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
     if RESIDUAL:
-        x = x + tl.load(R + at, mask=mask, other=0.0).to(tl.float32)
+        x = x + tl.load(R + row * sr + offs[None, :] * srd, mask=mask, other=0.0).to(tl.float32)
         x = _to(x, H.dtype.element_ty)               # the residual sum rounds to the model dtype, as torch's add
         tl.store(H + at, x, mask=mask)
         x = x.to(tl.float32)
-    w = tl.load(W + offs, mask=offs < D, other=0.0).to(tl.float32)
+    w = tl.load(W + offs * sw, mask=offs < D, other=0.0).to(tl.float32)
     inv = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
     tl.store(Y + at, _to(x * inv[:, None] * (1.0 + w[None, :]), Y.dtype.element_ty), mask=mask)
 
@@ -117,13 +125,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
     D = x.shape[-1]
-    x2 = x.reshape(-1, D).contiguous()
-    y = torch.empty_like(x2)
-    h = torch.empty_like(x2) if residual is not None else y
-    r = residual.reshape(-1, D).contiguous() if residual is not None else x2
+    x2 = _rows(x, D)
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(y) if residual is not None else y
+    r = _rows(residual, D) if residual is not None else x2
     rows = _rows_per_program(D)
-    _rms_norm_kernel[(triton.cdiv(x2.shape[0], rows),)](x2, r, weight.contiguous(), y, h, x2.shape[0], D, eps,
-                                                        ROWS=rows, BLOCK=_p2(D), RESIDUAL=residual is not None)
+    _rms_norm_kernel[(triton.cdiv(x2.shape[0], rows),)](x2, r, weight, y, h, x2.shape[0], D, *x2.stride(), *r.stride(),
+                                                        weight.stride(0), eps, ROWS=rows, BLOCK=_p2(D), RESIDUAL=residual is not None)
     return y.view(x.shape) if residual is None else (y.view(x.shape), h.view(x.shape))
 
 
@@ -139,59 +147,66 @@ def _swiglu(g, u, alpha, limit):
 
 
 @triton.jit
-def _swiglu_kernel(G, U, O, N, alpha, limit, BLOCK: tl.constexpr):
+def _swiglu_kernel(G, U, O, N, C, sg, sgc, su, suc, alpha, limit, BLOCK: tl.constexpr):
+    """BLOCK elements of the [N / C, C] rows per program, gate and up read through their strides."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    row, col = offs // C, offs % C
+    g = tl.load(G + row * sg + col * sgc, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * su + col * suc, mask=mask, other=0.0).to(tl.float32)
     tl.store(O + offs, _to(_swiglu(g, u, alpha, limit), O.dtype.element_ty), mask=mask)
 
 
 def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """m3_reference.swiglu_oai, elementwise over blocks of 1024."""
     _on_device(gate, up)
-    g, u = _common(gate, up)
-    out = torch.empty_like(g)
-    _swiglu_kernel[(triton.cdiv(g.numel(), 1024),)](g, u, out, g.numel(), alpha, limit, BLOCK=1024)
+    C = gate.shape[-1]
+    g, u = (_rows(t, C) for t in _common(gate, up))
+    out = torch.empty(gate.shape, dtype=g.dtype, device=g.device)
+    _swiglu_kernel[(triton.cdiv(g.numel(), 1024),)](g, u, out, g.numel(), C, *g.stride(), *u.stride(), alpha, limit,
+                                                    BLOCK=1024)
     return out.to(gate.dtype)
 
 
 # ---- per-head Gemma norm + partial NeoX RoPE; RoPE alone --------------------------------------
 
 @triton.jit
-def _rope_kernel(X, W, COS, SIN, Y, rows, heads, Dh, half, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                 NORM: tl.constexpr):
-    """ROWS (token, head) rows per program. Channel i < half pairs with i + half, both rotate by angle
-    i; channels past 2*half pass through. The partner is loaded from memory (no register shuffle)."""
+def _rope_kernel(X, W, COS, SIN, Y, rows, heads, Dh, half, st, sh, sd, sc, scd, ss, ssd, sw, eps, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr, NORM: tl.constexpr):
+    """ROWS (token, head) rows per program, x read through its (token, head, channel) strides, the
+    angle tables through theirs. Channel i < half pairs with i + half, both rotate by angle i;
+    channels past 2*half pass through. The partner is loaded from memory (no register shuffle)."""
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     token = (r // heads).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = (r[:, None] < rows) & (offs[None, :] < Dh)
     first, rotated = offs < half, offs < 2 * half
     partner = tl.where(first, offs + half, tl.where(rotated, offs - half, offs))
-    base = r[:, None].to(tl.int64) * Dh
-    x = tl.load(X + base + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(X + base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    base = token[:, None] * st + (r % heads)[:, None].to(tl.int64) * sh
+    x = tl.load(X + base + offs[None, :] * sd, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(X + base + partner[None, :] * sd, mask=mask, other=0.0).to(tl.float32)
     if NORM:
         inv = tl.rsqrt(tl.sum(x * x, axis=1) / Dh + eps)[:, None]
-        x = x * inv * (1.0 + tl.load(W + offs, mask=offs < Dh, other=0.0).to(tl.float32))[None, :]
-        xp = xp * inv * (1.0 + tl.load(W + partner, mask=offs < Dh, other=0.0).to(tl.float32))[None, :]
-    angle = token[:, None] * half + tl.where(first, offs, offs - half)[None, :]
-    c = tl.load(COS + angle, mask=mask & rotated[None, :], other=1.0)
-    s = tl.load(SIN + angle, mask=mask & rotated[None, :], other=0.0)
+        x = x * inv * (1.0 + tl.load(W + offs * sw, mask=offs < Dh, other=0.0).to(tl.float32))[None, :]
+        xp = xp * inv * (1.0 + tl.load(W + partner * sw, mask=offs < Dh, other=0.0).to(tl.float32))[None, :]
+    angle = tl.where(first, offs, offs - half)[None, :]
+    c = tl.load(COS + token[:, None] * sc + angle * scd, mask=mask & rotated[None, :], other=1.0)
+    s = tl.load(SIN + token[:, None] * ss + angle * ssd, mask=mask & rotated[None, :], other=0.0)
     y = tl.where(rotated[None, :], x * c + tl.where(first[None, :], -xp, xp) * s, x)      # x1 c - x2 s | x2 c + x1 s
-    tl.store(Y + base + offs[None, :], _to(y, Y.dtype.element_ty), mask=mask)
+    tl.store(Y + r[:, None].to(tl.int64) * Dh + offs[None, :], _to(y, Y.dtype.element_ty), mask=mask)
 
 
 def _rope_launch(x, weight, cos, sin, eps, norm: bool):
     _on_device(x, cos, sin)
-    half = cos.shape[-1]
-    cs = [t.float().expand(*x.shape[:-2], half).contiguous() for t in (cos, sin)]    # one angle row per token
-    x2 = x.contiguous()
-    y = torch.empty_like(x2)
-    rows, per = x2.numel() // x.shape[-1], _rows_per_program(x.shape[-1])
-    _rope_kernel[(triton.cdiv(rows, per),)](x2, weight if norm else x2, cs[0], cs[1], y, rows, x.shape[-2],
-                                            x.shape[-1], half, eps, ROWS=per, BLOCK=_p2(x.shape[-1]), NORM=norm)
+    H, Dh, half = x.shape[-2], x.shape[-1], cos.shape[-1]
+    # one angle row per token: a view, copied only where cos/sin broadcast over a leading dim
+    cs = [_rows(t.float().expand(*x.shape[:-2], half), half) for t in (cos, sin)]
+    x3 = x.reshape(-1, H, Dh)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows, per = x3.shape[0] * H, _rows_per_program(Dh)
+    _rope_kernel[(triton.cdiv(rows, per),)](x3, weight if norm else x3, cs[0], cs[1], y, rows, H, Dh, half,
+                                            *x3.stride(), *cs[0].stride(), *cs[1].stride(),
+                                            weight.stride(0) if norm else 0, eps, ROWS=per, BLOCK=_p2(Dh), NORM=norm)
     return y
 
 
@@ -204,13 +219,13 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
               eps: float) -> torch.Tensor:
     """m3_reference.norm_rope. x [B, S, H, Dh], weight [Dh], cos/sin [B, S, R/2]."""
     _on_device(weight)
-    return _rope_launch(x, weight.contiguous(), cos, sin, eps, norm=True)
+    return _rope_launch(x, weight, cos, sin, eps, norm=True)
 
 
 # ---- router -----------------------------------------------------------------------------------
 
 @triton.jit
-def _route_kernel(X, W, BIAS, WOUT, IDS, T, D, E, scaling, TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
+def _route_kernel(X, W, BIAS, WOUT, IDS, T, D, E, sx, sxd, sw, swd, sb, scaling, TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     """BLOCK_T tokens per program: fp32 logits by tl.dot over D, sigmoid, then TOPK rounds of argmax
     over the biased scores (ties to the lowest id), each choice masked out for the next round."""
@@ -220,11 +235,12 @@ def _route_kernel(X, W, BIAS, WOUT, IDS, T, D, E, scaling, TOPK: tl.constexpr, B
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(X + t[:, None].to(tl.int64) * D + d[None, :], mask=tmask[:, None] & (d[None, :] < D), other=0.0)
-        w = tl.load(W + e[None, :] * D + d[:, None], mask=emask[None, :] & (d[:, None] < D), other=0.0)
+        x = tl.load(X + t[:, None].to(tl.int64) * sx + d[None, :] * sxd, mask=tmask[:, None] & (d[None, :] < D),
+                    other=0.0)
+        w = tl.load(W + e[None, :] * sw + d[:, None] * swd, mask=emask[None, :] & (d[:, None] < D), other=0.0)
         acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
     p = tl.sigmoid(acc)
-    score = tl.where(emask[None, :], p + tl.load(BIAS + e, mask=emask, other=0.0).to(tl.float32)[None, :],
+    score = tl.where(emask[None, :], p + tl.load(BIAS + e * sb, mask=emask, other=0.0).to(tl.float32)[None, :],
                      float("-inf"))
     k = tl.arange(0, BLOCK_K)
     chosen_p = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
@@ -252,9 +268,10 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
     w = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
     block_t = 16 if INTERPRET else 64
-    _route_kernel[(triton.cdiv(T, block_t),)](x.contiguous(), weight.float().contiguous(), bias.float().contiguous(),
-                                              w, ids, T, D, E, scaling, TOPK=top_k, BLOCK_K=_p2(top_k), BLOCK_T=block_t,
-                                              BLOCK_E=_p2(E, 16), BLOCK_D=32 if INTERPRET else 64)
+    weight, bias = weight.float(), bias.float()
+    _route_kernel[(triton.cdiv(T, block_t),)](x, weight, bias, w, ids, T, D, E, *x.stride(), *weight.stride(),
+                                              bias.stride(0), scaling, TOPK=top_k, BLOCK_K=_p2(top_k),
+                                              BLOCK_T=block_t, BLOCK_E=_p2(E, 16), BLOCK_D=32 if INTERPRET else 64)
     return w, ids
 
 
@@ -272,7 +289,7 @@ def _expert_weights(OFFS, e, REF, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _moe_up_kernel(X, TOKEN, TILES, W1P, W3P, WREF, ACT, D, I, alpha, limit, BLOCK_M: tl.constexpr,
+def _moe_up_kernel(X, TOKEN, TILES, W1P, W3P, WREF, ACT, D, I, sx, sxd, alpha, limit, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr):
     """act[r] = swiglu_oai(x[token[r]] W1_e^T, x[token[r]] W3_e^T) for the rows r of one tile (one
     expert e), BLOCK_N columns of I. Like the torch twin, each projection rounds to the model dtype
@@ -288,7 +305,7 @@ def _moe_up_kernel(X, TOKEN, TILES, W1P, W3P, WREF, ACT, D, I, alpha, limit, BLO
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X + tok[:, None] * D + k[None, :], mask=(m[:, None] < count) & (k[None, :] < D), other=0.0)
+        x = tl.load(X + tok[:, None] * sx + k[None, :] * sxd, mask=(m[:, None] < count) & (k[None, :] < D), other=0.0)
         wmask = (n[None, :] < I) & (k[:, None] < D)
         acc_g = _dot(x, tl.load(w1 + n[None, :].to(tl.int64) * D + k[:, None], mask=wmask, other=0.0), acc_g, UPCAST)
         acc_u = _dot(x, tl.load(w3 + n[None, :].to(tl.int64) * D + k[:, None], mask=wmask, other=0.0), acc_u, UPCAST)
@@ -333,7 +350,7 @@ def _moe_combine_kernel(Y, ROW, WEIGHT, OUT, D, K: tl.constexpr, BLOCK: tl.const
 def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1, w2, w3,
                    alpha: float, limit: float) -> torch.Tensor:
     """m3_reference.routed_experts as grouped GEMMs. x [T, D]; ids [T, K]; weights [T, K] fp32;
-    w1/w3 per expert [I, D], w2 [D, I] (contiguous, one dtype) -> [T, D] fp32.
+    w1/w3 per expert [I, D], w2 [D, I] (one dtype) -> [T, D] fp32.
 
     The T*K (token, slot) rows are sorted by expert (stably), cut into tiles that never span two
     experts, and run as one launch for gate/up + SwiGLU-OAI and one for down over all the tiles;
@@ -342,6 +359,8 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
     _on_device(x, ids, weights)
     T, D = x.shape
     K, E, I = ids.shape[1], len(w1), w1[0].shape[0]
+    # the launch reaches expert e through one element offset from expert 0, so each expert's weight
+    # must be row-major: parameters are, and anything else is copied once here
     ws = [w.contiguous() for w in (*w1, *w2, *w3)]
     if any(w.dtype != x.dtype for w in ws):
         raise ValueError(f"expert weights must be in the activations' dtype {x.dtype}")
@@ -365,8 +384,8 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
     act = torch.empty(T * K, I, dtype=x.dtype, device=x.device)
     y = torch.empty(T * K, D, dtype=x.dtype, device=x.device)
     if len(tiles):
-        _moe_up_kernel[(len(tiles), triton.cdiv(I, block_n))](x.contiguous(), token, tiles, ptrs[0], ptrs[2], ws[0],
-                                                              act, D, I, alpha, limit, BLOCK_M=block_m,
+        _moe_up_kernel[(len(tiles), triton.cdiv(I, block_n))](x, token, tiles, ptrs[0], ptrs[2], ws[0], act, D,
+                                                              I, *x.stride(), alpha, limit, BLOCK_M=block_m,
                                                               BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET,
                                                               ALIGNED=aligned)
         _moe_down_kernel[(len(tiles), triton.cdiv(D, block_n))](act, tiles, ptrs[1], ws[0], y, D, I, BLOCK_M=block_m,
@@ -376,8 +395,8 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
     row = torch.empty_like(order)
     row[order] = torch.arange(order.numel(), device=x.device)                    # (token, slot) -> sorted row
     out = torch.empty(T, D, dtype=torch.float32, device=x.device)
-    _moe_combine_kernel[(T, triton.cdiv(D, 256))](y, row.view(T, K).gather(1, slot).contiguous(),
-                                                  weights.float().gather(1, slot).contiguous(), out, D, K=K,
+    _moe_combine_kernel[(T, triton.cdiv(D, 256))](y, row.view(T, K).gather(1, slot),
+                                                  weights.float().gather(1, slot), out, D, K=K,
                                                   BLOCK=256)
     return out
 
@@ -385,7 +404,7 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
 # ---- lightning indexer: block scores and selection --------------------------------------------
 
 @triton.jit
-def _index_scores_kernel(IQ, IK, OUT, Sc, Sk, heads, Di, q_start, bs, nb, kv_len,
+def _index_scores_kernel(IQ, IK, OUT, Sc, heads, Di, q_start, bs, nb, kv_len, sqb, sqs, sqh, sqd, skb, sks, skd,
                          BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     """out[b, h, i, n] = max over keys j of block n with j <= q_start + i of <iq[b, i, h], ik[b, j]>:
     one program per (BLOCK_Q queries, b, h), one tl.dot per key block, masked before the max."""
@@ -393,7 +412,7 @@ def _index_scores_kernel(IQ, IK, OUT, Sc, Sk, heads, Di, q_start, bs, nb, kv_len
     b, h = bh // heads, bh % heads
     i = qt * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
-    q = tl.load(IQ + ((b * Sc + i[:, None]).to(tl.int64) * heads + h) * Di + d[None, :],
+    q = tl.load(IQ + b.to(tl.int64) * sqb + i[:, None].to(tl.int64) * sqs + h * sqh + d[None, :] * sqd,
                 mask=(i[:, None] < Sc) & (d[None, :] < Di), other=0.0)
     q_slot = q_start + i
     last = tl.minimum((q_start + qt * BLOCK_Q + BLOCK_Q - 1) // bs + 1, nb)       # blocks past it: no causal key
@@ -402,7 +421,7 @@ def _index_scores_kernel(IQ, IK, OUT, Sc, Sk, heads, Di, q_start, bs, nb, kv_len
         best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         if n < last:
             slot = n * bs + j
-            k = tl.load(IK + (b * Sk + slot[:, None]).to(tl.int64) * Di + d[None, :],
+            k = tl.load(IK + b.to(tl.int64) * skb + slot[:, None].to(tl.int64) * sks + d[None, :] * skd,
                         mask=(j[:, None] < bs) & (slot[:, None] < kv_len) & (d[None, :] < Di), other=0.0)
             s = _dot(q, tl.trans(k), tl.zeros([BLOCK_Q, BLOCK_S], dtype=tl.float32), UPCAST)
             keep = (j[None, :] < bs) & (slot[None, :] < kv_len) & (slot[None, :] <= q_slot[:, None])
@@ -414,20 +433,19 @@ def index_block_scores(iq: torch.Tensor, ik: torch.Tensor, q_start: int, block_s
     """m3_reference.index_block_scores. iq [B, Sc, Hi, Di], ik [B, Sk, Di] -> [B, Hi, Sc, nb] fp32."""
     _on_device(iq, ik)
     B, Sc, Hi, Di = iq.shape
-    Sk = ik.shape[1]
-    kv_len = min(Sk, q_start + Sc)
+    kv_len = min(ik.shape[1], q_start + Sc)
     nb = -(-kv_len // block_size)
     out = torch.empty(B, Hi, Sc, nb, dtype=torch.float32, device=iq.device)
     block_q = 16 if INTERPRET else 64
     iq, ik = _common(iq, ik)
     _index_scores_kernel[(triton.cdiv(Sc, block_q), B * Hi)](
-        iq, ik, out, Sc, Sk, Hi, Di, q_start, block_size, nb, kv_len,
+        iq, ik, out, Sc, Hi, Di, q_start, block_size, nb, kv_len, *iq.stride(), *ik.stride(),
         BLOCK_Q=block_q, BLOCK_S=_p2(block_size, 16), BLOCK_D=_p2(Di, 16), UPCAST=INTERPRET)
     return out
 
 
 @triton.jit
-def _select_kernel(SCORES, OUT, rows, Sc, nb, q_start, bs, topk, init_blocks, local_blocks,
+def _select_kernel(SCORES, OUT, rows, Sc, nb, q_start, bs, topk, init_blocks, local_blocks, srow, sn,
                    ROWS: tl.constexpr, NB: tl.constexpr, TOPK: tl.constexpr):
     """ROWS (b, h, query) rows per program: the forced blocks first (init by ascending id, then local
     from the own block back), then the best scores (ties to the lower id), k = min(topk, c + 1) per
@@ -441,7 +459,7 @@ def _select_kernel(SCORES, OUT, rows, Sc, nb, q_start, bs, topk, init_blocks, lo
     forced = init | local
     priority = tl.where(init, init_blocks + local_blocks - n[None, :],
                         tl.where(local, local_blocks - (c[:, None] - n[None, :]), 0)).to(tl.float32)
-    score = tl.load(SCORES + r[:, None].to(tl.int64) * nb + n[None, :], mask=(r[:, None] < rows) & (n[None, :] < nb),
+    score = tl.load(SCORES + r[:, None].to(tl.int64) * srow + n[None, :] * sn, mask=(r[:, None] < rows) & (n[None, :] < nb),
                     other=float("-inf"))
     k = tl.minimum(tl.minimum(topk, c + 1), nb)                                  # [ROWS]
     chosen = causal & ~causal
@@ -470,9 +488,10 @@ def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, top
     _on_device(block_scores)
     B, Hi, Sc, nb = block_scores.shape
     out = torch.empty(B, Hi, Sc, topk, dtype=torch.int32, device=block_scores.device)
+    scores = _rows(block_scores.float(), nb)
     rows, per = B * Hi * Sc, max(1, 2048 // (_p2(nb) * _p2(topk)))
-    _select_kernel[(triton.cdiv(rows, per),)](block_scores.float().contiguous(), out, rows, Sc, nb, q_start,
-                                              block_size, topk, init_blocks, local_blocks, ROWS=_p2(per),
+    _select_kernel[(triton.cdiv(rows, per),)](scores, out, rows, Sc, nb, q_start, block_size, topk, init_blocks,
+                                              local_blocks, *scores.stride(), ROWS=_p2(per),
                                               NB=_p2(nb), TOPK=_p2(topk))
     return out
 
@@ -480,7 +499,8 @@ def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, top
 # ---- block-sparse attention -------------------------------------------------------------------
 
 @triton.jit
-def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_start, scale,
+def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_start, scale, sqb, sqs, sqh, sqd,
+                             skb, sks, skh, skd, svb, svs, svh, svd, sib, sih, sis, sit,
                              BLOCK_Q: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                              TOPK: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (b, KV head, BLOCK_Q queries); its rows are the (query, head) pairs of the
@@ -496,10 +516,11 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_sta
     d = tl.arange(0, BLOCK_D)
     j = tl.arange(0, BLOCK_S)
     row_ok = (qi < S) & (hd < group)
-    q = tl.load(Q + ((b * S + qi[:, None]).to(tl.int64) * H + h * group + hd[:, None]) * Dh + d[None, :],
+    b64, head = b.to(tl.int64), h * group + hd[:, None]
+    q = tl.load(Q + b64 * sqb + qi[:, None].to(tl.int64) * sqs + head * sqh + d[None, :] * sqd,
                 mask=row_ok[:, None] & (d[None, :] < Dh), other=0.0)
     t = tl.arange(0, TOPK)
-    ids = tl.load(IDS + ((b * Hkv + h) * S + qi[:, None]).to(tl.int64) * topk + t[None, :],
+    ids = tl.load(IDS + b64 * sib + h * sih + qi[:, None].to(tl.int64) * sis + t[None, :] * sit,
                   mask=row_ok[:, None] & (t[None, :] < topk), other=-1)          # [rows, TOPK]
     q_slot = q_start + qi
     m = tl.full([BLOCK_Q * G], float("-inf"), tl.float32)
@@ -511,9 +532,11 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_sta
         if tl.max(picked.to(tl.int32), axis=0) > 0:
             slot = n * bs + j
             valid = (j < bs) & (slot < Sk)
-            kv = ((b * Sk + slot[:, None]).to(tl.int64) * Hkv + h) * Dh + d[None, :]
-            k = tl.load(K + kv, mask=valid[:, None] & (d[None, :] < Dh), other=0.0)
-            v = tl.load(V + kv, mask=valid[:, None] & (d[None, :] < Dh), other=0.0)
+            at = slot[:, None].to(tl.int64)
+            k = tl.load(K + b64 * skb + at * sks + h * skh + d[None, :] * skd, mask=valid[:, None] & (d[None, :] < Dh),
+                        other=0.0)
+            v = tl.load(V + b64 * svb + at * svs + h * svh + d[None, :] * svd, mask=valid[:, None] & (d[None, :] < Dh),
+                        other=0.0)
             s = _dot(q, tl.trans(k), tl.zeros([BLOCK_Q * G, BLOCK_S], dtype=tl.float32), UPCAST) * scale
             keep = picked[:, None] & valid[None, :] & (slot[None, :] <= q_slot[:, None])
             s = tl.where(keep, s, float("-inf"))
@@ -525,7 +548,7 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_sta
             acc = _pv(p, v, acc * alpha[:, None], UPCAST)
             m = m_new
     out = acc / tl.where(row_ok, l, 1.0)[:, None]        # no selected key: 0 / 0 = NaN, as the twin's softmax
-    tl.store(O + ((b * S + qi[:, None]).to(tl.int64) * H + h * group + hd[:, None]) * Dh + d[None, :],
+    tl.store(O + ((b64 * S + qi[:, None]) * H + head) * Dh + d[None, :],
              _to(out, O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < Dh))
 
 
@@ -542,9 +565,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     block_q = max(1, (16 if INTERPRET else 64) // group)                          # >= 16 rows for tl.dot
     topk = block_ids.shape[-1]
     qc, k, v = _common(q, k, v)
-    out = torch.empty_like(qc)
+    out = torch.empty(q.shape, dtype=qc.dtype, device=q.device)
     _sparse_attention_kernel[(triton.cdiv(S, block_q), B * Hkv)](
-        qc, k, v, block_ids.contiguous(), out, S, Sk, H, Hkv, Dh, topk, block_size, q_start, scale,
+        qc, k, v, block_ids, out, S, Sk, H, Hkv, Dh, topk, block_size, q_start, scale, *qc.stride(), *k.stride(),
+        *v.stride(), *block_ids.stride(),
         BLOCK_Q=block_q, G=group, BLOCK_S=_p2(block_size, 16), BLOCK_D=_p2(Dh, 16), TOPK=_p2(topk), UPCAST=INTERPRET)
     return out.to(q.dtype)
 

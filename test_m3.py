@@ -1971,6 +1971,33 @@ def test_kernels_at_the_edges_of_their_contracts():
         K.route(kr(12, 2, 8), kr(13, 3, 8), kr(14, 3), 4, 2.0)
 
 
+def test_kernels_read_strided_views_as_their_twins_do():
+    """Every launch passes its inputs' strides (no hidden copies): transposed, sliced and broadcast
+    views give what the torch twins give on the same views."""
+    K = kernels_module()
+    views = {"rms_norm": (kr(1, 16, 5).t(), kr(3, 32)[::2], 1e-6, kr(2, 5, 32)[:, ::2]),
+             "swiglu_oai": (kr(4, 5, 12)[:, ::2], kr(5, 6, 5).t(), 1.702, 7.0),
+             "rope": (kr(6, 2, 4, 16, 3).transpose(-1, -2), kr(7, 1, 4, 8)[..., ::2].expand(2, 4, 4),
+                      kr(8, 4, 1, 4).transpose(0, 1).expand(2, 4, 4)),
+             "route": (kr(9, 32, 5).t(), kr(10, 32, 3).t(), kr(11, 6)[::2], 2, 2.0),
+             "index_block_scores": (kr(12, 1, 8, 2, 5).permute(0, 3, 2, 1), kr(13, 1, 8, 5).transpose(1, 2), 0, 2)}
+    views["norm_rope"] = (views["rope"][0], kr(14, 32)[::2], *views["rope"][1:], 1e-6)
+    iq, ik = views["index_block_scores"][:2]
+    block_scores = m3.index_block_scores.torch(iq, ik, 0, 2)
+    views["select_blocks"] = (block_scores.transpose(0, 1).expand(2, 2, 5, 3).transpose(0, 1), 0, 2, 2, 1, 1)
+    ids = m3.select_blocks.torch(*views["select_blocks"])[:, :1]                   # [B, Hkv = 1, S, topk]
+    views["sparse_attention"] = (kr(15, 2, 4, 5, 8).transpose(1, 2), kr(16, 2, 8, 2, 5).transpose(1, 3)[:, :, :1],
+                                 kr(17, 2, 1, 5, 8).transpose(1, 2), torch.cat([ids, ids], -1)[..., ::2], 2, 0.3)
+    x = views["route"][0]
+    weights, chosen = m3.route.torch(*views["route"])
+    views["routed_experts"] = (x, chosen, weights, [kr(20 + e, 16, 32) for e in range(3)],
+                               [kr(30 + e, 32, 16) for e in range(3)], [kr(40 + e, 16, 32) for e in range(3)],
+                               1.702, 7.0)
+    for name, args in views.items():
+        assert not args[0].is_contiguous(), name
+        assert_twins(getattr(K, name)(*args), getattr(m3, name).torch(*args), torch.float32)
+
+
 def test_the_flag_routes_the_whole_model_and_torch_imports_no_kernels(monkeypatch):
     import subprocess
     import sys
