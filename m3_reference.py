@@ -2748,13 +2748,33 @@ def timestamp_text(seconds: float) -> str:
     return f"]<]{seconds:.1f} seconds[>["
 
 
+def expand_placeholders(pieces: list, image, video, image_grids: list, video_grids: list, stamps: list,
+                        start, end, merge: int) -> list:
+    """The released processor's expansion, on text pieces or token ids alike: each `image` -> start +
+    t*h*w / m^2 x image + end; each `video`, per temporal group g, -> stamps[v][g] + start + h*w / m^2
+    x video + end (videos use the image start / end too). The grids are (t, h, w) rows in placeholder
+    order; stamps[v][g] holds the pieces of video v's group g timestamp (none when unknown)."""
+    grids, videos, out = {image: iter(image_grids), video: iter(video_grids)}, iter(stamps), []
+    for piece in pieces:
+        if piece not in grids:
+            out.append(piece)
+        elif piece == image:
+            t, h, w = next(grids[image])
+            out += [start, *[image] * (t * h * w // merge ** 2), end]
+        else:
+            (t, h, w), stamp = next(grids[video]), next(videos)
+            for g in range(t):
+                out += [*stamp[g], start, *[video] * (h * w // merge ** 2), end]
+    return out
+
+
 def expand_prompt_text(text: str, image_grid_thw=None, video_grid_thw=None,
                        timestamps: Sequence[Sequence[float] | None] | None = None, merge: int = 2) -> str:
-    """The released processor's expansion, on the text before tokenisation: each IMAGE_TEXT becomes
-    START_TEXT + K x IMAGE_TEXT + END_TEXT, each VIDEO_TEXT per temporal group the timestamp text
-    (when known) + START_TEXT + h*w / m^2 x VIDEO_TEXT + END_TEXT. Tokenising the result as one
-    string gives the processor's ids; expand_prompt on ids (as vLLM does) can differ from it where
-    byte-level BPE merges the text before a timestamp with it (a space before the placeholder)."""
+    """The expansion on the text before tokenisation: IMAGE_TEXT / VIDEO_TEXT the placeholders,
+    START_TEXT / END_TEXT the brackets, timestamp_text(seconds) before each video group when its
+    timestamps are known. Tokenising the result as one string gives the processor's ids;
+    expand_prompt on ids (as vLLM does) can differ from it where byte-level BPE merges the text
+    before a timestamp with it (a space before the placeholder)."""
     counts = {IMAGE_TEXT: text.count(IMAGE_TEXT), VIDEO_TEXT: text.count(VIDEO_TEXT)}
     grids = {IMAGE_TEXT: [] if image_grid_thw is None else torch.as_tensor(image_grid_thw).reshape(-1, 3).tolist(),
              VIDEO_TEXT: [] if video_grid_thw is None else torch.as_tensor(video_grid_thw).reshape(-1, 3).tolist()}
@@ -2762,25 +2782,16 @@ def expand_prompt_text(text: str, image_grid_thw=None, video_grid_thw=None,
         if counts[marker] != len(rows):
             raise ValueError(f"the prompt holds {counts[marker]} {marker} placeholders but {len(rows)} grids were "
                              f"given for them; the counts must match")
-    stamps = iter(timestamps if timestamps is not None else [None] * len(grids[VIDEO_TEXT]))
-    rows = {marker: iter(r) for marker, r in grids.items()}
-    out = []
-    for piece in re.split(f"({re.escape(IMAGE_TEXT)}|{re.escape(VIDEO_TEXT)})", text):
-        if piece not in rows:
-            out.append(piece)
-            continue
-        t, h, w = next(rows[piece])
-        if piece == IMAGE_TEXT:
-            out.append(START_TEXT + IMAGE_TEXT * (t * h * w // merge ** 2) + END_TEXT)
-            continue
-        seconds = next(stamps)
-        out += [(timestamp_text(seconds[g]) if seconds else "") + START_TEXT + VIDEO_TEXT * (h * w // merge ** 2)
-                + END_TEXT for g in range(t)]
-    return "".join(out)
+    seconds = timestamps if timestamps is not None else [None] * len(grids[VIDEO_TEXT])
+    stamps = [[[timestamp_text(x)] for x in secs] if secs else [[]] * t for secs, (t, _, _) in
+              zip(seconds, grids[VIDEO_TEXT])]
+    pieces = re.split(f"({re.escape(IMAGE_TEXT)}|{re.escape(VIDEO_TEXT)})", text)
+    return "".join(expand_placeholders(pieces, IMAGE_TEXT, VIDEO_TEXT, grids[IMAGE_TEXT], grids[VIDEO_TEXT], stamps,
+                                       START_TEXT, END_TEXT, merge))
 
 
-def _placeholder_grids(ids: torch.Tensor, grid, token: int, what: str):
-    """The (t, h, w) rows of `grid` [n, 3], one per placeholder `token` in ids, as an iterator."""
+def _placeholder_grids(ids: torch.Tensor, grid, token: int, what: str) -> list:
+    """The (t, h, w) rows of `grid` [n, 3], one per placeholder `token` in ids."""
     rows = [] if grid is None else torch.as_tensor(grid).reshape(-1, 3).tolist()
     if grid is not None and (torch.as_tensor(grid).dim() != 2 or any(min(r) < 1 for r in rows)):
         raise ValueError(f"{what}_grid_thw must be [n, 3] rows of positive (t, h, w), got {torch.as_tensor(grid).tolist()}")
@@ -2788,14 +2799,13 @@ def _placeholder_grids(ids: torch.Tensor, grid, token: int, what: str):
     if n != len(rows):
         raise ValueError(f"input_ids hold {n} {what} placeholders (id {token}) but {len(rows)} {what} grids "
                          f"were given; the counts must match")
-    return iter(rows)
+    return rows
 
 
 def expand_prompt(input_ids, image_grid_thw=None, video_grid_thw=None,
                   timestamp_ids: Sequence[Sequence[Sequence[int]]] | None = None, *, cfg: M3Config) -> torch.Tensor:
-    """Each image placeholder -> start + K image ids + end (K = t*h*w / m^2, the image's feature
-    rows); each video placeholder -> per temporal group g: timestamp_ids[video][g] (if given) +
-    start + h*w / m^2 video ids + end (videos use the image start/end ids too).
+    """The expansion on token ids (expand_placeholders with the config's placeholder and bracket
+    ids; timestamp_ids[video][g]: the ids of group g's timestamp text, if given).
 
     input_ids [S] or [1, S] int; grids [n, 3] in placeholder order -> the same rank, longer.
     """
@@ -2804,36 +2814,26 @@ def expand_prompt(input_ids, image_grid_thw=None, video_grid_thw=None,
     ids = torch.as_tensor(input_ids)
     if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != 1):
         raise ValueError(f"input_ids must be [S] or [1, S], got shape {list(ids.shape)}")
-    m2 = cfg.vision.spatial_merge_size ** 2
     start, end = cfg.vision_start_token_index, cfg.vision_end_token_index
     for name, i in (("vision_start_token_index", start), ("vision_end_token_index", end)):
         if not 0 <= i < cfg.vocab_size:        # configs without these keys get the released ids
             raise ValueError(f"config {name} = {i} is outside the vocabulary [0, {cfg.vocab_size}); set it in config.json")
-    grids = {cfg.image_token_index: _placeholder_grids(ids, image_grid_thw, cfg.image_token_index, "image"),
-             cfg.video_token_index: _placeholder_grids(ids, video_grid_thw, cfg.video_token_index, "video")}
-    if timestamp_ids is not None:
-        if len(timestamp_ids) != int((ids == cfg.video_token_index).sum()):
-            raise ValueError(f"timestamp_ids has {len(timestamp_ids)} entries, one per video is needed")
-        bad = [i for video in timestamp_ids for group in video for i in group
-               if not 0 <= i < cfg.vocab_size or i in (cfg.image_token_index, cfg.video_token_index)]
-        if bad:
-            raise ValueError(f"timestamp_ids hold {bad[:3]}: ids must be text tokens in [0, {cfg.vocab_size}), "
-                             f"not placeholders")
-    out, video = [], 0
-    for i in ids.flatten().tolist():
-        if i == cfg.image_token_index:
-            t, h, w = next(grids[i])
-            out += [start] + [i] * (t * h * w // m2) + [end]
-        elif i == cfg.video_token_index:
-            t, h, w = next(grids[i])
-            stamps = timestamp_ids[video] if timestamp_ids is not None else [[]] * t
-            if len(stamps) != t:
-                raise ValueError(f"timestamp_ids[{video}] has {len(stamps)} entries for {t} temporal groups")
-            for g in range(t):
-                out += list(stamps[g]) + [start] + [i] * (h * w // m2) + [end]
-            video += 1
-        else:
-            out.append(i)
+    images = _placeholder_grids(ids, image_grid_thw, cfg.image_token_index, "image")
+    videos = _placeholder_grids(ids, video_grid_thw, cfg.video_token_index, "video")
+    if timestamp_ids is None:
+        timestamp_ids = [[[]] * t for t, _, _ in videos]
+    if len(timestamp_ids) != len(videos):
+        raise ValueError(f"timestamp_ids has {len(timestamp_ids)} entries, one per video is needed")
+    for v, (stamps, (t, _, _)) in enumerate(zip(timestamp_ids, videos)):
+        if len(stamps) != t:
+            raise ValueError(f"timestamp_ids[{v}] has {len(stamps)} entries for {t} temporal groups")
+    bad = [i for video in timestamp_ids for group in video for i in group
+           if not 0 <= i < cfg.vocab_size or i in (cfg.image_token_index, cfg.video_token_index)]
+    if bad:
+        raise ValueError(f"timestamp_ids hold {bad[:3]}: ids must be text tokens in [0, {cfg.vocab_size}), "
+                         f"not placeholders")
+    out = expand_placeholders(ids.flatten().tolist(), cfg.image_token_index, cfg.video_token_index, images, videos,
+                              timestamp_ids, start, end, cfg.vision.spatial_merge_size)
     return torch.tensor(out, dtype=torch.int64).reshape((1, -1) if ids.dim() == 2 else (-1,))
 
 

@@ -1626,7 +1626,7 @@ def test_padded_batch_generates_and_drafts_what_each_row_does_alone(depths, opti
         drafts, trace = (3 if mtp else None), []
         tokens, _ = model.generate(ids, 6, attention_mask=mask, mtp=mtp, draft_tokens=drafts, draft_trace=trace)
         for b, r in enumerate(rows):
-            alone, mine = [], []
+            mine = []
             alone_tokens, _ = model.generate(r[None], 6, mtp=mtp, draft_tokens=drafts, draft_trace=mine)
             assert torch.equal(tokens[b, ids.shape[1]:], alone_tokens[0, len(r):])
             if mtp:                      # the first step's drafts: before any rollback makes rows differ
