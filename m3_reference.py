@@ -8,8 +8,8 @@ projector, merger and splice, then the full model and its losses (where the data
 out: vision -> splice -> layers -> head -> MTP) and decoding (the KV and index-key cache, padded
 batches, greedy and MTP speculative generation). Part II loads and runs it: the kernel flag,
 presets, input checks, config.json and checkpoint I/O (MXFP8 included), the image/video
-processor, the streamed forward (a checkpoint larger than the device, one piece at a time) and
-the CLI. The golden-tensor generator, the Tracer that names a forward's intermediates and the
+processor, media files, the streamed forward (a checkpoint larger than the device, one piece at
+a time) and the CLI. The golden-tensor generator, the Tracer that names a forward's intermediates and the
 benchmark live beside the checker in golden/generate.py. The torch code here is the
 specification; the functions marked @kernel_twin have Triton twins in kernels.py, used only when
 the flag asks (M3_KERNELS=triton, set_kernels("triton"), --kernels triton).
@@ -1453,7 +1453,8 @@ def _draft(model: MiniMaxM3, cache: Cache, x: torch.Tensor, h: torch.Tensor, n: 
 # ============================================================================================
 # Everything a run needs around the model: which kernels run the hot functions, the
 # presets, the checks on inputs, config.json, checkpoint I/O with MXFP8 and the MTP layouts, the
-# image/video processor, the streamed forward of a checkpoint larger than the device, the CLI.
+# image/video processor, media files from disk, the streamed forward of a checkpoint larger than
+# the device, the CLI.
 
 
 # ============================================================================================
@@ -2838,6 +2839,143 @@ def expand_prompt(input_ids, image_grid_thw=None, video_grid_thw=None,
 
 
 # ============================================================================================
+# Media files: images and videos from disk into forward inputs
+# ============================================================================================
+# What `demo`, `run` and `generate` do with --image / --video: decode the files (Pillow, PyAV),
+# sample a video's frames as the engines do, preprocess them as above and expand the prompt.
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_image(path: str | os.PathLike) -> "np.ndarray":
+    """An image file as uint8 RGB [H, W, 3] (Pillow decodes): turned upright by its EXIF orientation
+    (as transformers' image loader does), then converted as the processor converts a PIL image:
+    transparency composited over white, any other mode converted to RGB."""
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            if "A" in image.getbands() or image.info.get("transparency") is not None:
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def next_sampled_frame(prev: int | None, source_fps: float, target_fps: float = 1.0) -> int:
+    """The engines' sampling (vLLM's MiniMax M3 video backend; not the processor's): frame 0, then the
+    first frame at least 1/target_fps - 1e-4 s after the last kept one (frame i sits at i / source_fps)."""
+    if prev is None:
+        return 0
+    return max(math.ceil((prev / source_fps + 1 / target_fps - 1e-4) * source_fps), prev + 1)
+
+
+def sample_frame_indices(num_frames: int, source_fps: float, target_fps: float = 1.0) -> list[int]:
+    """The kept frames of a video of num_frames: next_sampled_frame from frame 0 while inside the
+    video, then the last frame too when it is more than 1e-4 s after the last kept one."""
+    keep = [0]
+    while (i := next_sampled_frame(keep[-1], source_fps, target_fps)) < num_frames:
+        keep.append(i)
+    return keep + [num_frames - 1] * keeps_last_frame(num_frames - 1, keep[-1], source_fps)
+
+
+def keeps_last_frame(last: int, kept: int, source_fps: float) -> bool:
+    """Whether a video's last frame joins the sampled ones: it is not the last kept one and lies more
+    than 1e-4 s after it."""
+    return last != kept and (last - kept) / source_fps > 1e-4
+
+
+def load_video(path: str | os.PathLike, fps: float | None) -> tuple["np.ndarray", float | None, list[int] | None]:
+    """(frames uint8 [F, H, W, 3], source fps, frame indices): a folder of image files (in natural
+    name order) or a .npy array, taken whole with `fps` as given; a video file decoded by PyAV (when
+    it is installed) and sampled at 1 fps while decoding, with the stream's fps and the kept indices."""
+    import numpy as np
+    p = Path(path)
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        raise ValueError(f"--video {p} is an image file; give it as --image, or a folder of frames as --video")
+    if p.is_dir():
+        natural = lambda f: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", f.name)]   # frame2 before frame10
+        files = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), key=natural)
+        frames = [load_image(f) for f in files]
+        if not frames or len({f.shape for f in frames}) != 1:
+            raise ValueError(f"--video {p}: needs image files of one size, found {sorted({f.shape for f in frames})}")
+        return np.stack(frames), fps, None
+    if p.suffix == ".npy":
+        try:
+            return np.load(p), fps, None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read --video {p}: {e}") from e
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"--video {p}: decoding a video file needs PyAV (pip install av); or give a folder of "
+                         f"frames or a .npy array [F, H, W, 3]") from None
+    if fps is not None:
+        raise ValueError(f"--video {p}: --video-fps is for frame folders and .npy arrays; a video file's fps "
+                         f"comes from its stream")
+    kept, indices = [], []
+    try:                                     # keep only the sampled frames (and the latest one) while decoding
+        with av.open(str(p)) as container:
+            stream = container.streams.video[0]
+            source_fps = float(stream.average_rate)
+            for i, frame in enumerate(container.decode(stream)):
+                last = (i, frame.to_ndarray(format="rgb24"))
+                if i == next_sampled_frame(indices[-1] if indices else None, source_fps):
+                    indices.append(i)
+                    kept.append(last[1])
+    except (av.error.FFmpegError, IndexError, TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"cannot decode --video {p}: {e}") from e
+    if not kept:
+        raise ValueError(f"--video {p}: no frames decoded")
+    if keeps_last_frame(last[0], indices[-1], source_fps):
+        indices.append(last[0])
+        kept.append(last[1])
+    return np.stack(kept), source_fps, indices
+
+
+def add_media(inputs: dict, images: Sequence[str], videos: Sequence[str], video_fps: float | None,
+              cfg: M3Config, encode=None, text: str | None = None) -> dict:
+    """Forward inputs for a prompt and image / video files: their pixel rows and grids, and the
+    prompt expanded. A text prompt (`text`, with `encode`: text -> ids) is expanded as text and then
+    tokenised, as the released processor does; token ids (inputs["input_ids"]) are expanded at the
+    id level, the timestamps tokenised by `encode` (left out, with a note, without it)."""
+    if text is not None:
+        inputs = {"input_ids": None}
+    if not images and not videos:
+        if video_fps is not None:
+            raise ValueError("--video-fps given without --video")
+        return inputs if text is None else {"input_ids": torch.tensor([encode(text)])}
+    if cfg.vision is None:
+        raise ValueError("--image / --video given, but the model is text-only")
+    if any(k in inputs for k in ("pixel_values", "pixel_values_videos")):
+        raise ValueError("the prompt file already holds media; give --image / --video with token ids or text")
+    pre_images = [preprocess_image(load_image(p), cfg) for p in images]
+    pre_videos = [preprocess_video(frames, cfg, fps, indices) for frames, fps, indices in
+                  (load_video(p, video_fps) for p in videos)]
+    image_grids = [g[0].tolist() for _, g in pre_images] or None
+    video_grids = [g[0].tolist() for _, g, _ in pre_videos] or None
+    if text is not None:
+        expanded = expand_prompt_text(text, image_grids, video_grids, [s for _, _, s in pre_videos],
+                                      cfg.vision.spatial_merge_size)
+        out = {"input_ids": torch.tensor([encode(expanded)])}
+    else:
+        if encode is None and any(stamps for _, _, stamps in pre_videos):
+            print("note: video timestamps left out (writing them needs tokenizer.json and the tokenizers package)",
+                  file=sys.stderr)
+        stamp_ids = [[encode(timestamp_text(s)) for s in stamps] if stamps and encode else [[]] * int(grid[0, 0])
+                     for _, grid, stamps in pre_videos]
+        out = dict(inputs, input_ids=expand_prompt(inputs["input_ids"], image_grids, video_grids, stamp_ids, cfg=cfg))
+    if pre_images:
+        out.update(pixel_values=torch.cat([r for r, _ in pre_images]), image_grid_thw=torch.cat([g for _, g in pre_images]))
+    if pre_videos:
+        out.update(pixel_values_videos=torch.cat([r for r, _, _ in pre_videos]),
+                   video_grid_thw=torch.cat([g for _, g, _ in pre_videos]))
+    return out
+
+
+# ============================================================================================
 # Streamed forward: a checkpoint larger than the device, one piece at a time
 # ============================================================================================
 # The released model (434.5B parameters with its vision tower and MTP depth, 421 GiB in MXFP8)
@@ -2976,7 +3114,7 @@ def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dty
 
 
 # ============================================================================================
-# CLI: demo, benchmark, golden generation and verification
+# CLI: demo, run, check, generate (golden, verify and bench delegate to golden/generate.py)
 # ============================================================================================
 
 def demo_inputs(cfg: M3Config, seed: int = 0, image_grids=((1, 4, 4), (1, 6, 8)), video_hw=(4, 4)) -> dict:
@@ -3044,137 +3182,6 @@ def demo(images: Sequence[str] = (), videos: Sequence[str] = (), video_fps: floa
 def _size(n: int) -> str:
     return next(f"{n / 2 ** e:.2f} {unit}" for e, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
                 if n >= 2 ** e or e == 0)
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def load_image(path: str | os.PathLike) -> "np.ndarray":
-    """An image file as uint8 RGB [H, W, 3] (Pillow decodes): turned upright by its EXIF orientation
-    (as transformers' image loader does), then converted as the processor converts a PIL image:
-    transparency composited over white, any other mode converted to RGB."""
-    import numpy as np
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            if "A" in image.getbands() or image.info.get("transparency") is not None:
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-
-
-def next_sampled_frame(prev: int | None, source_fps: float, target_fps: float = 1.0) -> int:
-    """The engines' sampling (vLLM's MiniMax M3 video backend; not the processor's): frame 0, then the
-    first frame at least 1/target_fps - 1e-4 s after the last kept one (frame i sits at i / source_fps)."""
-    if prev is None:
-        return 0
-    return max(math.ceil((prev / source_fps + 1 / target_fps - 1e-4) * source_fps), prev + 1)
-
-
-def sample_frame_indices(num_frames: int, source_fps: float, target_fps: float = 1.0) -> list[int]:
-    """The kept frames of a video of num_frames: next_sampled_frame from frame 0 while inside the
-    video, then the last frame too when it is more than 1e-4 s after the last kept one."""
-    keep = [0]
-    while (i := next_sampled_frame(keep[-1], source_fps, target_fps)) < num_frames:
-        keep.append(i)
-    return keep + [num_frames - 1] * keeps_last_frame(num_frames - 1, keep[-1], source_fps)
-
-
-def keeps_last_frame(last: int, kept: int, source_fps: float) -> bool:
-    """Whether a video's last frame joins the sampled ones: it is not the last kept one and lies more
-    than 1e-4 s after it."""
-    return last != kept and (last - kept) / source_fps > 1e-4
-
-
-def load_video(path: str | os.PathLike, fps: float | None) -> tuple["np.ndarray", float | None, list[int] | None]:
-    """(frames uint8 [F, H, W, 3], source fps, frame indices): a folder of image files (in natural
-    name order) or a .npy array, taken whole with `fps` as given; a video file decoded by PyAV (when
-    it is installed) and sampled at 1 fps while decoding, with the stream's fps and the kept indices."""
-    import numpy as np
-    p = Path(path)
-    if p.suffix.lower() in IMAGE_SUFFIXES:
-        raise ValueError(f"--video {p} is an image file; give it as --image, or a folder of frames as --video")
-    if p.is_dir():
-        natural = lambda f: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", f.name)]   # frame2 before frame10
-        files = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), key=natural)
-        frames = [load_image(f) for f in files]
-        if not frames or len({f.shape for f in frames}) != 1:
-            raise ValueError(f"--video {p}: needs image files of one size, found {sorted({f.shape for f in frames})}")
-        return np.stack(frames), fps, None
-    if p.suffix == ".npy":
-        try:
-            return np.load(p), fps, None
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read --video {p}: {e}") from e
-    try:
-        import av
-    except ImportError:
-        raise ValueError(f"--video {p}: decoding a video file needs PyAV (pip install av); or give a folder of "
-                         f"frames or a .npy array [F, H, W, 3]") from None
-    if fps is not None:
-        raise ValueError(f"--video {p}: --video-fps is for frame folders and .npy arrays; a video file's fps "
-                         f"comes from its stream")
-    kept, indices = [], []
-    try:                                     # keep only the sampled frames (and the latest one) while decoding
-        with av.open(str(p)) as container:
-            stream = container.streams.video[0]
-            source_fps = float(stream.average_rate)
-            for i, frame in enumerate(container.decode(stream)):
-                last = (i, frame.to_ndarray(format="rgb24"))
-                if i == next_sampled_frame(indices[-1] if indices else None, source_fps):
-                    indices.append(i)
-                    kept.append(last[1])
-    except (av.error.FFmpegError, IndexError, TypeError, ZeroDivisionError) as e:
-        raise ValueError(f"cannot decode --video {p}: {e}") from e
-    if not kept:
-        raise ValueError(f"--video {p}: no frames decoded")
-    if keeps_last_frame(last[0], indices[-1], source_fps):
-        indices.append(last[0])
-        kept.append(last[1])
-    return np.stack(kept), source_fps, indices
-
-
-def add_media(inputs: dict, images: Sequence[str], videos: Sequence[str], video_fps: float | None,
-              cfg: M3Config, encode=None, text: str | None = None) -> dict:
-    """Forward inputs for a prompt and image / video files: their pixel rows and grids, and the
-    prompt expanded. A text prompt (`text`, with `encode`: text -> ids) is expanded as text and then
-    tokenised, as the released processor does; token ids (inputs["input_ids"]) are expanded at the
-    id level, the timestamps tokenised by `encode` (left out, with a note, without it)."""
-    if text is not None:
-        inputs = {"input_ids": None}
-    if not images and not videos:
-        if video_fps is not None:
-            raise ValueError("--video-fps given without --video")
-        return inputs if text is None else {"input_ids": torch.tensor([encode(text)])}
-    if cfg.vision is None:
-        raise ValueError("--image / --video given, but the model is text-only")
-    if any(k in inputs for k in ("pixel_values", "pixel_values_videos")):
-        raise ValueError("the prompt file already holds media; give --image / --video with token ids or text")
-    pre_images = [preprocess_image(load_image(p), cfg) for p in images]
-    pre_videos = [preprocess_video(frames, cfg, fps, indices) for frames, fps, indices in
-                  (load_video(p, video_fps) for p in videos)]
-    image_grids = [g[0].tolist() for _, g in pre_images] or None
-    video_grids = [g[0].tolist() for _, g, _ in pre_videos] or None
-    if text is not None:
-        expanded = expand_prompt_text(text, image_grids, video_grids, [s for _, _, s in pre_videos],
-                                      cfg.vision.spatial_merge_size)
-        out = {"input_ids": torch.tensor([encode(expanded)])}
-    else:
-        if encode is None and any(stamps for _, _, stamps in pre_videos):
-            print("note: video timestamps left out (writing them needs tokenizer.json and the tokenizers package)",
-                  file=sys.stderr)
-        stamp_ids = [[encode(timestamp_text(s)) for s in stamps] if stamps and encode else [[]] * int(grid[0, 0])
-                     for _, grid, stamps in pre_videos]
-        out = dict(inputs, input_ids=expand_prompt(inputs["input_ids"], image_grids, video_grids, stamp_ids, cfg=cfg))
-    if pre_images:
-        out.update(pixel_values=torch.cat([r for r, _ in pre_images]), image_grid_thw=torch.cat([g for _, g in pre_images]))
-    if pre_videos:
-        out.update(pixel_values_videos=torch.cat([r for r, _, _ in pre_videos]),
-                   video_grid_thw=torch.cat([g for _, g, _ in pre_videos]))
-    return out
 
 
 def load_tokenizer(directory: str | os.PathLike, required: bool):
