@@ -3612,6 +3612,46 @@ def test_layerwise_stages():
                                  "generated"]] == ["step.2.layers.1", "step.2.logits", "row.1.mtp.0", "generated"]
 
 
+@given(seed=seeds, n=st.integers(2, 40), scale=st.floats(0.01, 100.0))
+@few(30)
+def test_similarity_is_cosine_and_pearson(seed, n, scale):
+    """tt-metal's convention: PCC is numpy's corrcoef of the flattened values, invariant to a
+    positive scale and an offset; cosine is invariant to scale only; a NaN the reference lacks
+    makes both 0; one value has no PCC."""
+    r = np.random.default_rng(seed).standard_normal((2, n))
+    cos, pcc = V.similarity(r, r * scale + 1.0)
+    assert pcc == pytest.approx(1.0, abs=1e-9) and cos < 1.0 + 1e-12
+    g = np.random.default_rng(seed + 1).standard_normal((2, n))
+    cos, pcc = V.similarity(r, g)
+    assert pcc == pytest.approx(np.corrcoef(r.ravel(), g.ravel())[0, 1], abs=1e-12)
+    assert cos == pytest.approx(float(r.ravel() @ g.ravel()) / np.linalg.norm(r) / np.linalg.norm(g), abs=1e-12)
+    assert V.similarity(r, -r)[1] == pytest.approx(-1.0)
+    g[0, 0] = np.nan
+    assert V.similarity(r, g) == (0.0, 0.0)
+    assert V.similarity(np.ones(5), np.arange(5.0))[1] == 0.0 and V.similarity(np.array(2.0), np.array(2.5))[1] is None
+
+
+def test_pcc_criterion_passes_an_approximate_port_and_names_a_wrong_one(tmp_path, capsys):
+    """A port whose floating outputs carry 0.1% relative error (approximate kernels) fails the fp32
+    tolerance, passes --pcc 0.99 with the criterion stated, and --layerwise prints cos and pcc; a
+    wrong layer under --pcc is still named as the first divergence."""
+    entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, "text")
+    close = {o["name"] for o in entry["outputs"] if o["compare"] == "close" and o["shape"]}
+    rng = np.random.default_rng(0)
+    approximate = {k: (v * (1 + 1e-3 * rng.standard_normal(v.shape))).astype(v.dtype) if k in close else v
+                   for k, v in _outputs("text", numpy=True).items()}
+    path = _write_np(tmp_path / "approx.safetensors", approximate)
+    got, out = _verify(capsys, "--case", "text", "--outputs", path)
+    assert got == V.DIVERGED
+    got, out = _verify(capsys, "--case", "text", "--outputs", path, "--pcc", "0.99", "--layerwise")
+    assert got == V.PASS and "criterion PCC >= 0.99 for floating tensors" in out
+    assert "cos" in out.splitlines()[2] and _row(out, "logits").split()[7].startswith("0.99")
+    approximate["layers.1.hidden"] = np.roll(approximate["layers.1.hidden"], 1, axis=-1)
+    got, out = _verify(capsys, "--case", "text", "--outputs", _write_np(tmp_path / "wrong.safetensors", approximate),
+                       "--pcc", "0.99")
+    assert got == V.DIVERGED and "first divergence: layers.1.hidden" in out and "< 0.99" in _row(out, "layers.1.hidden")
+
+
 def test_list_names_every_case_its_inputs_and_end_results(capsys):
     got, out = _verify(capsys, "--list")
     assert got == V.PASS

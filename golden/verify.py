@@ -3,6 +3,7 @@
     python golden/verify.py --list                                     # the cases, their inputs and tensor names
     python golden/verify.py --case text --outputs theirs.safetensors   # one committed case
     python golden/verify.py --case bf16 --outputs theirs.safetensors --layerwise
+    python golden/verify.py --case text --outputs theirs.safetensors --layerwise --pcc 0.99   # approximate kernels
     python golden/verify.py --all --outputs-dir mine/                  # every case: mine/<case>.safetensors
     python golden/verify.py --reference ref.safetensors --outputs theirs.safetensors --config config.json
     python golden/verify.py --dump bf16 logits logits.npy              # one stored tensor as .npy (bf16 -> fp32)
@@ -331,6 +332,37 @@ def _close(spec: dict, ref: np.ndarray, got: np.ndarray) -> dict:
     return row
 
 
+def similarity(ref: np.ndarray, got: np.ndarray) -> tuple[float, float | None]:
+    """(cosine similarity, PCC) of two tensors of one shape, in float64 over every element: the
+    cosine r.g / (|r| |g|) and the Pearson correlation of the flattened values (tt-metal's
+    comp_pcc). Both are 1 where the tensors are equal; a NaN or Inf that the other tensor does not
+    hold at the same place makes both 0 (no similarity excuses it); an all-zero or constant
+    tensor against a different one is 0. PCC is None for fewer than 2 elements (undefined)."""
+    r, g = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+    finite = np.isfinite(r)
+    if not np.array_equal(finite, np.isfinite(g)) or not np.array_equal(r[~finite], g[~finite], equal_nan=True):
+        return 0.0, (0.0 if r.size >= 2 else None)
+    r, g = r[finite], g[finite]
+    if np.array_equal(r, g):
+        return 1.0, (1.0 if ref.size >= 2 else None)
+
+    def ratio(a, b):
+        norm = np.linalg.norm(a) * np.linalg.norm(b)
+        return float(np.dot(a, b) / norm) if norm > 0 else 0.0
+    return ratio(r, g), (ratio(r - r.mean(), g - g.mean()) if ref.size >= 2 else None)
+
+
+def _pcc_criterion(row: dict, ref: np.ndarray, got: np.ndarray, pcc: float) -> None:
+    """--pcc: a floating tensor of 2 or more elements passes when its PCC reaches `pcc`, in place of
+    the dtype tolerance (a scalar keeps the tolerance: one value has no correlation)."""
+    if row["pcc"] is None:
+        return
+    ok = row["pcc"] >= pcc
+    row.update(tol=f"pcc>={pcc:g}", status="pass" if ok else "FAIL",
+               bad=np.zeros(ref.shape, bool) if ok else np.ones(ref.shape, bool),
+               note="" if ok else f"pcc {row['pcc']:.6f} < {pcc:g} (max abs {row['abs']:.2e})")
+
+
 def _selections(name: str, ref: np.ndarray, got: np.ndarray, scores: np.ndarray, rules: Rules,
                 first: int = 0) -> dict:
     """Choices compared as sets per row (order, -1 padding and repeats ignored). A differing row is
@@ -460,21 +492,22 @@ def _cause(ties: list[dict], where: dict[int, float] | None) -> str | None:
 
 
 def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np.ndarray],
-            layerwise: bool = False) -> list[dict]:
+            layerwise: bool = False, pcc: float | None = None) -> list[dict]:
     """One row per reference tensor in forward order: name, shape, max abs / rel error (rows that
     differ, for sets), tolerance, status (pass, FAIL, near tie, missing), note, and `after`: for a
     failure, the near tie that can have caused it (None: no tie explains it); otherwise the first
     near tie still in effect. A near tie is in effect for the tensors after it (with layerwise: of
     its own stage) until a residual-stream tensor of its own call passes (`embeddings`,
     `layers.{i}.hidden`, `hidden`, `mtp.{d}.hidden`: what follows is computed from it), and explains
-    failures only in its own batch rows, at or after its own positions (`sites`)."""
+    failures only in its own batch rows, at or after its own positions (`sites`). Floating tensors
+    also get `cos` and `pcc` (`similarity`); with `pcc` set, that is their criterion."""
     rows, ties = [], []
     for spec in rules.outputs:
         name = spec["name"]
         ref, (call, base) = reference[name], _split(name)
         active = [t for t in ties if not layerwise or t["stage"] == stage(name)]
         row = {"name": name, "shape": list(ref.shape), "abs": None, "rel": None, "tol": "", "note": "",
-               "after": active[0]["name"] if active else None}
+               "after": active[0]["name"] if active else None, "cos": None, "pcc": None}
         rows.append(row)
         got = theirs.get(name)
         if got is None:
@@ -497,6 +530,9 @@ def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np
             if name.endswith("router.weights"):
                 got = _in_id_order(got, theirs.get(name.removesuffix("weights") + "ids"))
             row.update(_close(spec, ref, got))
+            row["cos"], row["pcc"] = similarity(ref, got)
+            if pcc is not None:
+                _pcc_criterion(row, ref, got, pcc)
         bad, tied = row.pop("bad"), row.pop("tied", None)
         if row["status"] == "FAIL":
             row["after"] = _cause(active, sites(name, reference, bad)) if active else None
@@ -511,7 +547,7 @@ def _names(names: list[str], most: int = 6) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def verdict(rules: Rules, rows: list[dict], layerwise: bool = False) -> tuple[int, str]:
+def verdict(rules: Rules, rows: list[dict], layerwise: bool = False, pcc: float | None = None) -> tuple[int, str]:
     """The exit status and its one-line reason, the first that applies: 1 a failure no near tie
     explains; 2 nothing compared, or a required tensor missing; 3 failures, each explained by a
     near tie; else 0, saying how many of the optional intermediates were not given."""
@@ -537,24 +573,31 @@ def verdict(rules: Rules, rows: list[dict], layerwise: bool = False) -> tuple[in
     optional = len(rows) - len(rules.required)
     missing = len(rows) - len(given)
     text = f"pass, {missing} of {optional} intermediates not given" if missing else f"pass, all {len(rows)} compared"
-    return PASS, text + (" (with near ties)" if any(r["status"] == "near tie" for r in rows) else "")
+    text += " (with near ties)" if any(r["status"] == "near tie" for r in rows) else ""
+    return PASS, text + (f"; criterion PCC >= {pcc:g} for floating tensors, not the dtype tolerance"
+                         if pcc is not None else "")
 
 
-def report(title: str, rules: Rules, rows: list[dict], extra: list[str] = (), layerwise: bool = False) -> int:
-    """Print the forward-ordered table and the verdict; return the exit status."""
-    status, reason = verdict(rules, rows, layerwise)
+def report(title: str, rules: Rules, rows: list[dict], extra: list[str] = (), layerwise: bool = False,
+           pcc: float | None = None) -> int:
+    """Print the forward-ordered table (with layerwise or pcc: each floating tensor's cosine
+    similarity and PCC beside its max abs error) and the verdict; return the exit status."""
+    status, reason = verdict(rules, rows, layerwise, pcc)
+    similar = layerwise or pcc is not None
     counts = {s: sum(r["status"] == s for r in rows) for s in ("missing", "FAIL", "near tie")}
     print(f"\n{title}: {len(rows) - counts['missing']} tensors compared, {counts['missing']} missing, "
           f"{counts['FAIL']} failed, {counts['near tie']} near ties")
-    print(f"  {'tensor':<40}{'shape':<18}{'max abs':>10}{'max rel':>10}  {'tolerance':<27}status")
+    print(f"  {'tensor':<40}{'shape':<18}{'max abs':>10}{'max rel':>10}" + (f"{'cos':>10}{'pcc':>10}" if similar else "")
+          + f"  {'tolerance':<27}status")
     num = lambda v: "" if v is None else (f"{v}" if isinstance(v, int) else f"{v:.2e}")
+    sim = lambda v: "" if v is None else f"{v:.6f}"
     required = set(rules.required)
     for r in rows:
         after = "  (after a near tie)" if r["after"] and r["status"] != "missing" else ""
         note = f"  {r['note']}" if r["note"] else ""
         status_text = "MISSING (required)" if r["status"] == "missing" and r["name"] in required else r["status"]
-        print(f"  {r['name']:<40}{str(r['shape']):<18}{num(r['abs']):>10}{num(r['rel']):>10}  {r['tol']:<27}"
-              f"{status_text}{after}{note}")
+        print(f"  {r['name']:<40}{str(r['shape']):<18}{num(r['abs']):>10}{num(r['rel']):>10}"
+              + (f"{sim(r['cos']):>10}{sim(r['pcc']):>10}" if similar else "") + f"  {r['tol']:<27}{status_text}{after}{note}")
     for line in extra:
         print(f"  {line}")
     print(f"  {VERDICTS[status]} (exit {status}): {reason}")
@@ -568,7 +611,7 @@ def worst(statuses) -> int:
 
 
 def check(title: str, rules: Rules, reference: dict, theirs: dict, layerwise: bool = False,
-          their_dtypes: dict[str, str] | None = None) -> int:
+          their_dtypes: dict[str, str] | None = None, pcc: float | None = None) -> int:
     """Compare, print, and return the exit status; names the reference lacks are listed, and so
     are 16-bit tensors given to a float32 case (their rounding alone can exceed its tolerance)."""
     unknown = sorted(set(theirs) - {s["name"] for s in rules.outputs})
@@ -576,7 +619,7 @@ def check(title: str, rules: Rules, reference: dict, theirs: dict, layerwise: bo
     narrow = sorted(n for n, d in (their_dtypes or {}).items() if d in ("BF16", "F16") and n not in unknown)
     if narrow and rules.dtype == "float32":
         extra.append(f"stored in 16 bits for a float32 case (save float32): {', '.join(narrow)}")
-    return report(title, rules, compare(rules, reference, theirs, layerwise), extra, layerwise)
+    return report(title, rules, compare(rules, reference, theirs, layerwise, pcc), extra, layerwise, pcc)
 
 
 # ---- the committed cases --------------------------------------------------------------------
@@ -641,14 +684,14 @@ def list_cases(entries: list[dict]) -> None:
             print(f"  {o['name']:<40}{str(o['shape']):<18}{o['dtype']:<10}{o['compare']}{role}")
 
 
-def check_case(root: Path, entry: dict, outputs: Path, layerwise: bool = False) -> int:
+def check_case(root: Path, entry: dict, outputs: Path, layerwise: bool = False, pcc: float | None = None) -> int:
     """One committed case against a file of yours: print the table and return the exit status."""
     theirs = read_safetensors(outputs)
     reference = read_safetensors(check_case_files(root, entry) / "outputs.safetensors")
-    return check(entry["name"], case_rules(entry), reference, theirs, layerwise, safetensors_dtypes(outputs))
+    return check(entry["name"], case_rules(entry), reference, theirs, layerwise, safetensors_dtypes(outputs), pcc)
 
 
-def check_all(root: Path, outputs_dir: Path, layerwise: bool = False) -> int:
+def check_all(root: Path, outputs_dir: Path, layerwise: bool = False, pcc: float | None = None) -> int:
     """Every committed case against DIR/<case>.safetensors, then one line per case. A case without
     its file, or with an unreadable one, is unusable (exit 2): --all passes only when all passed."""
     if not outputs_dir.is_dir():
@@ -662,7 +705,7 @@ def check_all(root: Path, outputs_dir: Path, layerwise: bool = False) -> int:
             print(f"\n{name}: error: no file {file} (one file per case, named <case>.safetensors)")
             continue
         try:
-            statuses[name] = check_case(root, entry, file, layerwise)
+            statuses[name] = check_case(root, entry, file, layerwise, pcc)
         except Unusable as e:
             print(f"\n{name}: error: {e}")
     print("\nall cases:")
@@ -714,6 +757,8 @@ def main(argv=None) -> int:
     p.add_argument("--layerwise", action="store_true",
                    help="your tensors were computed stage by stage from the stored inputs: near ties do not "
                         "excuse later stages")
+    p.add_argument("--pcc", type=_pcc_arg, help="a floating tensor passes when its Pearson correlation with the "
+                   "reference reaches this (e.g. 0.99, for approximate kernels) instead of the dtype tolerance")
     p.add_argument("--dump", nargs=3, metavar=("CASE", "TENSOR", "OUT.npy"),
                    help="write one tensor of a case (outputs, inputs or model weights) as .npy, bf16 as fp32")
     args = p.parse_args(argv)
@@ -724,6 +769,8 @@ def main(argv=None) -> int:
     if given not in usage.get(given[0] if given else "", []):
         p.error(f"got {' '.join(given) or 'no mode'}; give one of: --list [--case C]; --case C --outputs F; "
                 f"--all --outputs-dir D; --reference R --outputs F [--config C]; --dump CASE TENSOR OUT.npy")
+    if args.pcc is not None and (args.list or args.dump):
+        p.error("--pcc is a criterion for comparing outputs: it goes with --case, --all or --reference")
     if args.reference is None and (args.config or args.tol is not None or args.tie_tol is not None):
         p.error("--config, --tol and --tie-tol go with --reference; a case carries its own")
     root = Path(args.root)
@@ -735,9 +782,10 @@ def main(argv=None) -> int:
             list_cases([find_case(manifest, root, args.case)] if args.case else manifest["cases"])
             return PASS
         if args.all:
-            return check_all(root, Path(args.outputs_dir), args.layerwise)
+            return check_all(root, Path(args.outputs_dir), args.layerwise, args.pcc)
         if args.case is not None:
-            return check_case(root, find_case(load_manifest(root), root, args.case), Path(args.outputs), args.layerwise)
+            return check_case(root, find_case(load_manifest(root), root, args.case), Path(args.outputs), args.layerwise,
+                              args.pcc)
         return check_reference(Path(args.reference), Path(args.outputs), args)
     except Unusable as e:
         print(f"error: {e}", file=sys.stderr)
@@ -754,7 +802,7 @@ def check_reference(path: Path, outputs: Path, args) -> int:
         except (OSError, json.JSONDecodeError) as e:
             raise Unusable(f"cannot read --config {args.config}: {e}") from e
     rules = reference_rules(reference, safetensors_dtypes(path), config, args.tol, args.tie_tol)
-    return check(str(path), rules, reference, theirs, args.layerwise, safetensors_dtypes(outputs))
+    return check(str(path), rules, reference, theirs, args.layerwise, safetensors_dtypes(outputs), args.pcc)
 
 
 def _tolerance_arg(text: str) -> float:
@@ -765,6 +813,16 @@ def _tolerance_arg(text: str) -> float:
 
 
 _tolerance_arg.__name__ = "finite, non-negative number"      # argparse names the type in its error
+
+
+def _pcc_arg(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(text)
+    return value
+
+
+_pcc_arg.__name__ = "number in (0, 1]"
 
 
 if __name__ == "__main__":
