@@ -1269,6 +1269,62 @@ class Cache:
             layer.truncate(length)
         self.mask = None if self.mask is None else self.mask[:, :length]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The cache as named tensors, what a prefill node hands a decode node: `mask` [B, Sk];
+        `layers.{i}.k`, `.v` [B, Sk, Hkv, Dh] and, in sparse layers, `.index_keys` [B, Sk, Di] (the
+        normed, roped index keys: without them a decode step has no history to rank); `mtp.{p}.*`
+        likewise for each MTP depth that has run (the drafter's own lengths)."""
+        if self.mask is None:
+            raise ValueError("the cache is empty: run a forward with it first")
+        out = {"mask": self.mask}
+        for prefix, caches in (("layers", self.layers), ("mtp", self.mtp)):
+            for i, layer in enumerate(caches):
+                names = {"k": layer.k, "v": layer.v, "index_keys": layer.ik}
+                out.update({f"{prefix}.{i}.{n}": t for n, t in names.items() if t is not None})
+        return out
+
+    @classmethod
+    def from_tensors(cls, cfg: M3Config, tensors: dict[str, torch.Tensor]) -> "Cache":
+        """The inverse of tensors(). Every decoder layer's k and v, and index_keys in its sparse
+        layers, must be present, shaped for the config and as long as `mask`; an MTP depth's
+        entries are all present or all absent (a depth that has not run). Anything else is a
+        ValueError naming the tensor, never a cache that silently lacks part of the history."""
+        mask = tensors.get("mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise ValueError("cache tensors need `mask` [B, Sk] (1 token, 0 pad)")
+        cache, kv, expected = cls.empty(cfg), [cfg.num_key_value_heads, cfg.head_dim], {"mask"}
+        entries = [(f"layers.{i}", c, cfg.is_sparse(i)) for i, c in enumerate(cache.layers)] + \
+                  [(f"mtp.{p}", c, cfg.is_sparse(cfg.num_hidden_layers - 1)) for p, c in enumerate(cache.mtp)]
+        for name, layer, sparse in entries:
+            want = {"k": kv, "v": kv, **({"index_keys": [cfg.sparse_index_dim]} if sparse else {})}
+            expected |= {f"{name}.{n}" for n in want}
+            got = {n: tensors[f"{name}.{n}"] for n in want if f"{name}.{n}" in tensors}
+            if name.startswith("mtp") and not got:
+                continue                                                  # a depth that has not run
+            _check_cache_entry(name, want, got, mask.shape[0], mask.shape[1] if name.startswith("layers") else None)
+            layer.k, layer.v, layer.ik = got["k"], got["v"], got.get("index_keys")
+        unknown = sorted(set(tensors) - expected)
+        if unknown:
+            raise ValueError(f"cache tensors {unknown} belong to no layer of this config")
+        cache.mask = mask
+        return cache
+
+
+def _check_cache_entry(name: str, want: dict[str, list[int]], got: dict, B: int, Sk: int | None) -> None:
+    """One layer's cache tensors: all of `want` present, each [B, Sk, *want[n]] (Sk: the mask's for
+    a decoder layer, the layer's own k length for an MTP depth)."""
+    missing = [f"{name}.{n}" for n in want if n not in got]
+    if missing:
+        raise ValueError(f"cache tensors lack {', '.join(missing)}: {name} needs "
+                         f"{', '.join(f'{name}.{n}' for n in want)}")
+    k = got["k"]
+    length = Sk if Sk is not None else (k.shape[1] if isinstance(k, torch.Tensor) and k.dim() > 1 else -1)
+    for n, t in got.items():
+        if not isinstance(t, torch.Tensor) or list(t.shape) != [B, length, *want[n]]:
+            shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"cache tensor {name}.{n} is {shape}, expected [{B}, {length}, "
+                             f"{', '.join(map(str, want[n]))}] ([B, Sk, ...])")
+
 
 def row_spans(mask: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) of each row's tokens in a mask [B, Sk]; they must be one run (pads on the left

@@ -1924,6 +1924,46 @@ def test_the_padded_batch_case_holds_each_row_as_if_run_alone():
             assert torch.equal(model.generate(row[mask[b] == 1][None], n)[0][0, -n:], out["generated"][b, -n:])
 
 
+def test_a_cache_handed_over_as_tensors_decodes_as_the_cache_itself():
+    """Cache.tensors -> safetensors bytes -> Cache.from_tensors keeps every layer's k, v and the
+    sparse layers' index keys, padded rows and MTP depths included: decoding from the copy gives
+    the same logits bit for bit."""
+    from safetensors.torch import load, save
+    cfg = tiny(vision=None)
+    model = model_of(cfg)
+    ids, mask = padded([torch.arange(30) % 500, torch.arange(19) % 500 + 3])
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=cache)
+        copy = m3.Cache.from_tensors(cfg, load(save({k: t.contiguous() for k, t in cache.tensors().items()})))
+        step = torch.tensor([[5], [9]])
+        assert torch.equal(model(step, cache=cache).logits, model(step, cache=copy).logits)
+    names = set(cache.tensors())
+    assert {"mask", "layers.0.k", "layers.1.index_keys", "layers.2.index_keys"} <= names
+    assert "layers.0.index_keys" not in names                      # layer 0 attends densely: no indexer
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.pop("layers.1.index_keys"), "lack layers.1.index_keys"),
+    (lambda t: t.update({"layers.0.v": t["layers.0.v"][:, :-1]}), r"layers.0.v is \[2, 29, 2, 16\], expected \[2, 30"),
+    (lambda t: t.update({"layers.9.k": t["layers.0.k"]}), r"\['layers.9.k'\] belong to no layer"),
+    (lambda t: t.pop("mask"), "need `mask`"),
+    (lambda t: t.update({"mtp.0.k": t["layers.0.k"]}), "lack mtp.0.v, mtp.0.index_keys"),
+])
+def test_cache_tensors_that_lack_part_of_the_history_are_refused(edit, match):
+    cfg = tiny(vision=None)
+    model = model_of(cfg)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.arange(60).view(2, 30), cache=cache)
+    tensors = cache.tensors()
+    edit(tensors)
+    with pytest.raises(ValueError, match=match):
+        m3.Cache.from_tensors(cfg, tensors)
+    with pytest.raises(ValueError, match="the cache is empty"):
+        model.new_cache().tensors()
+
+
 # ============================================================================================
 # Kernel flag and benchmarks
 # ============================================================================================
@@ -3168,7 +3208,92 @@ def test_golden_generation_is_deterministic_and_matches_the_committed_cases(tmp_
 
 
 def test_golden_is_small():
-    assert sum(p.stat().st_size for p in GOLDEN.rglob("*") if p.is_file()) <= 9 * 2 ** 20
+    assert sum(p.stat().st_size for p in GOLDEN.rglob("*") if p.is_file()) <= 12 * 2 ** 20
+
+
+CACHE_CASES = [e["name"] for e in V.load_manifest(GOLDEN)["cases"] if e["kind"] == "cached"]
+
+
+@pytest.mark.parametrize("case", CACHE_CASES)
+def test_cache_case_calls_equal_one_shot_forwards(case):
+    """Each committed cache case, re-checked from its files: every call's logits, block ids and
+    index-key cache equal a cacheless forward of the row's history (G.oneshot_mismatches)."""
+    model = m3.from_pretrained(GOLDEN / case)
+    assert G.oneshot_mismatches(model, _outputs(case, "inputs"), _outputs(case)) == []
+
+
+def _decode_at_call_start(select):
+    """Port bug: a call's queries ranked as if the call started the sequence (q_start dropped)."""
+    return lambda scores, q_start, *rest: select(scores, 0, *rest)
+
+
+def _minus_one_as_block(attend):
+    """Port bug: -1 (an unused slot) gathered as a block index, Python's last block."""
+    def bug(q, k, v, ids, block_size, *rest):
+        return attend(q, k, v, torch.where(ids < 0, -(-k.shape[1] // block_size) - 1, ids), block_size, *rest)
+    return bug
+
+
+def _chunk_restarts_block_max(scores_of):
+    """Port bug: the block a chunk starts in is pooled over this chunk's keys only."""
+    def bug(iq, ik, q_start, block_size):
+        s = scores_of(iq, ik, q_start, block_size)
+        c0, Sc = q_start // block_size, iq.shape[1]
+        end = min((c0 + 1) * block_size, ik.shape[1], q_start + Sc)
+        if q_start % block_size:
+            dots = torch.einsum("bihd,bjd->bhij", iq.float(), ik[:, q_start:end].float())
+            later = torch.arange(q_start, end)[None, :] > torch.arange(q_start, q_start + Sc)[:, None]
+            s[..., c0] = dots.masked_fill(later, float("-inf")).amax(-1)
+        return s
+    return bug
+
+
+def _prefix_hit_keeps_whole_blocks(truncate):
+    """Port bug: index keys cached per whole block of 8, so a hit mid-block loses the partial block's."""
+    def bug(cache, length):
+        truncate(cache, length)
+        for layer in cache.layers:
+            if layer.ik is not None:
+                layer.ik = layer.ik.clone()
+                layer.ik[:, length // 8 * 8:] = 0
+    return bug
+
+
+def _handoff_without_index_keys(from_tensors):
+    """Port bug: the decode node receives k and v only; its index-key cache starts empty (zeros)."""
+    return staticmethod(lambda cfg, tensors: from_tensors(
+        cfg, {k: torch.zeros_like(t) if k.endswith("index_keys") else t for k, t in tensors.items()}))
+
+
+def _positions_from_padded_slots(positions):
+    """Port bug: a cached call's positions counted from the padded batch's first slot, not per row."""
+    return lambda mask, n: positions(mask, n) if mask.shape[1] == n else \
+        torch.arange(mask.shape[1] - n, mask.shape[1]).expand(mask.shape[0], n)
+
+
+CACHE_BUGS = {   # case: (owner, attribute, the bug put back, the first divergence the verifier must name)
+    "cache-decode-boundary": (m3, "select_blocks", _decode_at_call_start, "step.1.layers.1.indexer.block_ids"),
+    "cache-short-prompt": (m3, "sparse_attention", _minus_one_as_block, "step.0.layers.1.hidden"),
+    "cache-chunked-prefill": (m3, "index_block_scores", _chunk_restarts_block_max,
+                              "step.1.layers.1.indexer.block_scores"),
+    "cache-prefix-hit": (m3.Cache, "truncate", _prefix_hit_keeps_whole_blocks, "step.1.layers.1.indexer.block_scores"),
+    "cache-handoff": (m3.Cache, "from_tensors", _handoff_without_index_keys, "step.1.layers.1.indexer.block_scores"),
+    "cache-verify-rows": (m3, "token_positions", _positions_from_padded_slots, "step.1.row.1.layers.0.hidden"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CACHE_BUGS))
+def test_cache_case_fails_the_port_bug_it_exists_for(case, monkeypatch, tmp_path, capsys):
+    """The bug put back into the reference, the case re-run: golden/verify.py names the first
+    divergence where the bug acts."""
+    from safetensors.torch import load_file
+    assert sorted(CACHE_BUGS) == sorted(CACHE_CASES)
+    owner, name, bug, first = CACHE_BUGS[case]
+    monkeypatch.setattr(owner, name, bug(getattr(owner, name)))
+    entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, case)
+    outputs = G.run_case(GOLDEN / case, entry, load_file(GOLDEN / case / "inputs.safetensors"))
+    got, out = _verify(capsys, "--case", case, "--outputs", _write(tmp_path / "bug.safetensors", outputs))
+    assert got == V.DIVERGED and f"first divergence: {first}" in out, out[-600:]
 
 
 def test_verify_py_runs_without_torch_on_every_committed_case():

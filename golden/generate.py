@@ -125,18 +125,29 @@ def indexer_outputs(attn: m3.Attention, x: torch.Tensor, layout: m3.Layout, pref
     """block_scores: unscaled fp32 block scores before forcing [B, Hi, S, nb] (-inf: no causal key);
     block_ids: the selection [B, Hi, S, topk] int32, ascending, -1 padded. With a cache (before this
     call's keys join it), the new queries sit after the cached slots and rank all index keys. With
-    padded rows (the layout's spans, no cache), each row's own tokens as if it ran alone, `row.{b}.` +
-    prefix."""
-    if layout.spans is not None:
-        if cache is not None and cache.length:
-            raise ValueError("indexer_outputs traces padded rows in one call without a cache only")
-        row = lambda b, lo, hi: m3.Layout(*(t[b:b + 1, lo:hi] for t in (layout.positions, layout.cos, layout.sin)))
-        return {f"row.{b}.{name}": t for b, (lo, hi) in enumerate(layout.spans) if hi > lo
-                for name, t in indexer_outputs(attn, x[b:b + 1, lo:hi], row(b, lo, hi), prefix).items()}
+    padded rows (the layout's spans), each row's own tokens as if it ran alone, `row.{b}.` + prefix:
+    its new queries after its own cached tokens."""
+    history = cache.ik if cache is not None and cache.length else None
+    if layout.spans is None:
+        return _selection(attn, x, layout, prefix, history)
+    past, out = (0 if history is None else history.shape[1]), {}
+    for b, (start, end) in enumerate(layout.spans):
+        lo, hi = max(past, start), min(past + x.shape[1], end)               # the row's new tokens
+        if hi > lo:
+            new = slice(lo - past, hi - past)
+            row = m3.Layout(*(t[b:b + 1, new] for t in (layout.positions, layout.cos, layout.sin)))
+            own = None if start >= past else history[b:b + 1, start:past]     # the row's cached index keys
+            out.update({f"row.{b}.{k}": t for k, t in _selection(attn, x[b:b + 1, new], row, prefix, own).items()})
+    return out
+
+
+def _selection(attn: m3.Attention, x: torch.Tensor, layout: m3.Layout, prefix: str,
+               history: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The indexer on x's queries after `history` [B, past, Di], the cached index keys (or none)."""
     iq, ik = attn.index_qk(x, layout.cos, layout.sin)
-    past = 0 if cache is None else cache.length
+    past = 0 if history is None else history.shape[1]
     if past:
-        ik = torch.cat([cache.ik, ik], dim=1)
+        ik = torch.cat([history, ik], dim=1)
     scores = m3.index_block_scores(iq, ik, past, attn.block_size)
     ids = m3.select_blocks(scores, past, attn.block_size, attn.topk, attn.init_blocks, attn.local_blocks)
     return {prefix + "block_scores": scores, prefix + "block_ids": ids}
@@ -408,7 +419,7 @@ def golden_cases() -> list[dict]:
         dict(name="bf16", kind="model", config=base, dtype="bfloat16", seed=101, media=True,
              description="the vision-language case with bf16 weights and activations"),
     ]
-    cases += decoding_cases(text) + mtp_variant_cases(text, base)
+    cases += decoding_cases(text) + cache_cases() + mtp_variant_cases(text, base)
     return [dict(c, end_results=c.get("end_results", ["logits"])) for c in cases]
 
 
@@ -436,6 +447,50 @@ def decoding_cases(text: m3.M3Config) -> list[dict]:
                          "and some rolled back; per main-model call s after the prefill: `step.{s}.draft_logits`, "
                          "`step.{s}.drafts`, `step.{s}.accepted`; `generated`: the 12 new tokens"),
     ]
+
+
+def cache_config() -> m3.M3Config:
+    """The model of the cache cases: a full-attention layer, then a sparse one (dense MLPs, no MTP
+    depth, text only): block 8, top-3 with 1 init + 1 local block, so that from 4 blocks on a query
+    drops blocks."""
+    return golden_config(num_hidden_layers=2, moe_layer_freq=[0, 0], sparse_attention_freq=[0, 1],
+                         num_mtp_modules=0, vision=None)
+
+
+def cache_cases() -> list[dict]:
+    """Where serving ports broke: calls with a cache, each checked against one-shot forwards
+    (`oneshot_mismatches`) when generated and by the test suite."""
+    run = dict(kind="cached", config=cache_config(), dtype="float32",
+               pins=[r"step\.\d+\.(?:row\.\d+\.)?(?:layers\.\d+\.indexer\.block_ids|cache\..+)"])
+    calls = "call s = 0, 1, ... runs the next steps[s] columns of input_ids with the cache"
+    cases = [
+        dict(run, name="cache-decode-boundary", seed=120, steps=[29, 1, 1, 1, 1],
+             description=f"a 29-token prefill (not a multiple of the block size 8), then 4 single-token decode "
+                         f"calls across the block boundary at 32; from 25 tokens on the history is longer than "
+                         f"top-k x block size (24), so decode queries drop blocks; {calls}"),
+        dict(run, name="cache-short-prompt", seed=121, steps=[10, 1, 1],
+             description=f"a 10-token prompt: 2 blocks, fewer than top-k = 3, so every selection row ends in -1 "
+                         f"(unused slot, never a block), then 2 decode calls; {calls}"),
+        dict(run, name="cache-chunked-prefill", seed=122, steps=[11, 11, 11, 6],
+             description=f"a 39-token prefill in chunks of 11 (not a multiple of the block size; chunks 2-4 start "
+                         f"mid-block: a block's pooled max spans two chunks), equal to the one-shot prefill; {calls}"),
+        dict(run, name="cache-prefix-hit", seed=123, steps=[27, 9], rollback=[-1, 21],
+             description="a prefix-cache hit at an unaligned offset: call 0 runs A + C (21 + 6 tokens), the cache "
+                         "rolls back to A's 21 positions (rollback[1], mid-block), call 1 continues with B (9 "
+                         "tokens): equal to A + B in one shot"),
+        dict(run, name="cache-handoff", seed=124, steps=[26, 1, 1, 1], handoff=[1, 0, 0, 0],
+             description="a prefill/decode split: after the 26-token prefill the cache is handed over as tensors "
+                         "(step.0.cache.*: mask, each layer's k and v, the sparse layer's index_keys; handoff[0] "
+                         "= 1) and 3 decode calls run from it"),
+        dict(run, name="cache-verify-rows", seed=125, steps=[30, 4], prompt_lengths=[30, 17, 25],
+             description="MTP verify rows: three left-padded prompts of 30, 17 and 25 tokens (attention_mask), "
+                         "then one call where each row verifies 1 + 3 tokens at its own causal length; padded "
+                         "calls report per row (step.{s}.row.{b}.*, with the row's own q_start)"),
+    ]
+    # end results: every call's logits (per row in the padded case: its history holds pads in every call)
+    rows = lambda c: [f"row.{b}." for b in range(len(c["prompt_lengths"]))] if "prompt_lengths" in c else [""]
+    return [dict(c, end_results=[f"step.{s}.{r}logits" for s in range(len(c["steps"])) for r in rows(c)])
+            for c in cases]
 
 
 def mtp_variant_cases(text: m3.M3Config, base: m3.M3Config) -> list[dict]:
@@ -486,7 +541,7 @@ def run_case(path: Path, case: dict, inputs: dict) -> dict[str, torch.Tensor]:
     if case["kind"] == "component":
         return run_component_case(path, case["component"], inputs)
     run = {"model": run_model_case, "decode": run_decode_case, "padded": run_padded_case,
-           "speculative": run_speculative_case}[case["kind"]]
+           "speculative": run_speculative_case, "cached": run_cached_case}[case["kind"]]
     return run(path, getattr(torch, case["dtype"]), inputs)
 
 
@@ -498,11 +553,26 @@ def _case_inputs(case: dict) -> dict[str, torch.Tensor]:
     if case["kind"] == "decode":
         steps = torch.tensor(case["steps"])
         return dict(input_ids=torch.randint(0, cfg.vocab_size, (1, int(steps.sum())), generator=g), steps=steps)
+    if case["kind"] == "cached":
+        return _cached_inputs(case, g)
     S = max(case["lengths"])
     mask = torch.stack([(torch.arange(S) >= S - n).long() for n in case["lengths"]])
     ids = torch.randint(0, cfg.vocab_size, mask.shape, generator=g) * mask
     inputs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=torch.tensor([case["max_new_tokens"]]))
     return inputs | ({"draft_tokens": torch.tensor([case["draft_tokens"]])} if "draft_tokens" in case else {})
+
+
+def _cached_inputs(case: dict, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """input_ids [B, sum(steps)] (rows of prompt_lengths left-padded in the first call, pads id 0),
+    attention_mask where there are pads, steps and the case's rollback / handoff per call."""
+    steps = case["steps"]
+    lengths = case.get("prompt_lengths", steps[:1])
+    mask = torch.ones(len(lengths), sum(steps), dtype=torch.int64)
+    for b, n in enumerate(lengths):
+        mask[b, :steps[0] - n] = 0
+    ids = torch.randint(0, case["config"].vocab_size, mask.shape, generator=g) * mask
+    inputs = dict(input_ids=ids, **({} if bool(mask.all()) else {"attention_mask": mask}), steps=torch.tensor(steps))
+    return inputs | {k: torch.tensor(case[k]) for k in ("rollback", "handoff") if k in case}
 
 
 def run_decode_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
@@ -526,6 +596,119 @@ def run_decode_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, t
     return out
 
 
+def run_cached_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
+    """A serving engine's calls: call s runs the next steps[s] columns of input_ids (and of
+    attention_mask: left pads in the first call) with the cache, after rolling the cache back to
+    rollback[s] positions when that is >= 0 (a prefix-cache hit); after it, the cache is handed
+    over through its tensors (Cache.tensors -> safetensors bytes -> Cache.from_tensors) where
+    handoff[s] is 1. Per call, `step.{s}.`: q_start, the traced forward (padded rows as
+    `row.{b}.*`, each with its own q_start), logits, the cache's index keys after the call
+    (`cache.layers.{i}.index_keys`; every cache tensor where it was handed over), cache_length."""
+    from safetensors.torch import load, save
+    model = m3.from_pretrained(path, dtype=dtype)
+    ids, steps = inputs["input_ids"], inputs["steps"].tolist()
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    rollback, handoff = (inputs[k].tolist() if k in inputs else [d] * len(steps) for k, d in (("rollback", -1),
+                                                                                               ("handoff", 0)))
+    if sum(steps) != ids.shape[1] or len(rollback) != len(steps) or len(handoff) != len(steps):
+        raise ValueError(f"steps {steps} must add up to the {ids.shape[1]} input_ids, with one rollback and "
+                         f"handoff entry per call")
+    cache, out, start = model.new_cache(), {}, 0
+    for s, n in enumerate(steps):
+        if rollback[s] >= 0:
+            cache.truncate(rollback[s])
+        out.update(cached_call(model, cache, ids[:, start:start + n], mask[:, start:start + n], f"step.{s}."))
+        start += n
+        tensors = cache.tensors()
+        if handoff[s]:                                   # what a prefill node sends a decode node, and back
+            tensors = load(save({k: t.contiguous() for k, t in tensors.items()}))
+            cache = m3.Cache.from_tensors(model.config, tensors)
+        kept = {k: t for k, t in tensors.items() if handoff[s] or k.endswith("index_keys")}
+        out.update(cache_rows(kept, cache.mask, f"step.{s}."))
+        out[f"step.{s}.cache_length"] = torch.tensor([cache.length])
+    return out
+
+
+def cache_rows(tensors: dict[str, torch.Tensor], mask: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    """Cache tensors under `prefix` + `cache.` + name; with pads in the history, per row
+    (`row.{b}.cache.*`, [1, the row's tokens, ...]), since pad slots hold nothing a port must match."""
+    if bool(mask.all()):
+        return {f"{prefix}cache.{k}": t for k, t in tensors.items()}
+    return {f"{prefix}row.{b}.cache.{k}": t[b:b + 1, mask[b].bool()] for b in range(mask.shape[0])
+            for k, t in tensors.items() if k != "mask"}
+
+
+def cached_call(model: m3.MiniMaxM3, cache: m3.Cache, ids: torch.Tensor, mask: torch.Tensor,
+                prefix: str) -> dict[str, torch.Tensor]:
+    """One traced call after the cache: q_start (cached slots), the forward's intermediates and
+    logits; where the history or the call holds pads, per row (`row.{b}.`, with the row's q_start:
+    its own cached tokens)."""
+    past = cache.length
+    history = cache.mask if cache.mask is not None else mask[:, :0]
+    tracer = Tracer(model, [], prefix)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, cache=cache).logits
+    tracer.close()
+    out = {prefix + "q_start": torch.tensor([past]), **tracer.out, prefix + "logits": logits}
+    if bool(cache.mask.all()):
+        return out
+    spans = [(max(start - past, 0), end - past) for start, end in m3.row_spans(cache.mask)]
+    out = {prefix + "q_start": out[prefix + "q_start"], **by_row(out, spans, *ids.shape, prefix)}
+    out.update({f"{prefix}row.{b}.q_start": torch.tensor([int(history[b].sum())]) for b in range(ids.shape[0])})
+    return out
+
+
+def oneshot(model: m3.MiniMaxM3, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A cacheless forward of ids [1, S]: logits, each sparse layer's block ids and its index keys
+    ([1, S, Di], what a cache would hold), under the golden names without a call prefix."""
+    text, keys = model.language_model.model, {}
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda m, a, i=i: keys.update({f"layers.{i}.index_keys": m.index_qk(a[0], a[1].cos, a[1].sin)[1]}))
+        for i, layer in enumerate(text.layers) if layer.self_attn.sparse]
+    tracer = Tracer(model, [])
+    with torch.no_grad():
+        logits = model(ids).logits
+    tracer.close()
+    for h in hooks:
+        h.remove()
+    return {"logits": logits, **{k: t for k, t in tracer.out.items() if k.endswith("block_ids")}, **keys}
+
+
+def oneshot_mismatches(model: m3.MiniMaxM3, inputs: dict, outputs: dict) -> list[str]:
+    """Where a `cached` case's calls differ from one-shot forwards: for each call and row, the
+    row's history after the call (rolled back as the case says, pads left out) runs alone without a
+    cache, and the call's logits (fp32 model tolerance), block ids (equal) and the cache's index keys
+    after the call (same tolerance) must match it at the row's positions."""
+    ids, steps = inputs["input_ids"], inputs["steps"].tolist()
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    rollback = inputs["rollback"].tolist() if "rollback" in inputs else [-1] * len(steps)
+    tol, problems, kept, start = V.FP32_MODEL_TOL, [], [], 0
+    for s, n in enumerate(steps):
+        kept = (kept[:rollback[s]] if rollback[s] >= 0 else kept) + list(range(start, start + n))
+        start += n
+        for b in range(ids.shape[0]):
+            mine = [c for c in kept if mask[b, c]]                       # the row's tokens, in order
+            new = int(mask[b, start - n:start].sum())
+            ref = oneshot(model, ids[b:b + 1, mine])
+            prefix = f"step.{s}.row.{b}." if f"step.{s}.row.{b}.logits" in outputs else f"step.{s}."
+            row = (lambda t: t) if prefix.endswith(f"row.{b}.") else (lambda t: t[b:b + 1])
+            got = {"logits": row(outputs[prefix + "logits"])[:, -new:] if new else None}
+            got |= {k: row(outputs[prefix + k])[:, :, -new:] for k in ref if k.endswith("block_ids")}
+            got |= {k: outputs[prefix + "cache." + k] if prefix.endswith(f"row.{b}.") else
+                    outputs[prefix + "cache." + k][b:b + 1] for k in ref if k.endswith("index_keys")}
+            want = {"logits": ref["logits"][:, len(mine) - new:], **{k: ref[k][:, :, len(mine) - new:] for k in ref
+                                                                    if k.endswith("block_ids")},
+                    **{k: ref[k] for k in ref if k.endswith("index_keys")}}
+            for k, t in got.items():
+                if t is None:
+                    continue
+                same = torch.equal(t, want[k]) if k.endswith("block_ids") else \
+                    torch.allclose(t, want[k], rtol=tol, atol=tol)
+                if not same:
+                    problems.append(f"call {s} row {b}: {k} differs from the one-shot forward")
+    return problems
+
+
 def run_padded_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
     """A left-padded batch: per row b, the traced forward over the row's own tokens as if it ran
     alone (`row.{b}.` + the model-case names, MTP included), then `generated`: the max_new_tokens
@@ -536,17 +719,26 @@ def run_padded_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, t
     with torch.no_grad():
         res = model(ids, attention_mask=mask)
     tracer.close()
-    whole = named_outputs(tracer.out, res)
-    out = {k: v for k, v in whole.items() if k.startswith("row.")}      # indexer: traced per row
     B, S = ids.shape
-    for b, (lo, hi) in enumerate(m3.row_spans(mask)):
-        for name, t in whole.items():
-            if name.startswith("row."):
-                continue
-            router = ".router." in name                                   # [B*S, ...], a row alone: [n, ...]
-            out[f"row.{b}.{name}"] = t.view(B, S, *t.shape[1:])[b, lo:hi] if router else t[b:b + 1, lo:hi]
+    out = by_row(named_outputs(tracer.out, res), m3.row_spans(mask), B, S)
     n = int(inputs["max_new_tokens"])
     out["generated"] = model.generate(ids, n, attention_mask=mask)[0][:, S:]
+    return out
+
+
+def by_row(whole: dict[str, torch.Tensor], spans: list[tuple[int, int]], B: int, S: int,
+           prefix: str = "") -> dict[str, torch.Tensor]:
+    """A padded call's traced tensors per row, `prefix` + `row.{b}.` + name: row b's new tokens are
+    the slots spans[b] of the call's S; the indexer is traced per row already (its names start
+    with `row.`)."""
+    out = {k: v for k, v in whole.items() if k.startswith(prefix + "row.")}
+    for b, (lo, hi) in enumerate(spans):
+        for name, t in whole.items():
+            if name.startswith(prefix + "row.") or t.dim() == 0 or name.endswith("q_start"):
+                continue
+            base = name.removeprefix(prefix)
+            router = ".router." in base                                   # [B*S, ...], a row alone: [n, ...]
+            out[f"{prefix}row.{b}.{base}"] = t.view(B, S, *t.shape[1:])[b, lo:hi] if router else t[b:b + 1, lo:hi]
     return out
 
 
@@ -623,6 +815,8 @@ def make_case(case: dict, path: Path) -> dict:
     outputs = run_case(path, case, inputs)
     if case["kind"] != "component":
         outputs = {name: outputs[name] for name in V.forward_order(outputs)}
+    if case["kind"] == "cached" and oneshot_mismatches(model, inputs, outputs):
+        raise ValueError(f"case {case['name']}: " + "; ".join(oneshot_mismatches(model, inputs, outputs)))
     if "generated" in outputs:
         tokens = torch.cat([inputs["input_ids"], outputs["generated"]], 1)
         margin = min([greedy_margin(model, tokens, inputs["attention_mask"], inputs["input_ids"].shape[1])]

@@ -145,7 +145,8 @@ _IN_LAYER = ["indexer.block_scores", "indexer.block_ids", "router.scores", "rout
 _IN_MTP = [f"layer.{n}" for n in _IN_LAYER[:-1]] + ["hidden"]
 
 
-_CALL = re.compile(r"^((?:step|row)\.(\d+)\.)(.+)$")     # a decode call's or a padded row's tensors
+_CALL = re.compile(r"^((?:step|row)\.(\d+)\.)(.+)$")     # a decode call's or a padded row's tensors (nested:
+                                                         # a padded row of a call, `step.1.row.0.`)
 _STEP_TAIL = ["draft_logits", "drafts", "accepted", "cache_length"]
 
 
@@ -155,7 +156,7 @@ def forward_order(names) -> list[str]:
     logits (the shared head runs after the last depth), losses; unknown names last, sorted. Decode
     calls `step.{s}.*` (q_start first; then the forward; draft_logits, drafts, accepted and
     cache_length last) and padded rows `row.{b}.*` follow each other in that order; then
-    `generated`."""
+    `generated`; a call's padded rows follow its own tensors."""
     def key(name):
         m = _ORDER.match(name)
         if m is None:
@@ -176,7 +177,7 @@ def forward_order(names) -> list[str]:
     def call_key(name):
         m = _CALL.match(name)
         if m:
-            return (1, m.group(1).split(".")[0], int(m.group(2)), key(m.group(3)))
+            return (1, m.group(1).split(".")[0], int(m.group(2)), call_key(m.group(3)))
         return (2,) if name == "generated" else (0, key(name))
     return sorted(names, key=call_key)
 
@@ -186,18 +187,21 @@ def stage(name: str) -> str:
     come from the stored hidden), `vision.image|video`, else the tensor itself; inside a decode call
     or padded row, prefixed by it (`step.2.layers.1`). With --layerwise every stage starts from
     stored tensors, so a near tie never crosses stages."""
-    call = _CALL.match(name)
-    prefix, name = (call.group(1), call.group(3)) if call else ("", name)
+    prefix, name = _split(name)
     m = re.match(r"^(layers\.\d+|mtp\.\d+(?=\.(?:layer|hidden))|vision\.\w+)\.", name)
     return prefix + (m.group(1) if m else name)
 
 
 def q_start(reference: dict[str, np.ndarray], name: str) -> int:
-    """The slot of a selection's first query: `step.{s}.q_start` for a decode call's tensors (the
-    positions cached before it), else 0."""
-    call = _CALL.match(name)
-    stored = reference.get(call.group(1) + "q_start") if call else None
-    return int(np.asarray(stored).reshape(-1)[0]) if stored is not None and np.asarray(stored).size == 1 else 0
+    """The slot of a selection's first query: the `q_start` of its call (`step.{s}.q_start`: the
+    positions cached before it; `step.{s}.row.{b}.q_start`: a padded row's own cached tokens), else 0."""
+    prefix = _split(name)[0]
+    outer = _CALL.match(prefix)                             # `step.{s}.` of `step.{s}.row.{b}.`
+    for p in [prefix] + ([outer.group(1)] if outer else []):
+        stored = reference.get(p + "q_start") if p else None
+        if stored is not None and np.asarray(stored).size == 1:
+            return int(np.asarray(stored).reshape(-1)[0])
+    return 0
 
 
 def forced_blocks(c: int, init_blocks: int, local_blocks: int) -> set[int]:
@@ -446,9 +450,11 @@ _TOKENS = re.compile(r"^(?:embeddings|hidden|logits|out|layers\.\d+\.hidden|mtp\
 
 
 def _split(name: str) -> tuple[str, str]:
-    """(the call prefix `step.{s}.` or `row.{b}.`, else "", and the name inside it)."""
-    call = _CALL.match(name)
-    return (call.group(1), call.group(3)) if call else ("", name)
+    """(the call prefix: `step.{s}.`, `row.{b}.` or both nested, else "", and the name inside it)."""
+    prefix = ""
+    while (call := _CALL.match(name)) is not None:
+        prefix, name = prefix + call.group(1), call.group(3)
+    return prefix, name
 
 
 def sites(name: str, reference: dict[str, np.ndarray], mask: np.ndarray) -> dict[int, float] | None:
@@ -474,8 +480,9 @@ def sites(name: str, reference: dict[str, np.ndarray], mask: np.ndarray) -> dict
         b, p = t // S, t % S
     else:
         return None
-    if prefix.startswith("row."):
-        b = np.full_like(b, int(prefix[4:-1]))
+    row = re.search(r"row\.(\d+)\.$", prefix)
+    if row:                                                   # a padded row's tensor: batch row b alone
+        b = np.full_like(b, int(row.group(1)))
     first = {}
     for row, pos in zip(b.tolist(), (p + q_start(reference, name)).tolist()):
         first[row] = min(first.get(row, np.inf), pos)
