@@ -401,11 +401,14 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
 class Layout:
     """Where one forward call's tokens sit, shared by every layer of it: positions [B, S] (they
     drive RoPE only), their RoPE angles cos, sin [B, S, R/2] fp32, and each row's token span
-    [start, end) among the slots when rows are padded (None: no pads; see token_layout)."""
+    [start, end) among the slots when rows are padded (None: no pads; see token_layout). With
+    indexer_kl a list (training with indexer_loss="kl"), each sparse attention appends its
+    `indexer_kl` loss to it."""
     positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     spans: list[tuple[int, int]] | None = None
+    indexer_kl: list[torch.Tensor] | None = None
 
 
 # ============================================================================================
@@ -570,6 +573,33 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     return out
 
 
+def indexer_kl(q: torch.Tensor, k: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor, block_ids: torch.Tensor,
+               block_size: int, scale: float) -> torch.Tensor:
+    """MSA's indexer distillation loss for one sparse layer (training; MiniMax-AI/MSA v1,
+    `kl_full_reference`): mean over (b, index head h, query i) of KL(t || s), both over the keys
+    j <= i in the blocks block_ids[b, h, i] selected:
+      teacher t = the attention softmax_j(q_i k_j * scale), averaged over the G = H / Hi query heads
+          of KV group h, detached (no gradient reaches the attention);
+      student s = softmax_j(iq[b, i, h] . ik[b, j] * Di^-0.5), the indexer's token scores.
+    Its gradient reaches iq and ik only (the selection itself has none), as MSA's (p_s - t) * scale.
+    q [B, S, H, Dh], k [B, S, Hkv, Dh], iq [B, S, Hi, Di], ik [B, S, Di], block_ids int32
+    [B, Hi, S, topk] -> [] fp32. O(S^2) memory: a reference, not a trainer.
+    """
+    B, S, H, _ = q.shape
+    Hi, Di = iq.shape[2], iq.shape[3]
+    slot = torch.arange(S, device=q.device)
+    picked = (block_ids.long()[..., None] == (slot // block_size)).any(-2)        # [B, Hi, S, S]: key j chosen
+    keep = picked & (slot[None, :] <= slot[:, None])
+    kk = k.float().repeat_interleave(H // k.shape[2], dim=2)                    # [B, S, H, Dh]
+    a = torch.einsum("bihd,bjhd->bhij", q.float(), kk) * scale
+    a = a.masked_fill(~keep.repeat_interleave(H // Hi, dim=1), float("-inf")).softmax(-1)
+    t = a.view(B, Hi, H // Hi, S, S).mean(2).detach()                           # [B, Hi, S, S]
+    student = torch.einsum("bihd,bjd->bhij", iq.float(), ik.float()) * Di ** -0.5
+    log_s = student.masked_fill(~keep, float("-inf")).log_softmax(-1).masked_fill(~keep, 0.0)
+    log_t = t.masked_fill(~keep, 1.0).log()
+    return (t * (log_t - log_s)).sum(-1).mean()
+
+
 @dataclass
 class LayerCache:
     """What one attention layer keeps between calls, in the model dtype: k, v [B, Sk, Hkv, Dh] and,
@@ -637,13 +667,14 @@ class Attention(nn.Module):
                        self.index_k_norm.weight, cos, sin, self.eps)
         return iq, ik[:, :, 0]
 
-    def attend(self, q, k, v, iq, ik, q_start: int) -> torch.Tensor:
+    def attend(self, q, k, v, iq, ik, q_start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """New queries at slots q_start.. against keys at slots 0..: the selected blocks (sparse
-        layers, ranked against every index key) or all causal keys. -> [B, S, H, Dh]"""
+        layers, ranked against every index key) or all causal keys. -> ([B, S, H, Dh], the block ids
+        [B, Hi, S, topk] or None)"""
         if self.sparse:
             ids = lightning_indexer(iq, ik, self.block_size, self.topk, self.init_blocks, self.local_blocks, q_start)
-            return sparse_attention(q, k, v, ids, self.block_size, self.scale, q_start)
-        return causal_attention(q, k, v, self.scale, q_start)
+            return sparse_attention(q, k, v, ids, self.block_size, self.scale, q_start), ids
+        return causal_attention(q, k, v, self.scale, q_start), None
 
     def forward(self, x: torch.Tensor, layout: Layout, cache: LayerCache | None = None) -> torch.Tensor:
         B, S, _ = x.shape
@@ -657,7 +688,11 @@ class Attention(nn.Module):
             k, v = cache.extend(k=k, v=v)
             ik = cache.extend(ik=ik)[0] if self.sparse else None
         if spans is None:
-            o = self.attend(q, k, v, iq, ik, past)
+            o, ids = self.attend(q, k, v, iq, ik, past)
+            if self.sparse and layout.indexer_kl is not None:
+                # the student from a detached input: the KL trains the indexer and nothing before it
+                layout.indexer_kl.append(indexer_kl(q, k, *self.index_qk(x.detach(), cos, sin), ids,
+                                                    self.block_size, self.scale))
         else:
             o = torch.zeros_like(q)
             for b, (start, end) in enumerate(spans):
@@ -666,7 +701,7 @@ class Attention(nn.Module):
                     new, seen = slice(lo - past, hi - past), slice(start, hi)
                     o[b:b + 1, new] = self.attend(q[b:b + 1, new], k[b:b + 1, seen], v[b:b + 1, seen],
                                                   iq[b:b + 1, new] if self.sparse else None,
-                                                  ik[b:b + 1, seen] if self.sparse else None, lo - start)
+                                                  ik[b:b + 1, seen] if self.sparse else None, lo - start)[0]
         return self.o_proj(o.reshape(B, S, -1))
 
 
@@ -1084,9 +1119,10 @@ def splice(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor
 class M3Output:
     logits: torch.Tensor                 # [B, S, V]
     mtp_logits: list[torch.Tensor]       # one [B, S, V] per MTP depth (none with a cache)
-    loss: torch.Tensor | None = None     # lm_loss + mtp_loss
+    loss: torch.Tensor | None = None     # lm_loss + mtp_loss (+ indexer_loss when asked for)
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
+    indexer_loss: torch.Tensor | None = None   # indexer_loss="kl": the sum of every sparse layer's indexer_kl
     hidden: torch.Tensor | None = None   # [B, S, D] the text model's output after the final norm
     inputs_embeds: torch.Tensor | None = None  # [B, S, D] the text model's input (media spliced in)
 
@@ -1187,11 +1223,14 @@ class MiniMaxM3(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, position_ids=None, labels=None,
-                attention_mask=None, cache: "Cache | None" = None, inputs_embeds=None) -> M3Output:
+                attention_mask=None, cache: "Cache | None" = None, inputs_embeds=None,
+                indexer_loss: str | None = None) -> M3Output:
         """-> logits [B, S, V] (for the new tokens only when a cache is given), the MTP logits
         (none with a cache), the final hidden state and, with labels, the losses. inputs_embeds
         [B, S, D] replaces embed(): generate passes the token embeddings of generated tokens, which
-        are text even where a model emits a media placeholder id."""
+        are text even where a model emits a media placeholder id. indexer_loss="kl" (training,
+        one uncached, unpadded call) adds indexer_loss, the sum of every sparse attention's
+        indexer_kl (MTP depths' included), to the output and to loss."""
         cfg = self.config
         if self.drafter_only:
             raise ValueError("this model holds only the MTP drafter's weights (from_pretrained drafter_only): "
@@ -1200,6 +1239,9 @@ class MiniMaxM3(nn.Module):
         mask, spans, positions = token_layout(input_ids, attention_mask, cache)
         text, lm_head = self.language_model.model, self.language_model.lm_head
         layout = text.layout(positions if position_ids is None else position_ids, spans)
+        if indexer_loss is not None:
+            _check_indexer_loss(cfg, indexer_loss, cache, spans)
+            layout.indexer_kl = []
         # in the order of the pieces a streamed run holds one at a time (stream_forward): vision,
         # embeddings (the MTP depths' too), each layer, the norm, each MTP depth, then the head
         if inputs_embeds is not None:
@@ -1221,7 +1263,11 @@ class MiniMaxM3(nn.Module):
         own = cfg.mtp.head == "per_depth"
         out = M3Output(logits=lm_head(h), mtp_logits=[x if own else lm_head(x) for x in heads], hidden=h,
                        inputs_embeds=inputs_embeds)
-        return add_losses(out, labels, cfg.mtp, attention_mask)
+        out = add_losses(out, labels, cfg.mtp, attention_mask)
+        if layout.indexer_kl is not None:
+            out.indexer_loss = sum(layout.indexer_kl)
+            out.loss = None if out.loss is None else out.loss + out.indexer_loss
+        return out
 
     def new_cache(self) -> "Cache":
         """An empty cache for forward(..., cache=) and generate (see the Decoding section)."""
@@ -1650,6 +1696,15 @@ def _check_ids(input_ids, labels, position_ids, vocab_size: int, attention_mask=
                              f"got {got!r} (with a cache: this call's tokens only; the cache keeps the rest)")
         if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             raise ValueError("attention_mask must hold 1 (token) and 0 (pad) only")
+
+
+def _check_indexer_loss(cfg: M3Config, indexer_loss, cache, spans) -> None:
+    if indexer_loss != "kl":
+        raise ValueError(f"indexer_loss must be None or 'kl' (MSA's indexer distillation), got {indexer_loss!r}")
+    if not any(cfg.sparse_attention_freq):
+        raise ValueError("indexer_loss='kl' needs a sparse layer, and this config has none")
+    if cache is not None or spans is not None:
+        raise ValueError("indexer_loss='kl' is a training loss: one call without a cache or padded rows")
 
 
 def _check_embeds(inputs_embeds, input_ids, hidden_size: int, pixel_values, pixel_values_videos):

@@ -420,7 +420,44 @@ def golden_cases() -> list[dict]:
              description="the vision-language case with bf16 weights and activations"),
     ]
     cases += decoding_cases(text) + cache_cases() + mtp_variant_cases(text, base)
+    cases += gradient_cases([c for c in cases if c["name"] in ("text", "mtp-depth-2", "vision-language")])
+    cases += training_cases()
     return [dict(c, end_results=c.get("end_results", ["logits"])) for c in cases]
+
+
+def training_cases() -> list[dict]:
+    """Losses a training port computes beyond the forward: MSA's indexer KL on a cache case's
+    weights, the losses of a batch split across ranks on mtp-depth-2's."""
+    return [
+        dict(name="indexer-kl", kind="kl", checkpoint="cache-decode-boundary", config=cache_config(), dtype="float32",
+             seed=130, batch=2, length=40, end_results=["indexer_loss"],
+             pins=[r"layers\.\d+\.(indexer\.block_ids|indexer_kl)", r"grad\..+"],
+             description="indexer_loss='kl' (MiniMax MSA's indexer distillation) on 2 rows of 40 tokens, block 8, "
+                         "top-3: layer 1's `layers.1.indexer_kl` (mean over rows, index heads and queries of KL("
+                         "teacher || student) over each query's selected causal keys), `indexer_loss` (their sum) "
+                         "and its gradient `grad.<checkpoint key>` on the only parameters it reaches, the indexer's"),
+        dict(name="mtp-loss-split", kind="split", checkpoint="mtp-depth-2", config=golden_config(num_mtp_modules=2),
+             dtype="float32", seed=131, batch=4, length=23, split=[1, 3], end_results=["loss"],
+             pins=[r"part\.\d+\..+", r"(lm_|mtp_)?loss"],
+             description="a batch of 4 rows split 1 + 3 across ranks (input `split`), labels with -100 at different "
+                         "rates: per part p `part.{p}.lm_loss`, `.mtp_loss`, `.loss`, the valid target counts "
+                         "`part.{p}.lm_tokens` [1] and `part.{p}.mtp_tokens` [2] (per depth) and each depth's mean "
+                         "CE `part.{p}.mtp_ce` [2]; then the whole batch's `lm_loss`, `mtp_loss`, `loss`, which "
+                         "are the token-weighted combinations of the parts' (README)"),
+    ]
+
+
+def gradient_cases(forward: list[dict]) -> list[dict]:
+    """For training ports: the gradients of a model case's losses, on its weights and inputs."""
+    return [dict(c, name=f"grad-{c['name']}", kind="grad", checkpoint=c["name"],
+                 end_results=["grad.inputs_embeds"], pins=[r"grad\..+", r"(lm_|mtp_)?loss"],
+                 description=f"the gradients of case {c['name']}'s losses on its weights (golden/{c['name']}/) and "
+                             f"inputs: `grad.<checkpoint key>` of loss = lm_loss + mtp_loss for every parameter that "
+                             f"gets one, and `grad.inputs_embeds` [B, S, D] (the text model's input, media spliced "
+                             f"in); `grad.mtp_loss.*` and `grad.lm_loss.*` each term alone; fp32. Not stored, "
+                             f"derived by the verifier: grad.lm_loss.X = grad.X - grad.mtp_loss.X, and in the MTP "
+                             f"depths, which lm_loss does not reach, grad.mtp_loss.X = grad.X")
+            for c in forward]
 
 
 def decoding_cases(text: m3.M3Config) -> list[dict]:
@@ -541,15 +578,24 @@ def run_case(path: Path, case: dict, inputs: dict) -> dict[str, torch.Tensor]:
     if case["kind"] == "component":
         return run_component_case(path, case["component"], inputs)
     run = {"model": run_model_case, "decode": run_decode_case, "padded": run_padded_case,
-           "speculative": run_speculative_case, "cached": run_cached_case}[case["kind"]]
-    return run(path, getattr(torch, case["dtype"]), inputs)
+           "speculative": run_speculative_case, "cached": run_cached_case, "grad": run_grad_case,
+           "kl": run_kl_case, "split": run_split_case}[case["kind"]]
+    weights = path.parent / case["checkpoint"] if "checkpoint" in case else path     # another case's weights
+    return run(weights, getattr(torch, case["dtype"]), inputs)
 
 
 def _case_inputs(case: dict) -> dict[str, torch.Tensor]:
     cfg, seed = case["config"], case["seed"]
-    if case["kind"] == "model":
+    if case["kind"] in ("model", "grad"):
         return _model_inputs(cfg, seed, case.get("batch", 1), case.get("length", 0), case["media"])
     g = torch.Generator().manual_seed(seed)
+    if case["kind"] == "kl":
+        return {"input_ids": torch.randint(0, cfg.vocab_size, (case["batch"], case["length"]), generator=g)}
+    if case["kind"] == "split":
+        ids = torch.randint(0, cfg.vocab_size, (case["batch"], case["length"]), generator=g)
+        rate = torch.tensor([0.6] * case["split"][0] + [0.1] * (case["batch"] - case["split"][0]))[:, None]
+        labels = ids.masked_fill(torch.rand(ids.shape, generator=g) < rate, -100)
+        return {"input_ids": ids, "labels": labels, "split": torch.tensor(case["split"])}
     if case["kind"] == "decode":
         steps = torch.tensor(case["steps"])
         return dict(input_ids=torch.randint(0, cfg.vocab_size, (1, int(steps.sum())), generator=g), steps=steps)
@@ -594,6 +640,67 @@ def run_decode_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, t
         out.update({f"step.{s}.logits": logits, f"step.{s}.cache_length": torch.tensor([cache.length])})
         start += n
     return out
+
+
+def run_grad_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
+    """The forward with labels, then by autograd the gradient of loss, of mtp_loss and of lm_loss
+    with respect to every parameter that gets one and to the input embeddings: `grad.` (loss),
+    `grad.mtp_loss.`, `grad.lm_loss.` + the checkpoint key or `inputs_embeds`; then the losses.
+    Parameters that only choose (router bias, indexer) get none, and lm_loss none in MTP depths."""
+    model = m3.from_pretrained(path, dtype=dtype)
+    named = [(n, p) for n, p in model.named_parameters()]
+    res = model(**inputs)
+    out = {}
+    for term, prefix in (("loss", "grad."), ("mtp_loss", "grad.mtp_loss."), ("lm_loss", "grad.lm_loss.")):
+        grads = torch.autograd.grad(getattr(res, term), [p for _, p in named] + [res.inputs_embeds],
+                                    retain_graph=True, allow_unused=True)
+        keys = [m3.checkpoint_key(n, model.config) for n, _ in named] + ["inputs_embeds"]
+        out.update({prefix + k: g for k, g in zip(keys, grads) if g is not None})
+    return out | {n: getattr(res, n).detach() for n in ("lm_loss", "mtp_loss", "loss")}
+
+
+def run_kl_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
+    """indexer_loss="kl" on input_ids: per layer the traced selection and hidden state, each sparse
+    layer's `layers.{i}.indexer_kl`, `indexer_loss`, and its gradient on every parameter it reaches
+    (`grad.<checkpoint key>`)."""
+    model = m3.from_pretrained(path, dtype=dtype)
+    kl, text = {}, model.language_model.model
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda m, a, y, i=i: kl.update({f"layers.{i}.indexer_kl": a[1].indexer_kl[-1]}))
+        for i, layer in enumerate(text.layers) if layer.self_attn.sparse]
+    tracer = Tracer(model, [])
+    res = model(inputs["input_ids"], indexer_loss="kl")
+    tracer.close()
+    for h in hooks:
+        h.remove()
+    named = list(model.named_parameters())
+    grads = torch.autograd.grad(res.indexer_loss, [p for _, p in named], allow_unused=True)
+    # the selections and the layers' states (what the loss reads), not the head's logits
+    out = {k: t for k, t in tracer.out.items() if k.startswith("layers.")} | {k: t.detach() for k, t in kl.items()}
+    out["indexer_loss"] = res.indexer_loss.detach()
+    return out | {f"grad.{m3.checkpoint_key(n, model.config)}": g for (n, _), g in zip(named, grads) if g is not None}
+
+
+def run_split_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
+    """A batch split into parts of split[p] rows (ranks, micro-batches): per part p, its losses
+    alone (`part.{p}.lm_loss`, `.mtp_loss`, `.loss`), its valid target counts (`part.{p}.lm_tokens`
+    [1], `part.{p}.mtp_tokens` [M]) and each depth's mean CE (`part.{p}.mtp_ce` [M]); then the whole
+    batch's losses, the token-weighted combinations of the parts' (README, "MTP variants")."""
+    model = m3.from_pretrained(path, dtype=dtype)
+    ids, labels, out, start = inputs["input_ids"], inputs["labels"], {}, 0
+    if sum(inputs["split"].tolist()) != ids.shape[0]:
+        raise ValueError(f"split {inputs['split'].tolist()} must add up to the {ids.shape[0]} rows")
+    with torch.no_grad():
+        for p, rows in enumerate(inputs["split"].tolist()):
+            part, start = slice(start, start + rows), start + rows
+            res = model(ids[part], labels=labels[part])
+            terms = [m3.cross_entropy_sum(lg, labels[part], 1 + k) for k, lg in enumerate(res.mtp_logits, start=1)]
+            out.update({f"part.{p}.{n}": getattr(res, n) for n in ("lm_loss", "mtp_loss", "loss")})
+            out[f"part.{p}.lm_tokens"] = m3.cross_entropy_sum(res.logits, labels[part], 1)[1].reshape(1)
+            out[f"part.{p}.mtp_tokens"] = torch.stack([n for _, n in terms])
+            out[f"part.{p}.mtp_ce"] = torch.stack([total / n.clamp(min=1) for total, n in terms])
+        res = model(ids, labels=labels)
+    return out | {n: getattr(res, n) for n in ("lm_loss", "mtp_loss", "loss")}
 
 
 def run_cached_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
@@ -811,8 +918,10 @@ def make_case(case: dict, path: Path) -> dict:
             save_file({k: t.contiguous() for k, t in model.state_dict().items() if k in m3_keys}, path / m3.SINGLE_FILE)
     else:
         inputs = _case_inputs(case)
-        m3.save_pretrained(model, path, mtp_layout=case.get("mtp_layout", "m3"))
+        if "checkpoint" not in case:
+            m3.save_pretrained(model, path, mtp_layout=case.get("mtp_layout", "m3"))
     outputs = run_case(path, case, inputs)
+    derived = gradient_sources(outputs) if case["kind"] == "grad" else {}
     if case["kind"] != "component":
         outputs = {name: outputs[name] for name in V.forward_order(outputs)}
     if case["kind"] == "cached" and oneshot_mismatches(model, inputs, outputs):
@@ -824,17 +933,38 @@ def make_case(case: dict, path: Path) -> dict:
         if margin < 10 * V.FP32_MODEL_TOL:
             raise ValueError(f"case {case['name']}: a greedy choice is within {margin:.2g} of a tie; pick another seed")
     save_file({k: v.contiguous() for k, v in inputs.items()}, path / "inputs.safetensors")
-    save_file({k: v.contiguous().clone() for k, v in outputs.items()}, path / "outputs.safetensors")
+    save_file({k: v.detach().contiguous().clone() for k, v in outputs.items() if k not in derived},
+              path / "outputs.safetensors")
+    shared = [path.parent / case["checkpoint"] / f for f in ("config.json", m3.SINGLE_FILE)] if "checkpoint" in case else []
     return {"name": case["name"], "description": case["description"], "kind": case["kind"],
             **({"component": case["component"]} if case["kind"] == "component" else {}),
             "dtype": case["dtype"], "seed": case["seed"], "tie_tol": V.tie_tolerance(case["dtype"]),
             "config": cfg.to_dict(), "inputs": {k: list(v.shape) for k, v in inputs.items()},
             **({"processor": processor} if case.get("component", "").startswith("preprocess") else {}),
             "end_results": case["end_results"], "required": required_outputs(case, list(outputs)),
+            **({"checkpoint": case["checkpoint"]} if "checkpoint" in case else {}),
             "outputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
-                         **V.tolerance(k, v.is_floating_point(), case["dtype"], case["kind"])}
-                        for k, v in outputs.items()],
-            "files": {f.name: V.sha256(f) for f in sorted(path.iterdir())}}
+                         **V.tolerance(k, v.is_floating_point(), case["dtype"], case["kind"]),
+                         **({"from": derived[k]} if k in derived else {})} for k, v in outputs.items()],
+            "files": {**{f.name: V.sha256(f) for f in sorted(path.iterdir())},
+                      **{f"../{f.parent.name}/{f.name}": V.sha256(f) for f in shared}}}
+
+
+def gradient_sources(outputs: dict[str, torch.Tensor]) -> dict[str, list]:
+    """The gradients a grad case lists but does not store, each with the stored ones it is the
+    signed sum of: grad.lm_loss.X = grad.X - grad.mtp_loss.X; and where lm_loss does not reach X
+    (the MTP depths), grad.mtp_loss.X = grad.X, bit for bit (the same backward pass)."""
+    sources = {}
+    for name in outputs:
+        rest = name.removeprefix("grad.mtp_loss.")
+        if name.startswith("grad.lm_loss."):
+            rest = name.removeprefix("grad.lm_loss.")
+            sources[name] = [[1, f"grad.{rest}"], [-1, f"grad.mtp_loss.{rest}"]]
+        elif rest != name and f"grad.lm_loss.{rest}" not in outputs:
+            if not torch.equal(outputs[name], outputs[f"grad.{rest}"]):
+                raise ValueError(f"{name} differs from grad.{rest}, which lm_loss does not reach")
+            sources[name] = [[1, f"grad.{rest}"]]
+    return sources
 
 
 def required_outputs(case: dict, names: list[str]) -> list[str]:
@@ -861,6 +991,12 @@ def _component_weight_keys(name: str, model: m3.MiniMaxM3) -> set[str]:
     return {k for k in keys if k.startswith(prefix)} if prefix else set()
 
 
+def manifest_text(manifest: dict) -> str:
+    """manifest.json with one case per line (the gradient cases list hundreds of tensors each)."""
+    head = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items() if k != "cases")
+    return "{" + head + ', "cases": [\n' + ",\n".join(json.dumps(c) for c in manifest["cases"]) + "\n]}\n"
+
+
 def generate_golden(out: str | os.PathLike) -> None:
     """Regenerate every case into a temporary sibling directory; swap it in only if all succeeded.
     The directory also gets copies of golden/verify.py and this generator, so that it can be checked
@@ -875,7 +1011,7 @@ def generate_golden(out: str | os.PathLike) -> None:
             print(f"  {case['name']:<28} {len(entries[-1]['outputs']):>3} tensors")
         manifest = {"format": V.GOLDEN_FORMAT, "generator": "m3_reference.py golden",
                     "torch": torch.__version__, "cases": entries}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (tmp / "manifest.json").write_text(manifest_text(manifest))
         for module in (V.__file__, __file__):              # the checker and this generator travel with the cases
             shutil.copyfile(module, tmp / Path(module).name)
     except BaseException:
@@ -893,14 +1029,28 @@ def generate_golden(out: str | os.PathLike) -> None:
 
 # ---- the reference re-run on the committed cases ----------------------------------------------
 
+BACKWARD_KINDS = ("grad", "kl")        # cases whose outputs come from autograd
+
+
 def verify_golden(root: str | os.PathLike, case: str | None = None) -> int:
     """Re-run the reference on every case (or one) and compare it with the committed outputs.
-    Returns golden/verify.py's exit status: 0 pass, 1 divergence, 2 unusable input, 3 inconclusive."""
+    Returns golden/verify.py's exit status: 0 pass, 1 divergence, 2 unusable input, 3 inconclusive.
+    With the Triton kernels on, the gradient cases are left out, and said to be: the twins are
+    forward-only (no backward), so their gradients are the torch functions' alone."""
     from safetensors.torch import load_file
     root = Path(root)
     manifest = V.load_manifest(root)
+    entries = [V.find_case(manifest, root, case)] if case else manifest["cases"]
+    if m3._kernels is not None:
+        backward = [e["name"] for e in entries if e["kind"] in BACKWARD_KINDS]
+        if backward:
+            print(f"not run with the Triton kernels (forward-only; verify them without --kernels triton): "
+                  f"{', '.join(backward)}")
+        entries = [e for e in entries if e["kind"] not in BACKWARD_KINDS]
+        if not entries:
+            raise ValueError("no case left to verify with the Triton kernels: gradient cases need autograd")
     statuses = []
-    for entry in [V.find_case(manifest, root, case)] if case else manifest["cases"]:
+    for entry in entries:
         path = V.check_case_files(root, entry)
         ours = run_case(path, entry, load_file(path / "inputs.safetensors"))
         ours = {k: (t.float() if t.dtype == torch.bfloat16 else t).numpy() for k, t in ours.items()}

@@ -42,6 +42,7 @@ FP32_TIE_TOL = 1e-3           # fp32 stacks that scale by d_idx^-0.5 or sum in a
 BF16_TIE_TOL = 0.05           # bf16 / 16-bit quantised rankers flip choices whose scores differ by ~2^-8 |s|
 SELECTIONS = ("block_ids", ".ids")                 # chosen blocks / experts: compared as sets per row
 SCORES = ("scores",)                               # what the selections rank: tolerance scaled by the max
+GRADIENTS = "grad."                                # gradients: tolerance scaled by the tensor's max too
 
 
 class Unusable(ValueError):
@@ -125,12 +126,16 @@ def tolerance(name: str, floating: bool, dtype: str, kind: str) -> dict:
     rules) and kind (component: one op chain; model: several layers). Scores (what selections rank)
     take the rtol part relative to the largest finite |ref| of the tensor instead ("scale": "max"):
     a score is a dot product, whose rounding error scales with the size of its factors (which the
-    largest score reflects), not with a result that may have cancelled to near zero."""
+    largest score reflects), not with a result that may have cancelled to near zero. Gradients
+    (`grad.*`) likewise: each element is a sum over tokens of products whose rounding follows the
+    tensor's largest terms; without the scale, a gradient of small elements would pass as zeros."""
     if name.endswith(SELECTIONS):
         return {"compare": "set"}
     if not floating:
         return {"compare": "exact"}
     tol = BF16_TOL if dtype in ("bfloat16", "float16") else FP32_COMPONENT_TOL if kind == "component" else FP32_MODEL_TOL
+    if name.startswith(GRADIENTS):
+        return {"compare": "close", "atol": 0.0, "rtol": tol, "scale": "max"}
     return {"compare": "close", "atol": tol, "rtol": tol, **({"scale": "max"} if name.endswith(SCORES) else {})}
 
 
@@ -327,12 +332,13 @@ def _close(spec: dict, ref: np.ndarray, got: np.ndarray) -> dict:
            "status": "FAIL" if over.any() else "pass", "bad": over}
     if over.any():
         worst = int(np.argmax(np.where(over, diff, -1.0)))
-        counts = [(int((np.isnan(g) & ~np.isnan(r)).sum()), "NaN"),
+        counts = [(int(not g.any() and r.any()), "all zero where the reference is not (no gradient?)"),
+                  (int((np.isnan(g) & ~np.isnan(r)).sum()), "NaN"),
                   (int((np.isinf(g) & np.isfinite(r)).sum()), "inf where the reference is finite"),
                   (int((np.isinf(r) & (g != r)).sum()), "not the reference's inf (mask with -inf, not a "
                                                         "large finite value)")]
         row["note"] = ", ".join([f"{int(over.sum())} of {r.size} over, worst at {_where(worst, r.shape)}"]
-                                + [f"{k} {what}" for k, what in counts if k])
+                                + [what if what.startswith("all zero") else f"{k} {what}" for k, what in counts if k])
     return row
 
 
@@ -498,6 +504,21 @@ def _cause(ties: list[dict], where: dict[int, float] | None) -> str | None:
     return None if not causes or None in causes else ties[min(causes)]["name"]
 
 
+def with_derived(reference: dict[str, np.ndarray], specs: list[dict]) -> dict[str, np.ndarray]:
+    """The reference with its derived tensors: a spec with `from` [[sign, name], ...] is the signed
+    sum of those stored tensors, in float64, stored as float32 (the gradient of one loss term as the
+    whole loss's minus the other term's: exact in real arithmetic, so golden/ stores two of three)."""
+    out = dict(reference)
+    for spec in specs:
+        if "from" in spec and spec["name"] not in out:
+            parts = [(sign, reference.get(name)) for sign, name in spec["from"]]
+            if any(t is None for _, t in parts):
+                raise Unusable(f"the reference lacks {[n for (_, n), (_, t) in zip(spec['from'], parts) if t is None]}, "
+                               f"from which {spec['name']} is derived")
+            out[spec["name"]] = sum(sign * t.astype(np.float64) for sign, t in parts).astype(np.float32)
+    return out
+
+
 def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np.ndarray],
             layerwise: bool = False, pcc: float | None = None) -> list[dict]:
     """One row per reference tensor in forward order: name, shape, max abs / rel error (rows that
@@ -508,7 +529,7 @@ def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np
     `layers.{i}.hidden`, `hidden`, `mtp.{d}.hidden`: what follows is computed from it), and explains
     failures only in its own batch rows, at or after its own positions (`sites`). Floating tensors
     also get `cos` and `pcc` (`similarity`); with `pcc` set, that is their criterion."""
-    rows, ties = [], []
+    rows, ties, reference = [], [], with_derived(reference, rules.outputs)
     for spec in rules.outputs:
         name = spec["name"]
         ref, (call, base) = reference[name], _split(name)
@@ -594,7 +615,7 @@ def report(title: str, rules: Rules, rows: list[dict], extra: list[str] = (), la
     counts = {s: sum(r["status"] == s for r in rows) for s in ("missing", "FAIL", "near tie")}
     print(f"\n{title}: {len(rows) - counts['missing']} tensors compared, {counts['missing']} missing, "
           f"{counts['FAIL']} failed, {counts['near tie']} near ties")
-    print(f"  {'tensor':<40}{'shape':<18}{'max abs':>10}{'max rel':>10}" + (f"{'cos':>10}{'pcc':>10}" if similar else "")
+    print(f"  {'tensor':<39} {'shape':<18}{'max abs':>10}{'max rel':>10}" + (f"{'cos':>10}{'pcc':>10}" if similar else "")
           + f"  {'tolerance':<27}status")
     num = lambda v: "" if v is None else (f"{v}" if isinstance(v, int) else f"{v:.2e}")
     sim = lambda v: "" if v is None else f"{v:.6f}"
@@ -603,7 +624,7 @@ def report(title: str, rules: Rules, rows: list[dict], extra: list[str] = (), la
         after = "  (after a near tie)" if r["after"] and r["status"] != "missing" else ""
         note = f"  {r['note']}" if r["note"] else ""
         status_text = "MISSING (required)" if r["status"] == "missing" and r["name"] in required else r["status"]
-        print(f"  {r['name']:<40}{str(r['shape']):<18}{num(r['abs']):>10}{num(r['rel']):>10}"
+        print(f"  {r['name']:<39} {str(r['shape']):<18}{num(r['abs']):>10}{num(r['rel']):>10}"
               + (f"{sim(r['cos']):>10}{sim(r['pcc']):>10}" if similar else "") + f"  {r['tol']:<27}{status_text}{after}{note}")
     for line in extra:
         print(f"  {line}")
@@ -667,7 +688,8 @@ def sha256(path: Path) -> str:
 
 
 def check_case_files(root: Path, entry: dict) -> Path:
-    """The case directory, after checking every file against the manifest's sha256."""
+    """The case directory, after checking every file against the manifest's sha256 (a case whose
+    weights are another case's, `checkpoint`, lists that case's files as ../<case>/<file>)."""
     path = Path(root) / entry["name"]
     for name, digest in entry["files"].items():
         file = path / name
@@ -683,12 +705,16 @@ def list_cases(entries: list[dict]) -> None:
     for e in entries:
         print(f"{e['name']}  ({e['kind']}, {e['dtype']}, tie_tol {e['tie_tol']:g}): {e['description']}")
         print("  inputs:  " + ", ".join(f"{k} {v}" for k, v in e["inputs"].items()))
+        if "checkpoint" in e:
+            print(f"  weights: those of case {e['checkpoint']} (its config.json and model.safetensors)")
         if "processor" in e:
             print("  processor: " + ", ".join(f"{k} {v}" for k, v in e["processor"].items()))
         for o in e["outputs"]:
             role = ("  (required, end result)" if o["name"] in e["end_results"]
                     else "  (required)" if o["name"] in e["required"] else "")
-            print(f"  {o['name']:<40}{str(o['shape']):<18}{o['dtype']:<10}{o['compare']}{role}")
+            derived = ("  = " + " ".join(f"{'-' if sign < 0 else '+'} {n}" for sign, n in o["from"]).lstrip("+ ")
+                       + " (derived, not stored)") if "from" in o else ""
+            print(f"  {o['name']:<39} {str(o['shape']):<18}{o['dtype']:<10}{o['compare']}{role}{derived}")
 
 
 def check_case(root: Path, entry: dict, outputs: Path, layerwise: bool = False, pcc: float | None = None) -> int:
