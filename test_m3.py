@@ -4100,6 +4100,8 @@ def test_dump_writes_one_tensor_as_npy(tmp_path, capsys):
     assert _verify(capsys, "--dump", "component-rope", "inputs:q", out)[0] == V.PASS
     assert np.array_equal(np.load(out), _inputs("component-rope")["q"].numpy())
     assert _verify(capsys, "--dump", "text", "model:lm_head.weight", out)[0] == V.PASS
+    assert _verify(capsys, "--dump", "grad-text", "model:lm_head.weight", out)[0] == V.PASS   # the checkpoint's
+    assert np.array_equal(np.load(out), _outputs("text", "model")["lm_head.weight"].numpy())
     got, text = _verify(capsys, "--dump", "text", "nope", tmp_path / "n.npy")
     assert got == V.UNUSABLE and "has no tensor 'nope'" in text and not (tmp_path / "n.npy").exists()
 

@@ -756,15 +756,17 @@ def dump(root: Path, case: str, tensor: str, out: Path) -> int:
     """Write one tensor of a committed case as a .npy file (bfloat16 as float32, exactly). The name
     is looked up in outputs.safetensors, then inputs.safetensors, then model.safetensors; prefix it
     with `outputs:`, `inputs:` or `model:` to choose a file (component-rope has `q` in two)."""
-    path = check_case_files(root, find_case(load_manifest(root), root, case))
+    entry = find_case(load_manifest(root), root, case)
+    path = check_case_files(root, entry)
     part, _, name = tensor.rpartition(":")
     parts = [part] if part else ["outputs", "inputs", "model"]
     if not set(parts) <= {"outputs", "inputs", "model"}:
         raise Unusable(f"--dump: {part!r} is not a file of a case (outputs, inputs or model)")
-    found = [p for p in parts if (path / f"{p}.safetensors").is_file() and name in _header(path / f"{p}.safetensors")[0]]
+    files = {p: path / rel for p in parts for rel in entry["files"] if Path(rel).name == f"{p}.safetensors"}
+    found = [p for p in parts if p in files and name in _header(files[p])[0]]    # a checkpoint case's too
     if not found:
         raise Unusable(f"--dump: case {case} has no tensor {name!r} in its {' / '.join(parts)} file(s) (see --list)")
-    array = read_safetensors(path / f"{found[0]}.safetensors")[name]
+    array = read_safetensors(files[found[0]])[name]
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(array))
