@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -863,6 +864,9 @@ _pcc_arg.__name__ = "number in (0, 1]"
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except BrokenPipeError:             # the reader stopped reading (`--list | head`): the rest goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(UNUSABLE)
     except Exception:                   # exit 1 means "diverged": an unforeseen crash must not say that
         import traceback
         traceback.print_exc()
