@@ -3412,6 +3412,16 @@ def test_indexer_kl_case_catches_a_student_without_its_scale(monkeypatch, tmp_pa
     assert got == V.DIVERGED and "first divergence: layers.1.indexer_kl" in out
 
 
+def test_router_bias_case_catches_a_bias_rounded_to_bf16_before_top_k(monkeypatch, tmp_path, capsys):
+    """Port bug: the correction bias kept in bf16 (the model dtype) before the top-k: at 6 its 0.003
+    steps round away, and the verifier names router.ids (every row beyond tie_tol)."""
+    route = m3.route
+    monkeypatch.setattr(m3, "route", lambda x, w, bias, *rest: route(x, w, bias.to(torch.bfloat16).float(), *rest))
+    got, out = _verify(capsys, "--case", "component-router_bias", "--outputs",
+                       _write(tmp_path / "bug.safetensors", _rerun("component-router_bias")))
+    assert got == V.DIVERGED and "first divergence: router.ids" in out
+
+
 def test_split_batch_losses_are_the_token_weighted_combination_of_the_parts(tmp_path, capsys):
     """mtp-loss-split from its files alone (numpy): each loss of the batch is its parts' losses
     weighted by their valid target counts (per MTP depth for mtp_loss); a port that averages the

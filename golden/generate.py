@@ -378,7 +378,21 @@ COMPONENT_CASES = [
          description="MXFP8 dequantisation w[o, i] = e4m3(weight[o, i]) * 2^(weight_scale_inv[o, i // 32] - 127) "
                      "of a [6, 80] weight (every e4m3 code but NaN; 3 scale columns = ceil(80 / 32), the last block "
                      "partial; E8M0 scales from 2^-60 to 2^60); inputs are the raw bytes, uint8"),
+    dict(name="router_bias", component="moe", seed=14, end_results=["out"], pins=[r"router\.(ids|weights)"],
+         weights=lambda m: bias_decides_(m),
+         description="the MoE of layer 1 where the correction bias decides: gate weights scaled by 0.01 (every "
+                     "expert's sigmoid score within ~0.003 of 0.5), bias 6 + 0.003 e for expert e; in fp32 the "
+                     "0.003 steps rank the experts, bf16 (spacing 2^-5 at 6) would round them all to 6"),
 ]
+
+
+def bias_decides_(model: m3.MiniMaxM3) -> m3.MiniMaxM3:
+    """Layer 1's router made to hinge on its correction bias: near-equal affinities, biases 0.003 apart."""
+    moe = model.language_model.model.layers[1].block_sparse_moe
+    with torch.no_grad():
+        moe.gate.weight.mul_(0.01)
+        moe.e_score_correction_bias.copy_(6.0 + 0.003 * torch.arange(moe.e_score_correction_bias.numel()))
+    return model
 
 
 def golden_cases() -> list[dict]:
