@@ -359,9 +359,7 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
     _on_device(x, ids, weights)
     T, D = x.shape
     K, E, I = ids.shape[1], len(w1), w1[0].shape[0]
-    # the launch reaches expert e through one element offset from expert 0, so each expert's weight
-    # must be row-major: parameters are, and anything else is copied once here
-    ws = [w.contiguous() for w in (*w1, *w2, *w3)]
+    ws = [w.contiguous() for w in (*w1, *w2, *w3)]      # row-major: expert e is one offset from expert 0
     if any(w.dtype != x.dtype for w in ws):
         raise ValueError(f"expert weights must be in the activations' dtype {x.dtype}")
     flat = ids.reshape(-1)
@@ -532,11 +530,9 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_sta
         if tl.max(picked.to(tl.int32), axis=0) > 0:
             slot = n * bs + j
             valid = (j < bs) & (slot < Sk)
-            at = slot[:, None].to(tl.int64)
-            k = tl.load(K + b64 * skb + at * sks + h * skh + d[None, :] * skd, mask=valid[:, None] & (d[None, :] < Dh),
-                        other=0.0)
-            v = tl.load(V + b64 * svb + at * svs + h * svh + d[None, :] * svd, mask=valid[:, None] & (d[None, :] < Dh),
-                        other=0.0)
+            at, kv_mask = slot[:, None].to(tl.int64), valid[:, None] & (d[None, :] < Dh)
+            k = tl.load(K + b64 * skb + at * sks + h * skh + d[None, :] * skd, mask=kv_mask, other=0.0)
+            v = tl.load(V + b64 * svb + at * svs + h * svh + d[None, :] * svd, mask=kv_mask, other=0.0)
             s = _dot(q, tl.trans(k), tl.zeros([BLOCK_Q * G, BLOCK_S], dtype=tl.float32), UPCAST) * scale
             keep = picked[:, None] & valid[None, :] & (slot[None, :] <= q_slot[:, None])
             s = tl.where(keep, s, float("-inf"))
