@@ -3269,9 +3269,8 @@ def test_golden_generation_is_deterministic_and_matches_the_committed_cases(tmp_
     assert [e["name"] for e in committed["cases"]] == [e["name"] for e in fresh["cases"]]
     for entry, new in zip(committed["cases"], fresh["cases"]):
         assert {k: v for k, v in entry.items() if k != "files"} == {k: v for k, v in new.items() if k != "files"}
-        fresh = V.with_derived(V.read_safetensors(tmp_path / "a" / entry["name"] / "outputs.safetensors"),
-                               entry["outputs"])                      # a gradient case stores 2 of 3 terms
-        rows = V.compare(V.case_rules(entry), V.read_safetensors(GOLDEN / entry["name"] / "outputs.safetensors"), fresh)
+        rows = V.compare(V.case_rules(entry), V.read_safetensors(GOLDEN / entry["name"] / "outputs.safetensors"),
+                         V.read_safetensors(tmp_path / "a" / entry["name"] / "outputs.safetensors"))
         assert all(r["status"] == "pass" for r in rows), entry["name"]
 
 
@@ -3389,15 +3388,18 @@ def test_gradient_case_names_gradients_a_port_left_at_zero(case, monkeypatch, tm
 
 def test_gradient_case_derives_one_term_and_names_it_when_wrong(tmp_path, capsys):
     """grad.lm_loss.* is not stored: the verifier derives it (grad.* - grad.mtp_loss.*) and
-    compares it like any other tensor; in the MTP depths grad.mtp_loss.* is grad.* itself."""
+    compares it like any other tensor; in the MTP depths grad.mtp_loss.* is grad.* itself. A file
+    without the derived names gets them from its own sources, said in the row; one given is compared."""
     entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, "grad-text")
     stored = _outputs("grad-text", numpy=True)
     derived = [o for o in entry["outputs"] if "from" in o]
     assert derived and not any(o["name"] in stored for o in derived)
     assert {len(o["from"]) for o in derived} == {1, 2} and all(
         ".mtp." in o["name"] for o in derived if len(o["from"]) == 1)
-    theirs = _required_only("grad-text")
     name = "grad.lm_loss.model.norm.weight"
+    got, out = _verify(capsys, "--case", "grad-text", "--outputs", GOLDEN / "grad-text" / "outputs.safetensors")
+    assert got == V.PASS and "derived from your grad.model.norm.weight, grad.mtp_loss.model.norm.weight" in _row(out, name)
+    theirs = V.with_derived(stored, entry["outputs"])
     theirs[name] = theirs["grad.model.norm.weight"]               # the whole loss's gradient for one term's
     got, out = _verify(capsys, "--case", "grad-text", "--outputs", _write_np(tmp_path / "t.safetensors", theirs))
     assert got == V.DIVERGED and f"first divergence: {name}" in out
@@ -3443,7 +3445,7 @@ def test_split_batch_losses_are_the_token_weighted_combination_of_the_parts(tmp_
     assert got == V.DIVERGED and "first divergence: mtp_loss" in out
 
 
-def test_verify_py_runs_without_torch_on_every_committed_case(tmp_path):
+def test_verify_py_runs_without_torch_on_every_committed_case():
     import subprocess
     import sys
     script = f"""
@@ -3454,12 +3456,8 @@ verify = importlib.util.module_from_spec(spec)
 sys.modules["verify"] = verify
 spec.loader.exec_module(verify)
 root = verify.Path({str(GOLDEN)!r})
-from safetensors.numpy import save_file
-codes = {{}}
-for e in verify.load_manifest(root)["cases"]:           # the stored tensors and the derived gradient terms
-    full = verify.with_derived(verify.read_safetensors(root / e["name"] / "outputs.safetensors"), e["outputs"])
-    save_file({{k: verify.np.array(v, order="C") for k, v in full.items()}}, {str(tmp_path)!r} + "/theirs.safetensors")
-    codes[e["name"]] = verify.main(["--case", e["name"], "--outputs", {str(tmp_path)!r} + "/theirs.safetensors"])
+cases = [e["name"] for e in verify.load_manifest(root)["cases"]]
+codes = {{c: verify.main(["--case", c, "--outputs", str(root / c / "outputs.safetensors")]) for c in cases}}
 print(json.dumps(codes))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -4033,7 +4031,7 @@ def _required_only(case: str, names=None) -> dict:
     """A case's reference outputs cut to `names` (default: its required tensors), as numpy."""
     entry = V.find_case(V.load_manifest(GOLDEN), GOLDEN, case)
     keep = entry["required"] if names is None else names
-    return {n: t for n, t in V.with_derived(_outputs(case, numpy=True), entry["outputs"]).items() if n in keep}
+    return {n: t for n, t in _outputs(case, numpy=True).items() if n in keep}
 
 
 @pytest.mark.parametrize("case, given", [("mtp-speculative", ["generated"]), ("mtp-depth-2", ["logits"]),
@@ -4058,7 +4056,8 @@ def test_every_case_passes_with_its_required_tensors_and_says_what_was_not_given
         assert set(entry["end_results"]) <= set(entry["required"]) <= {o["name"] for o in entry["outputs"]}
         got, out = _verify(capsys, "--case", entry["name"], "--outputs",
                            _write_np(tmp_path / "req.safetensors", _required_only(entry["name"])))
-        optional = len(entry["outputs"]) - len(entry["required"])
+        derived = sum("from" in o for o in entry["outputs"])       # derived from the required ones
+        optional = len(entry["outputs"]) - len(entry["required"]) - derived
         assert got == V.PASS and (f"pass, {optional} of {optional} intermediates not given" if optional
                                   else f"pass, all {len(entry['outputs'])} compared") in out, (entry["name"], out)
         for name in entry["required"]:
@@ -4076,8 +4075,7 @@ def test_relative_error_where_the_reference_is_zero_is_the_absolute_error():
 def test_all_cases_at_once_from_a_directory(tmp_path, capsys):
     cases = [e["name"] for e in V.load_manifest(GOLDEN)["cases"]]
     for c in cases:
-        _write_np(tmp_path / f"{c}.safetensors", _required_only(c, [o["name"] for o in V.find_case(
-            V.load_manifest(GOLDEN), GOLDEN, c)["outputs"]]))
+        shutil.copyfile(GOLDEN / c / "outputs.safetensors", tmp_path / f"{c}.safetensors")
     got, out = _verify(capsys, "--all", "--outputs-dir", tmp_path)
     assert got == V.PASS and out.count("PASS (exit 0)") == 2 * len(cases)       # per case, and in the summary
     (tmp_path / "text.safetensors").unlink()

@@ -955,7 +955,8 @@ def make_case(case: dict, path: Path) -> dict:
             "dtype": case["dtype"], "seed": case["seed"], "tie_tol": V.tie_tolerance(case["dtype"]),
             "config": cfg.to_dict(), "inputs": {k: list(v.shape) for k, v in inputs.items()},
             **({"processor": processor} if case.get("component", "").startswith("preprocess") else {}),
-            "end_results": case["end_results"], "required": required_outputs(case, list(outputs)),
+            "end_results": case["end_results"],
+            "required": [n for n in required_outputs(case, list(outputs)) if n not in derived],     # derivable
             **({"checkpoint": case["checkpoint"]} if "checkpoint" in case else {}),
             "outputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
                          **V.tolerance(k, v.is_floating_point(), case["dtype"], case["kind"]),

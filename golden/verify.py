@@ -506,9 +506,10 @@ def _cause(ties: list[dict], where: dict[int, float] | None) -> str | None:
 
 
 def with_derived(reference: dict[str, np.ndarray], specs: list[dict]) -> dict[str, np.ndarray]:
-    """The reference with its derived tensors: a spec with `from` [[sign, name], ...] is the signed
+    """The tensors with their derived ones: a spec with `from` [[sign, name], ...] is the signed
     sum of those stored tensors, in float64, stored as float32 (the gradient of one loss term as the
-    whole loss's minus the other term's: exact in real arithmetic, so golden/ stores two of three)."""
+    whole loss's minus the other term's: exact in real arithmetic, so golden/ stores two of three).
+    A file of yours that lacks a derived tensor but holds its sources gets it the same way."""
     out = dict(reference)
     for spec in specs:
         if "from" in spec and spec["name"] not in out:
@@ -539,6 +540,9 @@ def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np
                "after": active[0]["name"] if active else None, "cos": None, "pcc": None}
         rows.append(row)
         got = theirs.get(name)
+        if got is None and "from" in spec and all(n in theirs for _, n in spec["from"]):
+            got = with_derived(theirs, [spec])[name]          # yours, derived as the reference's is
+            row["derived"] = True
         if got is None:
             row["status"] = "missing"
             continue
@@ -562,6 +566,8 @@ def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np
             row["cos"], row["pcc"] = similarity(ref, got)
             if pcc is not None:
                 _pcc_criterion(row, ref, got, pcc)
+        if row.pop("derived", False):
+            row["note"] = "; ".join(filter(None, [row["note"], "derived from your " + ", ".join(n for _, n in spec["from"])]))
         bad, tied = row.pop("bad"), row.pop("tied", None)
         if row["status"] == "FAIL":
             row["after"] = _cause(active, sites(name, reference, bad)) if active else None
