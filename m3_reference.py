@@ -9,8 +9,8 @@ out: vision -> splice -> layers -> head -> MTP) and decoding (the KV and index-k
 batches, greedy and MTP speculative generation). Part II loads and runs it: the kernel flag,
 presets, input checks, config.json and checkpoint I/O (MXFP8 included), the image/video
 processor, media files, the streamed forward (a checkpoint larger than the device, one piece at
-a time) and the CLI. The golden-tensor generator, the Tracer that names a forward's intermediates and the
-benchmark live beside the checker in golden/generate.py. The torch code here is the
+a time) and the CLI. The golden-tensor generator, the Tracer that names a forward's
+intermediates and the benchmark live beside the checker in golden/generate.py. The torch code here is the
 specification; the functions marked @kernel_twin have Triton twins in kernels.py, used only when
 the flag asks (M3_KERNELS=triton, set_kernels("triton"), --kernels triton).
 
@@ -2385,14 +2385,21 @@ class Checkpoint:
         self.bytes_read += t.numel() * t.element_size()
         return t
 
-    def tensor(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The weight at `key` on `device`: MXFP8 dequantised to fp32, anything else as stored."""
-        t = self._read(key).to(device)
-        if key + SCALE_SUFFIX in self.files:
-            scale = self._read(key + SCALE_SUFFIX).to(device).view(torch.uint8)     # U8 or F8_E8M0: same bits
+    def raw(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight at `key` as stored (on the CPU), with its E8M0 scales (uint8) if it is MXFP8."""
+        scale = self._read(key + SCALE_SUFFIX).view(torch.uint8) if key + SCALE_SUFFIX in self.files else None
+        return self._read(key), scale                                  # U8 or F8_E8M0 scales: the same bits
+
+    def tensor(self, key: str, device: str | torch.device = "cpu",
+               raw: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """The weight at `key` on `device` (read, or the `raw` pair already read): its stored bytes
+        copied there and, for MXFP8, dequantised there to fp32; anything else as stored."""
+        t, scale = self.raw(key) if raw is None else raw
+        t = t.to(device)
+        if scale is not None:
             if bool((scale == 255).any()):
                 raise ValueError(f"checkpoint key {key + SCALE_SUFFIX} holds the E8M0 code 255, which is NaN")
-            t = dequant_mxfp8(t, scale)
+            t = dequant_mxfp8(t, scale.to(device))
         return t
 
     def mtp_depth(self, key: str) -> int | None:
@@ -2525,15 +2532,17 @@ def put_tensor(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor
     return old
 
 
-def load_tensor(model: MiniMaxM3, ckpt: Checkpoint, name: str, device) -> torch.Tensor:
-    """Fill one meta parameter/buffer of `model` from the checkpoint, cast to the dtype the model
-    gave it (the router stays fp32), after checking that it is finite in that dtype (a stored NaN,
-    an MXFP8 overflow, or a value beyond float16's range). Returns the meta tensor it replaced."""
+def load_tensor(model: MiniMaxM3, ckpt: Checkpoint, name: str, device, raw=None) -> torch.Tensor:
+    """Fill one meta parameter/buffer of `model` from the checkpoint (or from `raw`, its stored
+    pair already read: Checkpoint.raw), cast to the dtype the model gave it (the router stays
+    fp32), after checking that it is finite in that dtype (a stored NaN, an MXFP8 overflow, or a
+    value beyond float16's range). Returns the meta tensor it replaced."""
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner)
     dtype = (module._parameters[attr] if attr in module._parameters else module._buffers[attr]).dtype
     key = checkpoint_key(name, model.config, ckpt.mtp_layout)
-    value = check_finite(ckpt.tensor(key, device).to(dtype), f"checkpoint key {key} (as {str(dtype).removeprefix('torch.')})")
+    value = check_finite(ckpt.tensor(key, device, raw).to(dtype),
+                         f"checkpoint key {key} (as {str(dtype).removeprefix('torch.')})")
     return put_tensor(model, name, value)
 
 
@@ -3222,6 +3231,100 @@ def stream_forward(path: str | os.PathLike, inputs: dict[str, torch.Tensor], dty
             tracer.close()
     return StreamRun(out, named_outputs(tracer.out if trace else {}, out), resident.peak, resident.largest,
                      ckpt.reads, ckpt.bytes_read)
+
+
+class ExpertCache:
+    """The routed experts of an offloaded model (load_offloaded). Before each MoE forward a pre-hook
+    routes its input and makes the chosen experts real: from the device LRU when cached there, else
+    from the host LRU (stored bytes, pinned) or the checkpoint, copied to the device and dequantised
+    there. After the forward, least recently used experts go back to the meta device until the
+    device LRU holds at most `capacity` bytes (the experts of the running layer stay while it runs,
+    even beyond it). `stats` counts experts by where they came from and the bytes read from disk."""
+
+    def __init__(self, model: MiniMaxM3, ckpt: Checkpoint, device, capacity: int, host_capacity: int):
+        from collections import OrderedDict
+        self.model, self.ckpt, self.device = model, ckpt, torch.device(device)
+        self.capacity, self.host_capacity = capacity, host_capacity
+        self.lru: OrderedDict[str, tuple[int, dict[str, torch.Tensor]]] = OrderedDict()   # prefix -> (bytes, meta)
+        self.host: OrderedDict[str, tuple[int, dict[str, tuple]]] = OrderedDict()         # prefix -> (bytes, raw)
+        self.stats = {"disk": 0, "host": 0, "device": 0, "bytes_read": 0}
+        moes = [(n + ".", m) for n, m in model.named_modules() if isinstance(m, MoE)]
+        self.handles = [m.register_forward_pre_hook(lambda m, args, p=p: self.route(p, m, args[0])) for p, m in moes]
+        self.handles += [m.register_forward_hook(lambda *_: self.trim()) for _, m in moes]
+
+    def route(self, prefix: str, moe: MoE, x: torch.Tensor) -> None:
+        _, ids = route(x.reshape(-1, x.shape[-1]), moe.gate.weight, moe.e_score_correction_bias, moe.top_k,
+                       moe.scaling)
+        for e in ids.unique().tolist():
+            self.fetch(f"{prefix}experts.{e}.")
+
+    def fetch(self, expert: str) -> None:
+        """Make one expert's w1, w2, w3 real on the device, counting where they came from."""
+        if expert in self.lru:
+            self.lru.move_to_end(expert)
+            self.stats["device"] += 1
+            return
+        names = [f"{expert}{w}.weight" for w in ("w1", "w2", "w3")]
+        if expert in self.host:
+            self.host.move_to_end(expert)
+            raw, where = self.host[expert][1], "host"
+        else:
+            before = self.ckpt.bytes_read
+            raw = {n: self.ckpt.raw(checkpoint_key(n, self.model.config, self.ckpt.mtp_layout)) for n in names}
+            self.stats["bytes_read"] += self.ckpt.bytes_read - before
+            self.keep_on_host(expert, raw)
+            where = "disk"
+        meta = {n: load_tensor(self.model, self.ckpt, n, self.device, raw[n]) for n in names}
+        self.lru[expert] = (sum(t.numel() * t.element_size() for t in meta.values()), meta)
+        self.stats[where] += 1
+
+    def keep_on_host(self, expert: str, raw: dict[str, tuple]) -> None:
+        size = sum(t.numel() * t.element_size() for pair in raw.values() for t in pair if t is not None)
+        if size > self.host_capacity:
+            return
+        pin = (lambda t: t.pin_memory()) if self.device.type == "cuda" else (lambda t: t)
+        self.host[expert] = (size, {n: tuple(None if t is None else pin(t) for t in pair) for n, pair in raw.items()})
+        while sum(b for b, _ in self.host.values()) > self.host_capacity:
+            self.host.popitem(last=False)
+
+    def trim(self) -> None:
+        """After a MoE forward: evict least recently used experts down to `capacity` bytes."""
+        for expert in list(self.lru):
+            if sum(b for b, _ in self.lru.values()) <= self.capacity:
+                break
+            for name, meta in self.lru.pop(expert)[1].items():
+                put_tensor(self.model, name, meta)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def load_offloaded(path: str | os.PathLike, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+                   expert_cache_gib: float = 40.0, host_cache_gib: float | None = None,
+                   mtp_depths: int | None = None, mtp: MTPConfig | None = None) -> MiniMaxM3:
+    """The checkpoint's model with every weight but the routed experts resident on `device` (as
+    from_pretrained loads them) and the routed experts read on demand through an ExpertCache of
+    `expert_cache_gib` on the device, over an optional host-RAM cache of `host_cache_gib`. It is
+    the same module: forward, new_cache and generate run unchanged and give the in-memory model's
+    results bit for bit; only where the expert weights live differs. model.expert_cache has stats."""
+    ckpt = Checkpoint(path)
+    model = load_meta_model(ckpt, dtype, mtp_depths, mtp, drafter_only=False)
+    device = torch.device(device)
+    resident = [n for n in loaded_names(model) if ".experts." not in n]
+    capacity, host = (int(g * 2 ** 30) for g in (expert_cache_gib, host_cache_gib or 0))
+    state = model.state_dict()
+    need = sum(state[n].numel() * state[n].element_size() for n in resident) + capacity
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"checkpoint {str(ckpt.path)!r} needs {_size(need)} on {device} for its resident weights "
+                         f"and an expert cache of {_size(capacity)}, and {_size(free)} is free there: "
+                         f"lower expert_cache_gib")
+    with torch.no_grad():
+        for name in resident:
+            load_tensor(model, ckpt, name, device)
+    model.expert_cache = ExpertCache(model, ckpt, device, capacity, host)
+    return model.eval()
 
 
 # ============================================================================================

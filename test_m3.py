@@ -2763,6 +2763,89 @@ def test_check_of_unusable_input_exits_2(tmp_path, capsys):
     assert status == 2 and err.startswith("error: config is missing required key text_config.vocab_size:")
 
 
+EXPERT_BYTES = 3 * 32 * 64 * 4          # one routed expert of the tiny preset in fp32: w1, w2, w3
+
+
+@pytest.mark.parametrize("cache_experts", [1, 100])
+def test_offloaded_generate_equals_the_in_memory_model_bit_for_bit(tmp_path, cache_experts, capsys):
+    """load_offloaded with an expert cache smaller than one layer's routed experts (evictions every
+    step) or holding them all: every step's logits and the tokens of greedy and MTP speculative
+    generate equal from_pretrained's exactly."""
+    write_release_like(tmp_path, vision=False)
+    whole = m3.from_pretrained(tmp_path)
+    off = m3.load_offloaded(tmp_path, device="cpu", dtype=torch.float32,
+                            expert_cache_gib=cache_experts * EXPERT_BYTES / 2 ** 30)
+    ids = torch.randint(0, 500, (2, 30), generator=torch.Generator().manual_seed(0))
+    caches, step = [whole.new_cache(), off.new_cache()], ids
+    with torch.no_grad():
+        for _ in range(4):
+            a, b = (model(step, cache=c).logits for model, c in zip((whole, off), caches))
+            assert torch.equal(a, b)
+            step = a[:, -1:].argmax(-1)
+    for mtp in (False, True):
+        trace_a, trace_b = [], []
+        tokens_a, stats_a = whole.generate(ids, 6, mtp=mtp, draft_trace=trace_a if mtp else None)
+        tokens_b, stats_b = off.generate(ids, 6, mtp=mtp, draft_trace=trace_b if mtp else None)
+        assert torch.equal(tokens_a, tokens_b) and stats_a == stats_b
+        assert all(torch.equal(x["draft_logits"], y["draft_logits"]) for x, y in zip(trace_a, trace_b))
+    stats = off.expert_cache.stats
+    assert (stats["device"] > 0) == (cache_experts == 100) and stats["disk"] > 0
+    assert sum(b for b, _ in off.expert_cache.lru.values()) <= cache_experts * EXPERT_BYTES
+
+
+def test_offloaded_decoding_reads_the_experts_routed_and_nothing_else(tmp_path, capsys):
+    """After loading, a step reads from disk exactly the experts its MoE layers route to (the
+    router's own choices, per layer) that the device cache does not hold: with no cache every one
+    of them, with a cache that holds all only those new to it; no other key."""
+    write_release_like(tmp_path, vision=False)
+    for cache_experts in (0, 100):
+        off = m3.load_offloaded(tmp_path, device="cpu", dtype=torch.float32,
+                                expert_cache_gib=cache_experts * EXPERT_BYTES / 2 ** 30)
+        routed = []
+        for name, moe in off.named_modules():
+            if isinstance(moe, m3.MoE):
+                moe.register_forward_pre_hook(lambda m, a, name=name: routed.extend(
+                    f"{name}.experts.{e}." for e in m3.route(a[0].reshape(-1, a[0].shape[-1]), m.gate.weight,
+                                                              m.e_score_correction_bias, m.top_k, m.scaling)[1]
+                    .unique().tolist()))
+        ckpt, cache, seen = off.expert_cache.ckpt, off.new_cache(), set()
+        step = torch.randint(0, 500, (1, 20), generator=torch.Generator().manual_seed(1))
+        for _ in range(4):
+            routed.clear()
+            before = len(ckpt.reads)
+            with torch.no_grad():
+                step = off(step, cache=cache).logits[:, -1:].argmax(-1)
+            read = {re.sub(r"w[123]\.weight(_scale_inv)?$", "", k) for k in ckpt.reads[before:]}
+            assert all(".experts." in k for k in ckpt.reads[before:])
+            expected = {m3.checkpoint_key(e + "w1.weight", off.config).removesuffix("w1.weight") for e in routed}
+            assert read == (expected if cache_experts == 0 else expected - seen)
+            seen |= expected
+
+
+def test_a_corrupt_expert_read_while_decoding_gives_the_error_loading_gives(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    write_release_like(tmp_path, vision=False)
+    key = "model.layers.1.block_sparse_moe.experts.0.w2.weight_scale_inv"
+    shard = tmp_path / json.loads((tmp_path / m3.INDEX_FILE).read_text())["weight_map"][key]
+    tensors = load_file(shard)
+    tensors[key] = tensors[key].clone().fill_(255)                  # E8M0 255 is NaN
+    save_file(tensors, shard)
+    with pytest.raises(ValueError) as loading:
+        m3.from_pretrained(tmp_path)
+    off = m3.load_offloaded(tmp_path, device="cpu", dtype=torch.float32, expert_cache_gib=0)   # reads no expert
+    everything = torch.arange(500).view(1, -1)                      # 500 tokens: expert 0 of layer 1 is routed
+    with pytest.raises(ValueError) as decoding:
+        off.generate(everything, 1)
+    assert str(decoding.value) == str(loading.value) and "holds the E8M0 code 255" in str(loading.value)
+
+
+def test_load_offloaded_checks_the_memory_it_plans(tmp_path, monkeypatch):
+    write_release_like(tmp_path, vision=False)
+    monkeypatch.setattr(m3, "free_memory", lambda device: 10_000)
+    with pytest.raises(ValueError, match="needs .* for its resident weights and an expert cache of .* lower expert_cache_gib"):
+        m3.load_offloaded(tmp_path, device="cpu", dtype=torch.float32, expert_cache_gib=1)
+
+
 # ============================================================================================
 # Processor: images, videos, prompts
 # ============================================================================================
