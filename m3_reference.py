@@ -3241,14 +3241,17 @@ class ExpertCache:
     device LRU holds at most `capacity` bytes (the experts of the running layer stay while it runs,
     even beyond it). `stats` counts experts by where they came from and the bytes read from disk."""
 
-    def __init__(self, model: MiniMaxM3, ckpt: Checkpoint, device, capacity: int, host_capacity: int):
+    def __init__(self, model: MiniMaxM3, ckpt: Checkpoint, device, capacity: int, host_capacity: int,
+                 progress: bool = False):
         from collections import OrderedDict
         self.model, self.ckpt, self.device = model, ckpt, torch.device(device)
         self.capacity, self.host_capacity = capacity, host_capacity
+        self.progress, self.prefilling, self.t0, self.done = progress, False, time.perf_counter(), 0
         self.lru: OrderedDict[str, tuple[int, dict[str, torch.Tensor]]] = OrderedDict()   # prefix -> (bytes, meta)
         self.host: OrderedDict[str, tuple[int, dict[str, tuple]]] = OrderedDict()         # prefix -> (bytes, raw)
         self.stats = {"disk": 0, "host": 0, "device": 0, "bytes_read": 0}
         moes = [(n + ".", m) for n, m in model.named_modules() if isinstance(m, MoE)]
+        self.layers = sum(".mtp." not in p for p, _ in moes)          # a prefill runs no MTP depth
         self.handles = [m.register_forward_pre_hook(lambda m, args, p=p: self.route(p, m, args[0])) for p, m in moes]
         self.handles += [m.register_forward_hook(lambda *_: self.trim()) for _, m in moes]
 
@@ -3288,12 +3291,25 @@ class ExpertCache:
             self.host.popitem(last=False)
 
     def trim(self) -> None:
-        """After a MoE forward: evict least recently used experts down to `capacity` bytes."""
+        """After a MoE forward: evict least recently used experts down to `capacity` bytes (and, in
+        a prefill with progress on, print the layer's line)."""
+        if self.progress and self.prefilling:
+            self.done += 1
+            elapsed = time.perf_counter() - self.t0
+            print(f"prefill MoE layer {self.done}/{self.layers}: elapsed {elapsed:.1f} s, ETA "
+                  f"{elapsed / self.done * (self.layers - self.done):.1f} s{self.summary()}", file=sys.stderr, flush=True)
         for expert in list(self.lru):
             if sum(b for b, _ in self.lru.values()) <= self.capacity:
                 break
             for name, meta in self.lru.pop(expert)[1].items():
                 put_tensor(self.model, name, meta)
+
+    def summary(self) -> str:
+        """Experts so far by source, bytes read from disk and the hit rate of the caches."""
+        s = self.stats
+        hits = (s["device"] + s["host"]) / max(1, s["device"] + s["host"] + s["disk"])
+        return (f"; experts from disk {s['disk']}, host {s['host']}, device {s['device']} (hit rate {hits:.1%}), "
+                f"read {_size(s['bytes_read'])}")
 
     def close(self) -> None:
         for handle in self.handles:
@@ -3302,29 +3318,47 @@ class ExpertCache:
 
 def load_offloaded(path: str | os.PathLike, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                    expert_cache_gib: float = 40.0, host_cache_gib: float | None = None,
-                   mtp_depths: int | None = None, mtp: MTPConfig | None = None) -> MiniMaxM3:
+                   mtp_depths: int | None = None, mtp: MTPConfig | None = None, kv_tokens: int = 0,
+                   progress: bool = False) -> MiniMaxM3:
     """The checkpoint's model with every weight but the routed experts resident on `device` (as
     from_pretrained loads them) and the routed experts read on demand through an ExpertCache of
     `expert_cache_gib` on the device, over an optional host-RAM cache of `host_cache_gib`. It is
     the same module: forward, new_cache and generate run unchanged and give the in-memory model's
-    results bit for bit; only where the expert weights live differs. model.expert_cache has stats."""
+    results bit for bit; only where the expert weights live differs. model.expert_cache has stats.
+    The plan (resident weights + expert cache + the cache of `kv_tokens` tokens, all rows) is
+    checked against the device's free memory before any tensor is read, and printed with progress."""
     ckpt = Checkpoint(path)
     model = load_meta_model(ckpt, dtype, mtp_depths, mtp, drafter_only=False)
     device = torch.device(device)
     resident = [n for n in loaded_names(model) if ".experts." not in n]
     capacity, host = (int(g * 2 ** 30) for g in (expert_cache_gib, host_cache_gib or 0))
     state = model.state_dict()
-    need = sum(state[n].numel() * state[n].element_size() for n in resident) + capacity
+    plan = {"resident weights": sum(state[n].numel() * state[n].element_size() for n in resident),
+            "expert cache": capacity, f"KV + index-key cache of {kv_tokens} tokens": kv_tokens * cache_bytes_per_token(
+                model.config, dtype)}
+    if progress:
+        print(f"memory plan on {device}: " + ", ".join(f"{k} {_size(v)}" for k, v in plan.items())
+              + (f"; host cache {_size(host)}" if host else ""), file=sys.stderr, flush=True)
     free = free_memory(device)
-    if free is not None and need > free:
-        raise ValueError(f"checkpoint {str(ckpt.path)!r} needs {_size(need)} on {device} for its resident weights "
-                         f"and an expert cache of {_size(capacity)}, and {_size(free)} is free there: "
-                         f"lower expert_cache_gib")
+    if free is not None and sum(plan.values()) > free:
+        raise ValueError(f"checkpoint {str(ckpt.path)!r} needs {_size(sum(plan.values()))} on {device} ("
+                         + ", ".join(f"{k} {_size(v)}" for k, v in plan.items()) + f") and {_size(free)} is free "
+                         f"there: lower expert_cache_gib or the length")
     with torch.no_grad():
         for name in resident:
             load_tensor(model, ckpt, name, device)
-    model.expert_cache = ExpertCache(model, ckpt, device, capacity, host)
+    model.expert_cache = ExpertCache(model, ckpt, device, capacity, host, progress)
     return model.eval()
+
+
+def cache_bytes_per_token(cfg: M3Config, dtype: torch.dtype) -> int:
+    """Bytes a Cache holds per token (one row): k and v of every layer and MTP depth, plus the index
+    keys of the sparse ones, in the model dtype."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    kv, index = 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.sparse_index_dim
+    layers = [cfg.is_sparse(i) for i in range(cfg.num_hidden_layers)]
+    layers += [cfg.is_sparse(cfg.num_hidden_layers - 1)] * cfg.mtp_physical_depths
+    return sum(kv + (index if sparse else 0) for sparse in layers) * size
 
 
 # ============================================================================================
@@ -3446,14 +3480,7 @@ def run_checkpoint(args) -> None:
     if inputs["input_ids"].numel() == 0:
         raise ValueError("--prompt encodes to no tokens")
     device = _device(args.device)
-    target = Path(args.save_outputs) if args.save_outputs else None
-    if target is not None:                       # fail now, not after the whole forward
-        if target.is_dir():
-            raise ValueError(f"--save-outputs {target} is a directory; give a file name")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--save-outputs {target}: cannot create its directory: {e}") from e
+    target = _save_target(args.save_outputs)
     t0 = time.perf_counter()
     r = stream_forward(args.checkpoint, inputs, dtype=getattr(torch, args.dtype), device=device,
                        trace=args.trace, mtp_depths=args.mtp_depths, progress=True)
@@ -3475,6 +3502,19 @@ def run_checkpoint(args) -> None:
         print(f"saved {len(tensors)} tensors (inputs and golden names) to {target}")
 
 
+def _save_target(name: str | None) -> Path | None:
+    """--save-outputs as a path whose directory exists; checked before the run, not after it."""
+    target = Path(name) if name else None
+    if target is not None:
+        if target.is_dir():
+            raise ValueError(f"--save-outputs {target} is a directory; give a file name")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--save-outputs {target}: cannot create its directory: {e}") from e
+    return target
+
+
 def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -3491,9 +3531,39 @@ GENERATE_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_th
 
 def generate_cli(args) -> None:
     """`generate`: greedy (or MTP speculative) decoding of the tiny preset with random weights on
-    its demo prompt (text, two images, a video), or of --checkpoint loaded whole; prints the new
-    tokens of each row, the steps and the MTP acceptance."""
+    its demo prompt (text, two images, a video), or of --checkpoint, loaded whole or with its
+    routed experts offloaded (--offload-experts); prints the new tokens of each row, the steps and
+    the MTP acceptance, and with --save-outputs writes every main-model call's logits."""
     device, dtype = _device(args.device), getattr(torch, args.dtype)
+    target = _save_target(args.save_outputs)
+    cfg, encode = _generate_config(args)
+    inputs = _generate_inputs(args, cfg, encode, device, dtype)
+    length = inputs["input_ids"].shape[1] + args.max_new_tokens
+    t0 = time.perf_counter()
+    model = _generate_model(args, cfg, device, dtype, inputs["input_ids"].shape[0] * length)
+    log = GenerateLog(model, inputs, args.max_new_tokens, args.trace)
+    t1 = time.perf_counter()
+    try:
+        tokens, stats = generate(model, max_new_tokens=args.max_new_tokens, mtp=args.mtp,
+                                 draft_tokens=args.draft_tokens, eos_token_id=args.eos_token_id, **inputs)
+    finally:
+        log.close()
+    S = inputs["input_ids"].shape[1]
+    print(f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'tiny preset, random weights'}: loaded in "
+          f"{t1 - t0:.1f} s; prompt {tuple(inputs['input_ids'].shape)}, {args.max_new_tokens} new tokens in "
+          f"{time.perf_counter() - t1:.2f} s")
+    for b, row in enumerate(tokens[:, S:].tolist()):
+        print(f"row {b}: {' '.join(map(str, row))}")
+    rate = "n/a (no drafts)" if stats["acceptance"] is None else f"{stats['acceptance']:.3f}"
+    print(f"steps {stats['steps']} (forward calls after the prefill), drafted {stats['drafted']}, "
+          f"accepted {stats['accepted']}, acceptance {rate}")
+    if target is not None:
+        log.save(target, tokens[:, S:])
+
+
+def _generate_config(args) -> tuple[M3Config, object]:
+    """The model config of `generate` (config.json or the tiny preset, --vllm-drafter applied) and
+    the tokenizer for --prompt (None without one)."""
     if args.checkpoint:
         cfg = M3Config.from_json(Path(args.checkpoint) / "config.json")
         encode = load_tokenizer(args.checkpoint, required=args.prompt is not None)
@@ -3501,10 +3571,19 @@ def generate_cli(args) -> None:
         cfg, encode = M3Config.tiny(), None
         if args.prompt is not None:
             raise ValueError("--prompt needs --checkpoint (its tokenizer.json); the tiny preset takes --prompt-ids")
-    if args.vllm_drafter and not args.mtp:
-        raise ValueError("--vllm-drafter sets how MTP drafts: it goes with --mtp")
+        if args.offload_experts:
+            raise ValueError("--offload-experts needs --checkpoint: experts are offloaded to its safetensors")
+    for flag, needs, given in (("--vllm-drafter", "--mtp", args.mtp), ("--trace", "--save-outputs", args.save_outputs),
+                               ("--expert-cache-gib", "--offload-experts", args.offload_experts),
+                               ("--host-cache-gib", "--offload-experts", args.offload_experts)):
+        if getattr(args, flag[2:].replace("-", "_")) not in (None, False) and not given:
+            raise ValueError(f"{flag} goes with {needs}")
     if args.vllm_drafter:              # vLLM's drafter conventions on the model's own MTP structure
         cfg = replace(cfg, mtp=replace(cfg.mtp, **VLLM_DRAFTER))
+    return cfg, encode
+
+
+def _generate_inputs(args, cfg: M3Config, encode, device, dtype) -> dict[str, torch.Tensor]:
     given = args.prompt_ids is not None or args.prompt_file is not None
     inputs = ({} if args.prompt is not None else read_prompt(args.prompt_ids, args.prompt_file) if given
               else {k: v for k, v in demo_inputs(cfg).items() if k != "labels"})
@@ -3512,24 +3591,66 @@ def generate_cli(args) -> None:
     ignored = sorted(set(inputs) - set(GENERATE_INPUTS))
     if ignored:
         print(f"not generate inputs, ignored: {', '.join(ignored)}")
-    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-              for k, v in inputs.items() if k in GENERATE_INPUTS}
-    t0 = time.perf_counter()
-    model = (from_pretrained(args.checkpoint, dtype, device, mtp=cfg.mtp) if args.checkpoint
-             else init_random_(MiniMaxM3(cfg), seed=0).to(device, dtype).eval())
-    t1 = time.perf_counter()
-    tokens, stats = generate(model, max_new_tokens=args.max_new_tokens, mtp=args.mtp, draft_tokens=args.draft_tokens,
-                             eos_token_id=args.eos_token_id, **inputs)
-    t2 = time.perf_counter()
-    S = inputs["input_ids"].shape[1]
-    print(f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'tiny preset, random weights'}: loaded in "
-          f"{t1 - t0:.1f} s; prompt {tuple(inputs['input_ids'].shape)}, {args.max_new_tokens} new tokens in "
-          f"{t2 - t1:.2f} s")
-    for b, row in enumerate(tokens[:, S:].tolist()):
-        print(f"row {b}: {' '.join(map(str, row))}")
-    rate = "n/a (no drafts)" if stats["acceptance"] is None else f"{stats['acceptance']:.3f}"
-    print(f"steps {stats['steps']} (forward calls after the prefill), drafted {stats['drafted']}, "
-          f"accepted {stats['accepted']}, acceptance {rate}")
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+            for k, v in inputs.items() if k in GENERATE_INPUTS}
+
+
+def _generate_model(args, cfg: M3Config, device, dtype, cached_tokens: int) -> MiniMaxM3:
+    if args.offload_experts:
+        cache = 40.0 if args.expert_cache_gib is None else args.expert_cache_gib
+        return load_offloaded(args.checkpoint, device, dtype, cache, args.host_cache_gib, mtp=cfg.mtp,
+                              kv_tokens=cached_tokens, progress=True)
+    if args.checkpoint:
+        return from_pretrained(args.checkpoint, dtype, device, mtp=cfg.mtp)
+    return init_random_(MiniMaxM3(cfg), seed=0).to(device, dtype).eval()
+
+
+class GenerateLog:
+    """What `generate` reports while it runs: a forward hook on the model sees every main-model
+    call (the prefill, then each step; the MTP drafter's depths run outside it), prints a line per
+    call (tokens so far, tokens/s, an offloaded model's experts by source, bytes read, cache hit
+    rate, elapsed, ETA) and keeps each call's logits as `step.{s}.logits` with its q_start, for
+    --save-outputs (with --trace, the prefill's named intermediates too, as `step.0.*`)."""
+
+    def __init__(self, model: MiniMaxM3, inputs: dict, max_new_tokens: int, trace: bool):
+        from golden.generate import Tracer                  # the golden names of the intermediates
+        self.model, self.inputs, self.total = model, inputs, max_new_tokens
+        self.prompt, self.tensors, self.t0 = inputs["input_ids"].shape[1], {}, time.perf_counter()
+        self.experts = getattr(model, "expert_cache", None)
+        if self.experts is not None:
+            self.experts.prefilling = True
+        media = [m for m, key in (("image", "pixel_values"), ("video", "pixel_values_videos")) if key in inputs]
+        self.tracer = Tracer(model, media, "step.0.") if trace else None
+        self.handle = model.register_forward_hook(self.call, with_kwargs=True)
+
+    def call(self, model, args, kwargs, out: M3Output) -> None:
+        s, cache = len([k for k in self.tensors if k.endswith(".logits")]), kwargs["cache"]
+        self.tensors[f"step.{s}.q_start"] = torch.tensor([cache.length - out.logits.shape[1]])
+        self.tensors[f"step.{s}.logits"] = out.logits.detach().cpu()
+        if self.tracer is not None:
+            self.tensors.update({k: t.cpu() for k, t in self.tracer.out.items()})
+            self.tracer.close()
+            self.tracer = None
+        if self.experts is not None:
+            self.experts.prefilling = False
+        done, elapsed = min(cache.length - self.prompt + 1, self.total), time.perf_counter() - self.t0
+        rate = done / elapsed if elapsed else float("inf")
+        print(f"call {s}: {done}/{self.total} tokens, {rate:.2f} tokens/s, elapsed {elapsed:.1f} s, ETA "
+              f"{max(self.total - done, 0) / rate if rate else 0:.1f} s{self.experts.summary() if self.experts else ''}",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.handle.remove()
+        if self.tracer is not None:
+            self.tracer.close()
+
+    def save(self, target: Path, generated: torch.Tensor) -> None:
+        """The prompt, `generated` and the recorded calls, in golden names (verify.py --reference)."""
+        from safetensors.torch import save_file
+        tensors = {**{k: v.detach().cpu() for k, v in self.inputs.items()}, **self.tensors,
+                   "generated": generated.cpu()}
+        _write_atomic(target, lambda p: save_file({k: t.contiguous() for k, t in tensors.items()}, p))
+        print(f"saved {len(tensors)} tensors (the prompt, generated, each call's logits) to {target}")
 
 
 def _prompt_arguments(p: argparse.ArgumentParser, required: bool) -> None:
@@ -3604,6 +3725,15 @@ def _parser() -> argparse.ArgumentParser:
                                                               "position 0, pre-norm outputs passed on)")
     d.add_argument("--draft-tokens", type=int, help="drafts per step with --mtp (default: the MTP depths)")
     d.add_argument("--eos-token-id", type=int, help="stop a row at this token")
+    d.add_argument("--offload-experts", action="store_true", help="with --checkpoint: every weight but the routed "
+                   "experts on --device, the experts read on demand into an LRU cache (load_offloaded)")
+    d.add_argument("--expert-cache-gib", type=float, help="with --offload-experts: the device's expert cache "
+                                                          "(default 40)")
+    d.add_argument("--host-cache-gib", type=float, help="with --offload-experts: a host-RAM cache of the experts' "
+                                                        "stored bytes between disk and device")
+    d.add_argument("--save-outputs", help="write the prompt, the generated tokens and every main-model call's "
+                                          "logits (golden names, .safetensors)")
+    d.add_argument("--trace", action="store_true", help="with --save-outputs: the prefill's named intermediates too")
     return parser
 
 

@@ -2766,15 +2766,16 @@ def test_check_of_unusable_input_exits_2(tmp_path, capsys):
 EXPERT_BYTES = 3 * 32 * 64 * 4          # one routed expert of the tiny preset in fp32: w1, w2, w3
 
 
-@pytest.mark.parametrize("cache_experts", [1, 100])
-def test_offloaded_generate_equals_the_in_memory_model_bit_for_bit(tmp_path, cache_experts, capsys):
+@pytest.mark.parametrize("cache_experts, host_experts", [(1, 0), (100, 0), (0, 100)])
+def test_offloaded_generate_equals_the_in_memory_model_bit_for_bit(tmp_path, cache_experts, host_experts, capsys):
     """load_offloaded with an expert cache smaller than one layer's routed experts (evictions every
-    step) or holding them all: every step's logits and the tokens of greedy and MTP speculative
-    generate equal from_pretrained's exactly."""
+    step), holding them all, or none on the device over a host cache: every step's logits and the
+    tokens of greedy and MTP speculative generate equal from_pretrained's exactly."""
     write_release_like(tmp_path, vision=False)
     whole = m3.from_pretrained(tmp_path)
     off = m3.load_offloaded(tmp_path, device="cpu", dtype=torch.float32,
-                            expert_cache_gib=cache_experts * EXPERT_BYTES / 2 ** 30)
+                            expert_cache_gib=cache_experts * EXPERT_BYTES / 2 ** 30,
+                            host_cache_gib=host_experts * EXPERT_BYTES / 2 ** 30)
     ids = torch.randint(0, 500, (2, 30), generator=torch.Generator().manual_seed(0))
     caches, step = [whole.new_cache(), off.new_cache()], ids
     with torch.no_grad():
@@ -2789,7 +2790,8 @@ def test_offloaded_generate_equals_the_in_memory_model_bit_for_bit(tmp_path, cac
         assert torch.equal(tokens_a, tokens_b) and stats_a == stats_b
         assert all(torch.equal(x["draft_logits"], y["draft_logits"]) for x, y in zip(trace_a, trace_b))
     stats = off.expert_cache.stats
-    assert (stats["device"] > 0) == (cache_experts == 100) and stats["disk"] > 0
+    assert (stats["device"] > 0) == (cache_experts == 100) and (stats["host"] > 0) == (host_experts > 0)
+    assert stats["disk"] > 0
     assert sum(b for b, _ in off.expert_cache.lru.values()) <= cache_experts * EXPERT_BYTES
 
 
@@ -2839,10 +2841,39 @@ def test_a_corrupt_expert_read_while_decoding_gives_the_error_loading_gives(tmp_
     assert str(decoding.value) == str(loading.value) and "holds the E8M0 code 255" in str(loading.value)
 
 
+def test_generate_cli_offloaded_reports_progress_and_saves_what_verify_reads(tmp_path, capsys):
+    """generate --offload-experts on a release-like checkpoint: the memory plan, a line per
+    prefill MoE layer and per call (tokens/s, experts by source, hit rate, ETA), the rows of the
+    in-memory model, and --save-outputs in golden names that verify.py --reference passes."""
+    write_release_like(tmp_path / "ckpt", vision=False)
+    common = ["generate", "--checkpoint", tmp_path / "ckpt", "--prompt-ids", ",".join(map(str, range(1, 31))),
+              "--max-new-tokens", "4", "--mtp"]
+    m3.main([str(a) for a in common])
+    whole = capsys.readouterr().out
+    saved = tmp_path / "out.safetensors"
+    m3.main([str(a) for a in common + ["--offload-experts", "--expert-cache-gib", EXPERT_BYTES / 2 ** 30,
+                                       "--host-cache-gib", "0.001", "--save-outputs", saved, "--trace"]])
+    out = capsys.readouterr()
+    rows = lambda text: [line for line in text.splitlines() if line.startswith(("row ", "steps "))]
+    assert rows(out.out) == rows(whole) and len(rows(whole)) == 2
+    assert "memory plan on cpu: resident weights" in out.err and "KV + index-key cache of 34 tokens" in out.err
+    assert "prefill MoE layer 2/2" in out.err and "call 0: 1/4 tokens" in out.err and "hit rate" in out.err
+    stored = _verify(capsys, "--reference", saved, "--outputs", saved, "--config", tmp_path / "ckpt" / "config.json")
+    assert stored[0] == V.PASS
+    tensors = V.read_safetensors(saved)
+    assert {"input_ids", "generated", "step.0.logits", "step.0.layers.1.indexer.block_ids"} <= set(tensors)
+    assert tensors["generated"].tolist()[0] == [int(t) for t in rows(whole)[0].split()[2:]]
+    for flags, match in [(["--trace"], "--trace goes with --save-outputs"),
+                         (["--host-cache-gib", "1"], "--host-cache-gib goes with --offload-experts")]:
+        with pytest.raises(SystemExit):
+            m3.main([str(a) for a in common + flags])
+        assert match in capsys.readouterr().err
+
+
 def test_load_offloaded_checks_the_memory_it_plans(tmp_path, monkeypatch):
     write_release_like(tmp_path, vision=False)
     monkeypatch.setattr(m3, "free_memory", lambda device: 10_000)
-    with pytest.raises(ValueError, match="needs .* for its resident weights and an expert cache of .* lower expert_cache_gib"):
+    with pytest.raises(ValueError, match=r"needs .* \(resident weights .*, expert cache 1.00 GiB, .*lower expert_cache_gib"):
         m3.load_offloaded(tmp_path, device="cpu", dtype=torch.float32, expert_cache_gib=1)
 
 
