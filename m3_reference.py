@@ -3695,6 +3695,10 @@ def _parser() -> argparse.ArgumentParser:
                                                  "(default), or on --image / --video files")
     b = sub.add_parser("bench", help="long-sequence sparse attention benchmark")
     b.add_argument("--one", nargs=3, metavar=("IMPL", "S", "CKPT"), help=argparse.SUPPRESS)
+    b.add_argument("--offload", metavar="DIR", help="instead: offloaded decoding of a release-shaped slice (MXFP8, "
+                                                    "written to DIR if absent) on the CPU: tokens/s, GiB read, hit rate")
+    b.add_argument("--layers", type=int, default=1, help="with --offload: MoE layers in the slice")
+    b.add_argument("--experts", type=int, default=128, help="with --offload: routed experts per layer")
     g = sub.add_parser("golden", help="regenerate every golden case from fixed seeds")
     g.add_argument("--out", default="golden", help="golden directory (replaced only when all cases succeed)")
     v = sub.add_parser("verify", help="re-run the reference on the golden cases and compare (another "

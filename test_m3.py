@@ -2870,6 +2870,29 @@ def test_generate_cli_offloaded_reports_progress_and_saves_what_verify_reads(tmp
         assert match in capsys.readouterr().err
 
 
+def test_offload_benchmark_writes_an_mxfp8_slice_and_prints_reads_against_the_bound(tmp_path, monkeypatch, capsys):
+    """bench --offload's logic at a small width (the real slice is the released width): the slice
+    is MXFP8 on disk and loads, and per cache size the table's disk reads per token never exceed
+    the bound of a token that misses every cache, equal it with no cache, and fall below it with a
+    cache that holds every expert (only experts no earlier step routed to are read)."""
+    released = G.offload_slice_config
+    small = lambda layers, experts: replace(released(layers, experts), hidden_size=64,
+                                           intermediate_size=32, shared_intermediate_size=32, num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=16, rotary_dim=8, sparse_index_dim=16,
+                                           sparse_num_index_heads=2)
+    monkeypatch.setattr(G, "offload_slice_config", small)
+    G.bench_offload(tmp_path / "slice", layers=2, experts=8, tokens=4, prompt=6, caches=(0.0, 1.0))
+    out = capsys.readouterr().out
+    assert "MXFP8" in out and "float8_e4m3fn" not in out
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d", line)]
+    assert [r[0] for r in rows] == ["0", "8"]
+    per_token, bound = [float(r[4]) for r in rows], float(rows[0][5])
+    assert per_token[0] == pytest.approx(bound, rel=1e-3) and rows[0][6] == "0.0%"       # no cache: every expert read
+    assert per_token[1] < per_token[0] and float(rows[1][6].rstrip("%")) > 0     # all cached: only first reads
+    index = json.loads((tmp_path / "slice" / m3.INDEX_FILE).read_text())["weight_map"]
+    assert "model.layers.1.block_sparse_moe.experts.7.w2.weight_scale_inv" in index
+
+
 def test_load_offloaded_checks_the_memory_it_plans(tmp_path, monkeypatch):
     write_release_like(tmp_path, vision=False)
     monkeypatch.setattr(m3, "free_memory", lambda device: 10_000)

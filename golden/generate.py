@@ -1089,6 +1089,8 @@ def cli(args) -> int:
     if args.one:
         impl, S, ckpt = args.one
         print(json.dumps(_bench_one(impl, int(S), ckpt)))
+    elif args.offload:
+        bench_offload(Path(args.offload), args.layers, args.experts)
     else:
         bench()
     return 0
@@ -1229,3 +1231,81 @@ def _print_stack_bench(results: list[dict]) -> None:
             print(f"S={r['S']}: transformers eager / ours = {r['seconds'] / mine['seconds']:.1f}x time, "
                   f"{r['peak_mb'] / max(mine['peak_mb'], 1):.1f}x peak memory "
                   f"(output mean |y|: ours {mine['checksum']:.6f}, transformers {r['checksum']:.6f})")
+
+
+# ---- the offloaded-decoding benchmark ------------------------------------------------------------
+
+def offload_slice_config(layers: int, experts: int) -> m3.M3Config:
+    """A release-shaped slice: the released widths (D 6144, 64 query / 4 KV heads of 128, experts
+    of 3072, top-4, the indexer, the shared expert) in `layers` MoE + sparse layers of `experts`
+    routed experts each; a 1024-token vocabulary, no vision tower, no MTP depth."""
+    return replace(m3.minimax_m3_config(), vocab_size=1024, num_hidden_layers=layers, moe_layer_freq=[1] * layers,
+                   sparse_attention_freq=[1] * layers, num_local_experts=experts, num_mtp_modules=0, vision=None)
+
+
+def write_offload_slice(path: Path, cfg: m3.M3Config, seed: int = 0) -> None:
+    """The slice as the release stores it: routed experts in MXFP8 (random e4m3 codes, NaN codes
+    excluded, with E8M0 scales of 2^-12), 16 experts per shard; everything else in bf16, N(0, 1/fan_in)
+    for matrices and 0 for the norms' offsets, in one more shard; and the index."""
+    from safetensors.torch import save_file
+    with torch.device("meta"):
+        shapes = {m3.checkpoint_key(n, cfg): t.shape for n, t in m3.MiniMaxM3(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    experts = sorted(k for k in shapes if ".experts." in k)
+    shards = [experts[i:i + 48] for i in range(0, len(experts), 48)] + [[k for k in shapes if ".experts." not in k]]
+    path.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        tensors = {}
+        for key in keys:
+            shape = shapes[key]
+            if ".experts." in key:
+                codes = torch.randint(0, 126, shape, generator=g, dtype=torch.uint8)
+                codes |= torch.randint(0, 2, shape, generator=g, dtype=torch.uint8) << 7      # the sign bit
+                tensors[key] = codes.view(torch.float8_e4m3fn)
+                tensors[key + m3.SCALE_SUFFIX] = torch.full(m3.mx_scale_shape(shape), 127 - 12, dtype=torch.uint8)
+            elif len(shape) >= 2:
+                tensors[key] = (torch.randn(shape, generator=g) * shape[-1] ** -0.5).bfloat16()
+            else:
+                tensors[key] = torch.zeros(shape, dtype=torch.float32 if "bias" in key else torch.bfloat16)
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, path / name)
+        weight_map.update({k: name for k in tensors})
+    (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (path / m3.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def bench_offload(path: Path, layers: int = 1, experts: int = 128, tokens: int = 8, prompt: int = 16,
+                  caches=(0.0, 0.25, 1.0)) -> None:
+    """Offloaded decoding of the release-shaped slice on the CPU (written to `path` first if absent):
+    per device-cache size (a share of one layer's experts), the prefill time, decode tokens/s,
+    experts and MiB read from disk per decoded token against the lower bound of a token that
+    misses every cache (4 experts x 55.7 MiB per MoE layer), and the cache hit rate."""
+    cfg = offload_slice_config(layers, experts)
+    if not (path / m3.INDEX_FILE).exists():
+        t0 = time.perf_counter()
+        write_offload_slice(path, cfg)
+        print(f"wrote the slice ({layers} layer(s) x {experts} experts, MXFP8) to {path} in "
+              f"{time.perf_counter() - t0:.0f} s")
+    stored = 3 * cfg.hidden_size * cfg.intermediate_size * (1 + 1 / 32)       # one expert's bytes, MXFP8
+    bound = cfg.num_experts_per_tok * layers * stored
+    print(f"{'cache (experts)':>16}{'prefill s':>11}{'tokens/s':>10}{'experts/token':>15}{'MiB/token':>11}"
+          f"{'bound MiB':>11}{'hit rate':>10}")
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
+    for share in caches:
+        cached = int(share * experts)
+        model = m3.load_offloaded(path, "cpu", torch.bfloat16, cached * 2 * stored / (1 + 1 / 32) / 2 ** 30)
+        stats, cache = model.expert_cache.stats, model.new_cache()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            step = model(ids, cache=cache).logits[:, -1:].argmax(-1)
+            t1, before = time.perf_counter(), dict(stats)
+            for _ in range(tokens):
+                step = model(step, cache=cache).logits[:, -1:].argmax(-1)
+            t2 = time.perf_counter()
+        disk = stats["disk"] - before["disk"]
+        served = sum(stats[k] - before[k] for k in ("disk", "host", "device"))
+        print(f"{cached:>16}{t1 - t0:>11.1f}{tokens / (t2 - t1):>10.3f}{disk / tokens:>15.1f}"
+              f"{(stats['bytes_read'] - before['bytes_read']) / tokens / 2 ** 20:>11.3f}{bound / 2 ** 20:>11.3f}"
+              f"{1 - disk / max(served, 1):>10.1%}")
+        model.expert_cache.close()
