@@ -347,6 +347,16 @@ def _moe_combine_kernel(Y, ROW, WEIGHT, OUT, D, K: tl.constexpr, BLOCK: tl.const
     tl.store(OUT + t * D + d, acc, mask=d < D)
 
 
+def _expert_tiles(counts: list[int], block_m: int, device) -> torch.Tensor:
+    """[tiles, 3] int32 (expert, first row, rows): the expert-sorted rows cut into tiles of at most
+    block_m that never span two experts."""
+    tiles, start = [], 0
+    for e, n in enumerate(counts):
+        tiles += [(e, start + m0, min(block_m, n - m0)) for m0 in range(0, n, block_m)]
+        start += n
+    return torch.tensor(tiles, dtype=torch.int32, device=device).reshape(-1, 3)
+
+
 def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1, w2, w3,
                    alpha: float, limit: float) -> torch.Tensor:
     """m3_reference.routed_experts as grouped GEMMs. x [T, D]; ids [T, K]; weights [T, K] fp32;
@@ -359,34 +369,31 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
     _on_device(x, ids, weights)
     T, D = x.shape
     K, E, I = ids.shape[1], len(w1), w1[0].shape[0]
-    ws = [w.contiguous() for w in (*w1, *w2, *w3)]      # row-major: expert e is one offset from expert 0
-    if any(w.dtype != x.dtype for w in ws):
-        raise ValueError(f"expert weights must be in the activations' dtype {x.dtype}")
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)                                     # rows sorted by expert
     token = (order // K).to(torch.int32)
     counts = torch.bincount(flat, minlength=E).tolist()
     block_m = 16 if INTERPRET else 64
-    tiles, start = [], 0
-    for e, n in enumerate(counts):
-        tiles += [(e, start + m0, min(block_m, n - m0)) for m0 in range(0, n, block_m)]
-        start += n
-    tiles = torch.tensor(tiles, dtype=torch.int32, device=x.device).reshape(-1, 3)
-    if any(w.device != x.device for w in ws):
-        raise ValueError(f"expert weights must sit on the activations' device {x.device}")
-    size = ws[0].element_size()
-    aligned = all(w.data_ptr() % 32 == 0 for w in ws)
-    ptrs = [torch.tensor([(w.data_ptr() - ws[0].data_ptr()) // size for w in ws[i * E:(i + 1) * E]],
-                         dtype=torch.int64, device=x.device) for i in range(3)]
+    tiles = _expert_tiles(counts, block_m, x.device)
+    # only routed experts are read (an offloaded model has the others on the meta device), each
+    # row-major and reached by one element offset from the first of them
+    ws = [w.contiguous() if counts[i % E] else None for i, w in enumerate((*w1, *w2, *w3))]
+    real = [w for w in ws if w is not None]
+    if any(w.dtype != x.dtype or w.device != x.device for w in real):
+        raise ValueError(f"expert weights must be in the activations' dtype {x.dtype}, on their device {x.device}")
+    ref = real[0] if real else x
+    aligned = all(w.data_ptr() % 32 == 0 for w in real)
+    ptrs = [torch.tensor([0 if w is None else (w.data_ptr() - ref.data_ptr()) // x.element_size()
+                          for w in ws[i * E:(i + 1) * E]], dtype=torch.int64, device=x.device) for i in range(3)]
     block_n, block_k = (32, 32) if INTERPRET else (128, 64)
     act = torch.empty(T * K, I, dtype=x.dtype, device=x.device)
     y = torch.empty(T * K, D, dtype=x.dtype, device=x.device)
     if len(tiles):
-        _moe_up_kernel[(len(tiles), triton.cdiv(I, block_n))](x, token, tiles, ptrs[0], ptrs[2], ws[0], act, D,
+        _moe_up_kernel[(len(tiles), triton.cdiv(I, block_n))](x, token, tiles, ptrs[0], ptrs[2], ref, act, D,
                                                               I, *x.stride(), alpha, limit, BLOCK_M=block_m,
                                                               BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET,
                                                               ALIGNED=aligned)
-        _moe_down_kernel[(len(tiles), triton.cdiv(D, block_n))](act, tiles, ptrs[1], ws[0], y, D, I, BLOCK_M=block_m,
+        _moe_down_kernel[(len(tiles), triton.cdiv(D, block_n))](act, tiles, ptrs[1], ref, y, D, I, BLOCK_M=block_m,
                                                                 BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET,
                                                                 ALIGNED=aligned)
     slot = torch.argsort(ids, dim=1, stable=True)                                # each token's slots by expert

@@ -2074,6 +2074,19 @@ def test_kernels_at_the_edges_of_their_contracts():
         K.route(kr(12, 2, 8), kr(13, 3, 8), kr(14, 3), 4, 2.0)
 
 
+def test_routed_experts_kernel_touches_only_the_routed_experts():
+    """An offloaded model keeps the experts no token routes to on the meta device: the grouped
+    kernel, like its torch twin, reads only the routed ones (here experts 1 and 3 of 5)."""
+    K = kernels_module()
+    x, weights = kr(1, 6, 32), kr(2, 6, 2).abs()
+    ids = torch.tensor([[1, 3], [3, 1], [1, 3], [3, 1], [1, 3], [3, 1]], device=KDEV)
+    real = lambda seed, *shape, e: kr(seed, *shape) if e in (1, 3) else torch.empty(shape, device="meta")
+    w1, w3 = ([real(s + e, 16, 32, e=e) for e in range(5)] for s in (10, 20))
+    w2 = [real(30 + e, 32, 16, e=e) for e in range(5)]
+    assert_twins(K.routed_experts(x, ids, weights, w1, w2, w3, 1.702, 7.0),
+                 m3.routed_experts.torch(x, ids, weights, w1, w2, w3, 1.702, 7.0), torch.float32)
+
+
 def test_kernels_read_strided_views_as_their_twins_do():
     """Every launch passes its inputs' strides (no hidden copies): transposed, sliced and broadcast
     views give what the torch twins give on the same views."""
@@ -2784,15 +2797,34 @@ def test_offloaded_generate_equals_the_in_memory_model_bit_for_bit(tmp_path, cac
             assert torch.equal(a, b)
             step = a[:, -1:].argmax(-1)
     for mtp in (False, True):
-        trace_a, trace_b = [], []
+        trace_a, trace_b, calls_a, calls_b = [], [], [], []      # drafts; every main-model call's logits
+        hooks = [model.register_forward_hook(lambda m, a, out, calls=calls: calls.append(out.logits))
+                 for model, calls in ((whole, calls_a), (off, calls_b))]
         tokens_a, stats_a = whole.generate(ids, 6, mtp=mtp, draft_trace=trace_a if mtp else None)
         tokens_b, stats_b = off.generate(ids, 6, mtp=mtp, draft_trace=trace_b if mtp else None)
+        for h in hooks:
+            h.remove()
         assert torch.equal(tokens_a, tokens_b) and stats_a == stats_b
+        assert len(calls_a) == len(calls_b) > 1 and all(torch.equal(x, y) for x, y in zip(calls_a, calls_b))
         assert all(torch.equal(x["draft_logits"], y["draft_logits"]) for x, y in zip(trace_a, trace_b))
     stats = off.expert_cache.stats
     assert (stats["device"] > 0) == (cache_experts == 100) and (stats["host"] > 0) == (host_experts > 0)
     assert stats["disk"] > 0
     assert sum(b for b, _ in off.expert_cache.lru.values()) <= cache_experts * EXPERT_BYTES
+
+
+def test_offloaded_model_runs_the_triton_kernels_as_the_in_memory_one(tmp_path, capsys):
+    """With the kernel flag on, the grouped MoE kernel sees the unrouted experts on the meta device
+    and reads only the routed ones: offloaded tokens equal the in-memory model's on the same kernels."""
+    write_release_like(tmp_path, vision=False)
+    ids = torch.randint(0, 500, (1, 20), generator=torch.Generator().manual_seed(2), device=KDEV)
+    try:
+        m3.set_kernels("triton")
+        whole = m3.from_pretrained(tmp_path, device=KDEV).generate(ids, 3)[0]
+        off = m3.load_offloaded(tmp_path, device=KDEV, dtype=torch.float32, expert_cache_gib=EXPERT_BYTES / 2 ** 30)
+        assert torch.equal(off.generate(ids, 3)[0], whole)
+    finally:
+        m3.set_kernels("torch")
 
 
 def test_offloaded_decoding_reads_the_experts_routed_and_nothing_else(tmp_path, capsys):
