@@ -8,11 +8,12 @@ projector, merger and splice, then the full model and its losses (where the data
 out: vision -> splice -> layers -> head -> MTP) and decoding (the KV and index-key cache, padded
 batches, greedy and MTP speculative generation). Part II loads and runs it: the kernel flag,
 presets, input checks, config.json and checkpoint I/O (MXFP8 included), the image/video
-processor, media files, the streamed forward (a checkpoint larger than the device, one piece at
-a time) and the CLI. The golden-tensor generator, the Tracer that names a forward's
-intermediates and the benchmark live beside the checker in golden/generate.py. The torch code here is the
-specification; the functions marked @kernel_twin have Triton twins in kernels.py, used only when
-the flag asks (M3_KERNELS=triton, set_kernels("triton"), --kernels triton).
+processor, media files, the streamed forward and the offloaded model (a checkpoint larger than
+the device: one piece at a time, or the routed experts read on demand) and the CLI. The
+golden-tensor generator, the Tracer that names a forward's intermediates and the benchmarks live
+beside the checker in golden/generate.py. The torch code here is the specification; the
+functions marked @kernel_twin have Triton twins in kernels.py, used only when the flag asks
+(M3_KERNELS=triton, set_kernels("triton"), --kernels triton).
 
 Notable features
   - Gemma RMSNorm everywhere in the text model: y = x * rsqrt(mean(x^2) + eps) * (1 + w), fp32.
@@ -40,6 +41,7 @@ noted where it applies.
     python m3_reference.py run --checkpoint DIR --prompt-ids 1,2,3   # streamed forward, one layer resident
     python m3_reference.py check --checkpoint DIR   # read every weight once: formats, scales, NaN/Inf
     python m3_reference.py generate --mtp       # greedy decoding with MTP drafts (tiny preset)
+    python m3_reference.py generate --checkpoint DIR --offload-experts --prompt-ids 1,2,3   # experts on demand
     python golden/verify.py --case text --outputs theirs.safetensors   # another stack, numpy only
 
 Shape letters (one meaning each): B batch; S query positions; Sk key positions; Sc a chunk of
@@ -3096,7 +3098,7 @@ def add_media(inputs: dict, images: Sequence[str], videos: Sequence[str], video_
 
 
 # ============================================================================================
-# Streamed forward: a checkpoint larger than the device, one piece at a time
+# Streamed and offloaded runs: a checkpoint larger than the device
 # ============================================================================================
 # The released model (434.5B parameters with its vision tower and MTP depth, 421 GiB in MXFP8)
 # fits no single GPU. stream_forward builds
@@ -3104,7 +3106,9 @@ def add_media(inputs: dict, images: Sequence[str], videos: Sequence[str], video_
 # embeddings (with the vision tower, projector and merger when there is media), each decoder layer,
 # the final norm, each MTP depth, the head. An MoE layer routes first (its router is part of the
 # piece) and then reads only the experts some token chose. The math is the modules' own forward,
-# so the result equals the in-memory model's bit for bit.
+# so the result equals the in-memory model's bit for bit. For decoding, load_offloaded keeps
+# everything but the routed experts resident and reads those on demand into an LRU cache
+# (ExpertCache), again around the modules' own forward.
 
 @dataclass
 class StreamRun:

@@ -2617,7 +2617,7 @@ def test_the_mxfp8_case_in_numpy(bug):
 
 
 # ============================================================================================
-# Streamed forward, run and check
+# Streamed forward, run, check and the offloaded model
 # ============================================================================================
 
 @pytest.mark.parametrize("media, shape, mtp", [(True, None, None), (False, (2, 41), None), (False, (1, 3), 0)])
