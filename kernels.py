@@ -57,6 +57,13 @@ def _rows_per_program(width: int) -> int:
     return max(1, 4096 // _p2(width))
 
 
+def _twin():
+    """m3_reference, whose input checks the kernels share (the running module when it runs as a
+    script: its __main__ registers itself under that name)."""
+    import m3_reference
+    return m3_reference
+
+
 def _on_device(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.device.type != "cuda" and not INTERPRET:
@@ -370,6 +377,7 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
     T, D = x.shape
     K, E, I = ids.shape[1], len(w1), w1[0].shape[0]
     flat = ids.reshape(-1)
+    _twin().check_expert_ids(flat.unique().tolist(), E)                          # the pointer table has E rows
     order = torch.argsort(flat, stable=True)                                     # rows sorted by expert
     token = (order // K).to(torch.int32)
     counts = torch.bincount(flat, minlength=E).tolist()
@@ -511,8 +519,8 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_sta
     """One program per (b, KV head, BLOCK_Q queries); its rows are the (query, head) pairs of the
     KV group. It walks the key blocks up to the tile's last causal one, skips those no query of the
     tile selected, and runs an fp32 online softmax (flash style) where each row sees only the keys
-    of its query's selected blocks that are not after the query. The ids of a row are unique, as
-    select_blocks gives them (the twin would count a repeated block twice)."""
+    of its query's selected blocks that are not after the query; a block a row names twice weighs
+    twice (log 2 added to its scores), as the twin's gathered keys do."""
     qt, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // Hkv, bh % Hkv
     group = H // Hkv
@@ -533,7 +541,8 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_sta
     acc = tl.zeros([BLOCK_Q * G, BLOCK_D], dtype=tl.float32)
     last = (q_start + tl.minimum(qt * BLOCK_Q + BLOCK_Q, S) - 1) // bs
     for n in range(0, last + 1):
-        picked = tl.sum((ids == n).to(tl.int32), axis=1) > 0                    # [rows]
+        times = tl.sum((ids == n).to(tl.int32), axis=1)                        # [rows]: slots naming block n
+        picked = times > 0
         if tl.max(picked.to(tl.int32), axis=0) > 0:
             slot = n * bs + j
             valid = (j < bs) & (slot < Sk)
@@ -541,6 +550,7 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_sta
             k = tl.load(K + b64 * skb + at * sks + h * skh + d[None, :] * skd, mask=kv_mask, other=0.0)
             v = tl.load(V + b64 * svb + at * svs + h * svh + d[None, :] * svd, mask=kv_mask, other=0.0)
             s = _dot(q, tl.trans(k), tl.zeros([BLOCK_Q * G, BLOCK_S], dtype=tl.float32), UPCAST) * scale
+            s += tl.log(tl.maximum(times, 1).to(tl.float32))[:, None]            # as the twin's repeated keys
             keep = picked[:, None] & valid[None, :] & (slot[None, :] <= q_slot[:, None])
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -564,6 +574,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     _on_device(q, k, v, block_ids)
     B, S, H, Dh = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
+    _twin().check_block_ids(block_ids, -(-Sk // block_size))
     group = _p2(H // Hkv)
     block_q = max(1, (16 if INTERPRET else 64) // group)                          # >= 16 rows for tl.dot
     topk = block_ids.shape[-1]

@@ -295,15 +295,24 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
 
     x [T, D] model dtype; ids [T, K]; weights [T, K] fp32; w1/w3 per expert [I, D] (gate/up),
     w2 [D, I] (down). Each expert runs only on its tokens; its output (model dtype) is weighted
-    after the down projection and accumulated in fp32. Returns [T, D] fp32.
+    after the down projection and accumulated in fp32. Returns [T, D] fp32. An id outside [0, E)
+    is a ValueError (a Python index would wrap a negative one round to the last expert).
     """
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    for e in ids.unique().tolist():
+    experts = ids.unique().tolist()
+    check_expert_ids(experts, len(w1))
+    for e in experts:
         tok, slot = (ids == e).nonzero(as_tuple=True)
         xe = x[tok]
         ye = F.linear(swiglu_oai(F.linear(xe, w1[e]), F.linear(xe, w3[e]), alpha, limit), w2[e])
         out.index_add_(0, tok, ye.float() * weights[tok, slot, None])
     return out
+
+
+def check_expert_ids(experts: list[int], E: int) -> None:
+    """The routed experts' ids (ascending) must lie in [0, E)."""
+    if experts and (experts[0] < 0 or experts[-1] >= E):
+        raise ValueError(f"expert ids must be in [0, {E}) (num_local_experts), got {experts[0] if experts[0] < 0 else experts[-1]}")
 
 
 class Expert(nn.Module):
@@ -522,6 +531,15 @@ def lightning_indexer(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk:
     return torch.cat(out[::-1], dim=2)
 
 
+def check_block_ids(block_ids: torch.Tensor, nb: int) -> None:
+    """Selections attend blocks 0..nb-1 and -1 (an empty slot), nothing else: an id past the keys
+    would read another head's block here and nothing in the kernel. A block repeated in a row
+    counts once per slot (its keys join the softmax twice), in both implementations."""
+    if block_ids.numel() and (int(block_ids.min()) < -1 or int(block_ids.max()) >= nb):
+        bad = int(block_ids.min()) if int(block_ids.min()) < -1 else int(block_ids.max())
+        raise ValueError(f"block_ids must be -1 (empty) or blocks in [0, {nb}) of the {nb} key blocks, got {bad}")
+
+
 @kernel_twin
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor,
                      block_size: int, scale: float, q_start: int = 0,
@@ -545,6 +563,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     B, S, H, Dh = q.shape
     Sk, Hkv, topk = k.shape[1], k.shape[2], block_ids.shape[-1]
     G, nb, K = H // Hkv, -(-Sk // block_size), topk * block_size
+    check_block_ids(block_ids, nb)
     tiles = lambda x: F.pad(x.float(), (0, 0, 0, 0, 0, nb * block_size - Sk)).view(B, nb, block_size, Hkv, Dh) \
         .permute(0, 3, 1, 2, 4).reshape(B * Hkv * nb, block_size * Dh)                  # [B*Hkv*nb, bs*Dh]
     kt, vt = tiles(k), tiles(v)

@@ -2074,6 +2074,34 @@ def test_kernels_at_the_edges_of_their_contracts():
         K.route(kr(12, 2, 8), kr(13, 3, 8), kr(14, 3), 4, 2.0)
 
 
+def test_kernels_and_twins_refuse_ids_outside_their_tables_and_weigh_repeats_alike():
+    """An expert id outside [0, E) or a block id past the keys (or below -1) is a ValueError in
+    the twin and the kernel alike (the kernel's pointer table has E rows; the twin would read
+    another head's block); a block a row names twice counts twice in both."""
+    K = kernels_module()
+    x, weights = kr(1, 4, 32), kr(2, 4, 2).abs()
+    w1, w3, w2 = [kr(10 + e, 16, 32) for e in range(3)], [kr(20 + e, 16, 32) for e in range(3)], \
+        [kr(30 + e, 32, 16) for e in range(3)]
+    for bad in (3, -1):
+        ids = torch.tensor([[0, 1], [1, 2], [2, 0], [0, bad]], device=KDEV)
+        for impl in (K.routed_experts, m3.routed_experts.torch):
+            with pytest.raises(ValueError, match=rf"expert ids must be in \[0, 3\) \(num_local_experts\), got {bad}"):
+                impl(x, ids, weights, w1, w2, w3, 1.702, 7.0)
+    q, k, v = kr(3, 1, 6, 2, 8), kr(4, 1, 6, 1, 8), kr(5, 1, 6, 1, 8)
+    for bad in (3, -2):                                      # 6 keys in blocks of 2: blocks 0..2
+        ids = torch.tensor([[[[0, 1]] * 5 + [[2, bad]]]], dtype=torch.int32, device=KDEV)
+        for impl in (K.sparse_attention, m3.sparse_attention.torch):
+            with pytest.raises(ValueError, match=rf"block_ids must be -1 .* in \[0, 3\) .* got {bad}"):
+                impl(q, k, v, ids, 2, 0.3)
+    repeated = torch.tensor([[[[0, 0, -1], [0, 0, -1], [1, 1, 0], [1, 1, 0], [2, 2, 1], [2, 0, 0]]]],
+                            dtype=torch.int32, device=KDEV)
+    assert_twins(K.sparse_attention(q, k, v, repeated, 2, 0.3), m3.sparse_attention.torch(q, k, v, repeated, 2, 0.3),
+                 torch.float32)
+    once = repeated.masked_fill(torch.tensor([False, True, False], device=KDEV), -1)
+    assert not torch.allclose(m3.sparse_attention.torch(q, k, v, repeated, 2, 0.3)[0, 3],   # block 1 weighs twice
+                              m3.sparse_attention.torch(q, k, v, once, 2, 0.3)[0, 3])
+
+
 def test_routed_experts_kernel_touches_only_the_routed_experts():
     """An offloaded model keeps the experts no token routes to on the meta device: the grouped
     kernel, like its torch twin, reads only the routed ones (here experts 1 and 3 of 5)."""
