@@ -3348,17 +3348,24 @@ def load_offloaded(path: str | os.PathLike, device: str | torch.device = "cuda",
     `expert_cache_gib` on the device, over an optional host-RAM cache of `host_cache_gib`. It is
     the same module: forward, new_cache and generate run unchanged and give the in-memory model's
     results bit for bit; only where the expert weights live differs. model.expert_cache has stats.
-    The plan (resident weights + expert cache + the cache of `kv_tokens` tokens, all rows) is
-    checked against the device's free memory before any tensor is read, and printed with progress."""
+    The plan (resident weights, expert cache, a running layer's routed experts beyond it, one
+    expert's fp32 dequantisation, the Cache of `kv_tokens` tokens over all rows) is checked against
+    the device's free memory before any tensor is read, and printed with progress; activations
+    are not in it."""
     ckpt = Checkpoint(path)
     model = load_meta_model(ckpt, dtype, mtp_depths, mtp, drafter_only=False)
     device = torch.device(device)
     resident = [n for n in loaded_names(model) if ".experts." not in n]
     capacity, host = (int(g * 2 ** 30) for g in (expert_cache_gib, host_cache_gib or 0))
     state = model.state_dict()
+    cfg, size = model.config, torch.empty(0, dtype=dtype).element_size()
+    expert = 3 * cfg.hidden_size * cfg.intermediate_size
+    # a layer keeps its routed experts while it runs, beyond the cache (the prefill's: up to all
+    # of them), and one expert is dequantised through fp32
+    running = min(cfg.num_local_experts, cfg.num_experts_per_tok * max(kv_tokens, 1)) * expert * size
     plan = {"resident weights": sum(state[n].numel() * state[n].element_size() for n in resident),
-            "expert cache": capacity, f"KV + index-key cache of {kv_tokens} tokens": kv_tokens * cache_bytes_per_token(
-                model.config, dtype)}
+            "expert cache": capacity, "a running layer's experts": running, "dequantisation": expert * 4,
+            f"KV + index-key cache of {kv_tokens} tokens": kv_tokens * cache_bytes_per_token(cfg, dtype)}
     if progress:
         print(f"memory plan on {device}: " + ", ".join(f"{k} {_size(v)}" for k, v in plan.items())
               + (f"; host cache {_size(host)}" if host else ""), file=sys.stderr, flush=True)
@@ -3561,7 +3568,8 @@ def generate_cli(args) -> None:
     target = _save_target(args.save_outputs)
     cfg, encode = _generate_config(args)
     inputs = _generate_inputs(args, cfg, encode, device, dtype)
-    length = inputs["input_ids"].shape[1] + args.max_new_tokens
+    drafts = (args.draft_tokens or cfg.num_mtp_modules) if args.mtp else 0     # verified with the newest token
+    length = inputs["input_ids"].shape[1] + args.max_new_tokens + drafts + 1
     t0 = time.perf_counter()
     model = _generate_model(args, cfg, device, dtype, inputs["input_ids"].shape[0] * length)
     log = GenerateLog(model, inputs, args.max_new_tokens, args.trace)
@@ -3741,9 +3749,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the dtype whose range the weights must fit, as from_pretrained would cast them")
     d = sub.add_parser("generate", parents=[media], help="greedy / MTP speculative decoding of the tiny preset "
-                                                         "(random weights) or of a checkpoint loaded whole")
+                                                         "(random weights) or of a checkpoint, loaded whole or with "
+                                                         "its routed experts offloaded")
     d.add_argument("--checkpoint", help="directory with config.json and the safetensors (default: the tiny preset "
-                                        "on its demo prompt); the whole model is loaded on --device")
+                                        "on its demo prompt); loaded whole on --device unless --offload-experts")
     _prompt_arguments(d, required=False)
     d.add_argument("--max-new-tokens", type=int, default=16)
     d.add_argument("--mtp", action="store_true", help="MTP speculative decoding, with the model's MTP conventions "

@@ -381,7 +381,7 @@ COMPONENT_CASES = [
     dict(name="router_bias", component="moe", seed=14, end_results=["out"], pins=[r"router\.(ids|weights)"],
          weights=lambda m: bias_decides_(m),
          description="the MoE of layer 1 where the correction bias decides: gate weights scaled by 0.01 (every "
-                     "expert's sigmoid score within ~0.003 of 0.5), bias 6 + 0.003 e for expert e; in fp32 the "
+                     "expert's sigmoid score within 0.01 of 0.5), bias 6 + 0.003 e for expert e; in fp32 the "
                      "0.003 steps rank the experts, bf16 (spacing 2^-5 at 6) would round them all to 6"),
 ]
 
@@ -450,7 +450,8 @@ def training_cases() -> list[dict]:
                          "top-3: layer 1's `layers.1.indexer_kl` (mean over rows, index heads and queries of KL("
                          "teacher || student) over each query's selected causal keys), `indexer_loss` (their sum) "
                          "and its gradient `grad.<checkpoint key>` on the only parameters it reaches, the indexer's"),
-        dict(name="mtp-loss-split", kind="split", checkpoint="mtp-depth-2", config=golden_config(num_mtp_modules=2),
+        dict(name="mtp-loss-split", kind="split", checkpoint="mtp-depth-2",
+             config=golden_config(num_mtp_modules=2, vision=None),
              dtype="float32", seed=131, batch=4, length=23, split=[1, 3], end_results=["loss"],
              pins=[r"part\.\d+\..+", r"(lm_|mtp_)?loss"],
              description="a batch of 4 rows split 1 + 3 across ranks (input `split`), labels with -100 at different "

@@ -583,9 +583,16 @@ def _names(names: list[str], most: int = 6) -> str:
 
 
 def verdict(rules: Rules, rows: list[dict], layerwise: bool = False, pcc: float | None = None) -> tuple[int, str]:
-    """The exit status and its one-line reason, the first that applies: 1 a failure no near tie
-    explains; 2 nothing compared, or a required tensor missing; 3 failures, each explained by a
-    near tie; else 0, saying how many of the optional intermediates were not given."""
+    """The exit status and its one-line reason (with --pcc, naming that criterion)."""
+    status, reason = _verdict(rules, rows, layerwise)
+    return status, reason + (f"; criterion PCC >= {pcc:g} for floating tensors, not the dtype tolerance"
+                             if pcc is not None else "")
+
+
+def _verdict(rules: Rules, rows: list[dict], layerwise: bool) -> tuple[int, str]:
+    """The first that applies: 1 a failure no near tie explains; 2 nothing compared, or a required
+    tensor missing; 3 failures, each explained by a near tie; else 0, saying how many of the
+    optional intermediates were not given."""
     failed = [r for r in rows if r["status"] == "FAIL"]
     plain = [r for r in failed if r["after"] is None]
     given = {r["name"] for r in rows if r["status"] != "missing"}
@@ -609,8 +616,7 @@ def verdict(rules: Rules, rows: list[dict], layerwise: bool = False, pcc: float 
     missing = len(rows) - len(given)
     text = f"pass, {missing} of {optional} intermediates not given" if missing else f"pass, all {len(rows)} compared"
     text += " (with near ties)" if any(r["status"] == "near tie" for r in rows) else ""
-    return PASS, text + (f"; criterion PCC >= {pcc:g} for floating tensors, not the dtype tolerance"
-                         if pcc is not None else "")
+    return PASS, text
 
 
 def report(title: str, rules: Rules, rows: list[dict], extra: list[str] = (), layerwise: bool = False,
@@ -721,7 +727,9 @@ def list_cases(entries: list[dict]) -> None:
                     else "  (required)" if o["name"] in e["required"] else "")
             derived = ("  = " + " ".join(f"{'-' if sign < 0 else '+'} {n}" for sign, n in o["from"]).lstrip("+ ")
                        + " (derived, not stored)") if "from" in o else ""
-            print(f"  {o['name']:<39} {str(o['shape']):<18}{o['dtype']:<10}{o['compare']}{role}{derived}")
+            rule = (f" {o['atol']:g}+{o['rtol']:g}{'*max|x|' if o.get('scale') == 'max' else '|x|'}"
+                    if o["compare"] == "close" else "")
+            print(f"  {o['name']:<39} {str(o['shape']):<18}{o['dtype']:<10}{o['compare']}{rule}{role}{derived}")
 
 
 def check_case(root: Path, entry: dict, outputs: Path, layerwise: bool = False, pcc: float | None = None) -> int:
