@@ -590,11 +590,35 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
 # ---- benchmark --------------------------------------------------------------------------------
 
 RELEASED = dict(D=6144, H=64, Hkv=4, Dh=128, R=64, E=128, K=4, I=3072, Hi=4, Di=128, bs=128, topk=16)
-# peak bf16 dense tensor-core FLOP/s and HBM bytes/s of the devices the targets were set for
-PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+# dense bf16 tensor-core FLOP/s and HBM bytes/s (NVIDIA's datasheets; dense = half the sparsity
+# figure), matched in this order against torch.cuda.get_device_name: the last is the SXM (HBM3) H100
+PEAKS = [("H100 PCIe", 756e12, 2.0e12), ("H100 NVL", 835e12, 3.9e12), ("H200", 989e12, 4.8e12),
+         ("H100", 989e12, 3.35e12)]
 TARGETS = {"rms_norm": "HBM >= 70%", "swiglu_oai": "HBM >= 70%", "norm_rope": "HBM >= 70%",
            "rope": "HBM >= 70%", "routed_experts": ">= 2x torch at 4k", "index_block_scores": ">= 5x torch at 32k",
            "sparse_attention": ">= 5x torch at 32k, >= 30% of peak FLOP/s"}
+
+
+def sparse_attention_flops(block_ids: torch.Tensor, block_size: int, Sk: int, H: int, Dh: int,
+                           q_start: int = 0, block_q: int | None = None) -> tuple[int, int]:
+    """(useful, executed) FLOPs of sparse_attention on block_ids [B, Hkv, S, topk]. Useful: 4 Dh
+    (q.k and p.v) per query head and attended key, each key of a selected block that is not after
+    the query nor past the end (a repeated block counts per slot, as it weighs). Executed: what the
+    kernel computes: per tile of block_q queries, every block a row of it picked, all of its padded
+    keys, for all block_q x G' rows (G' = H / Hkv rounded up to a power of two)."""
+    B, Hkv, S, topk = block_ids.shape
+    G, dev = H // Hkv, block_ids.device
+    block_q = block_q or max(1, (16 if INTERPRET else 64) // _p2(G))
+    ids = block_ids.long()
+    q_slot = q_start + torch.arange(S, device=dev)[:, None]                       # [S, 1]
+    end = torch.minimum((ids + 1) * block_size, (q_slot + 1).clamp(max=Sk))
+    useful = 4 * Dh * G * int((end - ids * block_size).clamp(min=0).masked_fill(ids < 0, 0).sum())
+    nb, tiles = -(-Sk // block_size), -(-S // block_q)
+    column = (torch.arange(S, device=dev) // block_q)[:, None] * (nb + 1) + torch.where(ids < 0, nb, ids)
+    picked = torch.zeros(B, Hkv, tiles * (nb + 1), dtype=torch.bool, device=dev)
+    picked.scatter_(-1, column.reshape(B, Hkv, -1), True)                         # per tile: the blocks any row chose
+    visited = int(picked.view(B, Hkv, tiles, nb + 1)[..., :nb].sum())
+    return useful, 4 * _p2(Dh, 16) * visited * block_q * _p2(G) * _p2(block_size, 16)
 
 
 def _time(fn, device) -> float:
@@ -646,10 +670,10 @@ def bench_cases(c: dict, lengths, decode, device, dtype):
         yield ("index_block_scores", f"S={S}", (chunked, index_block_scores), (iq, ik, 0, c["bs"]), 0,
                S * S * c["Hi"] * c["Di"])
         q, k, v = r(1, S, c["H"], c["Dh"]), r(1, S, c["Hkv"], c["Dh"]), r(1, S, c["Hkv"], c["Dh"])
-        L = min(S, c["topk"] * c["bs"])                            # keys a query sees: causal, then capped
-        yield ("sparse_attention", f"S={S}", (m3.sparse_attention.torch, sparse_attention),
-               (q, k, v, _bench_selection(S, c, device), c["bs"], c["Dh"] ** -0.5), 0,
-               4 * c["H"] * c["Dh"] * (L * (L + 1) // 2 + (S - L) * L))
+        ids = _bench_selection(S, c, device)
+        useful, executed = sparse_attention_flops(ids, c["bs"], S, c["H"], c["Dh"])
+        yield ("sparse_attention", f"S={S} (ran {executed / useful:.1f}x)", (m3.sparse_attention.torch, sparse_attention),
+               (q, k, v, ids, c["bs"], c["Dh"] ** -0.5), 0, useful)
     S = min(lengths[-1], 2048)
     scores = m3.index_block_scores.torch(r(1, S, c["Hi"], c["Di"]), r(1, S, c["Di"]), 0, c["bs"])
     yield ("select_blocks", f"S={S}", (m3.select_blocks.torch, select_blocks), (scores, 0, c["bs"], c["topk"], 0, 1), 0, 0)
@@ -657,8 +681,9 @@ def bench_cases(c: dict, lengths, decode, device, dtype):
         Sk = lengths[-1]
         q, k, v = r(1, n, c["H"], c["Dh"]), r(1, Sk, c["Hkv"], c["Dh"]), r(1, Sk, c["Hkv"], c["Dh"])
         ids = _bench_selection(Sk, c, device)[:, :, -n:].contiguous()
-        yield ("sparse_attention", f"decode {n} of {Sk}", (m3.sparse_attention.torch, sparse_attention),
-               (q, k, v, ids, c["bs"], c["Dh"] ** -0.5, Sk - n), 0, 4 * n * c["H"] * c["topk"] * c["bs"] * c["Dh"])
+        useful, executed = sparse_attention_flops(ids, c["bs"], Sk, c["H"], c["Dh"], Sk - n)
+        yield ("sparse_attention", f"decode {n} of {Sk} (ran {executed / useful:.1f}x)",
+               (m3.sparse_attention.torch, sparse_attention), (q, k, v, ids, c["bs"], c["Dh"] ** -0.5, Sk - n), 0, useful)
     T = min(lengths[0], 4096)
     x = r(T, c["D"])
     weights, ids = m3.route.torch(x, torch.randn(c["E"], c["D"], device=device) * c["D"] ** -0.5,
@@ -683,14 +708,16 @@ def _bench_selection(S: int, c: dict, device) -> torch.Tensor:
 
 
 def bench(config: dict = RELEASED, lengths=(4096, 16384, 32768, 65536), decode=(1, 4)) -> None:
-    """Per kernel: torch twin vs Triton time, the Triton GB/s or TFLOP/s and its share of the peak."""
+    """Per kernel: torch twin vs Triton time, the Triton GB/s or TFLOP/s and its share of the peak.
+    Sparse attention counts useful FLOPs only (the keys attended: causal, selected, within the
+    keys), and its shape says how many times that the kernel ran (sparse_attention_flops)."""
     if not torch.cuda.is_available():
         print("kernels.py bench needs a CUDA device: none is visible here, so nothing was measured "
               "(the interpreter, TRITON_INTERPRET=1, checks correctness, not speed)")
         return
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
-    flops_peak, bytes_peak = next((v for k, v in PEAKS.items() if k in name), (None, None))
+    flops_peak, bytes_peak = next(((f, b) for key, f, b in PEAKS if key in name), (None, None))
     print(f"{name}, bf16, torch {torch.__version__}, triton {triton.__version__}")
     print(f"{'kernel':<20}{'shape':<22}{'torch ms':>10}{'triton ms':>11}{'speed-up':>9}{'achieved':>16}{'of peak':>9}  target")
     for kernel, label, (twin, mine), args, nbytes, flops in bench_cases(config, lengths, decode, device, torch.bfloat16):

@@ -2171,6 +2171,30 @@ def test_the_flag_routes_the_whole_model_and_torch_imports_no_kernels(monkeypatc
     torch.testing.assert_close(got.loss, want.loss, rtol=FP32_LOGITS_TOL, atol=FP32_LOGITS_TOL)
 
 
+@given(seed=seeds, S=st.integers(1, 40), q_start=st.integers(0, 20), bs=st.integers(1, 9), topk=st.integers(1, 5),
+       block_q=st.integers(1, 6))
+@few(12)
+def test_sparse_attention_flops_count_the_attended_keys_and_the_kernels_tiles(seed, S, q_start, bs, topk, block_q):
+    """bench's FLOP accounting, against a loop: useful = 4 Dh G per attended key (selected, causal,
+    within the keys; per slot); executed = every block some row of a block_q-query tile chose,
+    at the kernel's padded tile sizes."""
+    K = kernels_module()
+    H, Hkv, Dh, Sk = 6, 2, 12, q_start + S
+    scores = torch.randn(1, Hkv, S, -(-Sk // bs), generator=torch.Generator().manual_seed(seed))
+    ids = m3.select_blocks(scores, q_start, bs, topk, 1, 1)
+    useful = executed = 0
+    for h in range(Hkv):
+        for i in range(S):
+            for n in ids[0, h, i].tolist():
+                if n >= 0:
+                    useful += 4 * Dh * (H // Hkv) * sum(1 for j in range(n * bs, min((n + 1) * bs, Sk)) if j <= q_start + i)
+        for t in range(0, S, block_q):
+            blocks = {n for row in ids[0, h, t:t + block_q].tolist() for n in row if n >= 0}
+            executed += len(blocks) * 4 * K._p2(Dh, 16) * block_q * K._p2(H // Hkv) * K._p2(bs, 16)
+    assert K.sparse_attention_flops(ids, bs, Sk, H, Dh, q_start, block_q) == (useful, executed)
+    assert executed >= useful
+
+
 def test_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
