@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_ROUND_BY_HAND = tl.constexpr(INTERPRET)     # the interpreter truncates fp32 -> bf16; a GPU rounds to even
 
 
 def _p2(n: int, least: int = 1) -> int:
@@ -76,9 +77,9 @@ def _on_device(*tensors: torch.Tensor) -> None:
 
 @triton.jit
 def _to(x, dtype: tl.constexpr):
-    """fp32 x in `dtype`, rounded to nearest even as torch rounds. The interpreter truncates fp32 ->
-    bf16, so for bf16 the rounding is done on the bits first (the same value on a GPU)."""
-    if dtype == tl.bfloat16:
+    """fp32 x in `dtype`, rounded to nearest even as torch rounds: by the GPU's cast, and under the
+    interpreter, which truncates fp32 -> bf16, on the bits first (the same value)."""
+    if _ROUND_BY_HAND and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
         x = tl.where(x == x, rounded, x)                  # NaN stays NaN (its bits could carry into the sign)
