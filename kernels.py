@@ -520,15 +520,14 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_sta
     """One program per (b, KV head, BLOCK_Q queries); its rows are the (query, head) pairs of the
     KV group. It walks the key blocks up to the tile's last causal one, skips those no query of the
     tile selected, and runs an fp32 online softmax (flash style) where each row sees only the keys
-    of its query's selected blocks that are not after the query; a block a row names twice weighs
-    twice (log 2 added to its scores), as the twin's gathered keys do."""
+    of its query's selected blocks that are not after the query; a block a row names c times
+    weighs c times (log c added to its scores), as the twin's gathered keys do."""
     qt, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // Hkv, bh % Hkv
     group = H // Hkv
     qi = qt * BLOCK_Q + tl.arange(0, BLOCK_Q * G) // G                           # rows: (query, head) pairs
     hd = tl.arange(0, BLOCK_Q * G) % G
-    d = tl.arange(0, BLOCK_D)
-    j = tl.arange(0, BLOCK_S)
+    d, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_S)
     row_ok = (qi < S) & (hd < group)
     b64, head = b.to(tl.int64), h * group + hd[:, None]
     q = tl.load(Q + b64 * sqb + qi[:, None].to(tl.int64) * sqs + head * sqh + d[None, :] * sqd,
@@ -550,8 +549,8 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, S, Sk, H, Hkv, Dh, topk, bs, q_sta
             at, kv_mask = slot[:, None].to(tl.int64), valid[:, None] & (d[None, :] < Dh)
             k = tl.load(K + b64 * skb + at * sks + h * skh + d[None, :] * skd, mask=kv_mask, other=0.0)
             v = tl.load(V + b64 * svb + at * svs + h * svh + d[None, :] * svd, mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_Q * G, BLOCK_S], dtype=tl.float32), UPCAST) * scale
-            s += tl.log(tl.maximum(times, 1).to(tl.float32))[:, None]            # as the twin's repeated keys
+            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_Q * G, BLOCK_S], dtype=tl.float32), UPCAST) * scale \
+                + tl.log(tl.maximum(times, 1).to(tl.float32))[:, None]          # as the twin's repeated keys
             keep = picked[:, None] & valid[None, :] & (slot[None, :] <= q_slot[:, None])
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -641,16 +640,19 @@ def _time(fn, device) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _chunked_scores(iq, ik, q_start, bs):
+    """The torch twin the model's way: query chunks of 1024, each against its causal keys."""
+    import m3_reference as m3
+    parts = [m3.index_block_scores.torch(iq[:, i:i + 1024], ik, q_start + i, bs) for i in range(0, iq.shape[1], 1024)]
+    nb = parts[-1].shape[-1]
+    return torch.cat([F.pad(p, (0, nb - p.shape[-1]), value=float("-inf")) for p in parts], dim=2)
+
+
 def bench_cases(c: dict, lengths, decode, device, dtype):
     """Yields (kernel, label, torch twin call, Triton call, bytes moved, FLOPs) at the shapes of c,
     building each case's inputs only when it is reached (the 64k ones are large)."""
     import m3_reference as m3
     r = lambda *shape, scale=1.0: (torch.randn(*shape, device=device) * scale).to(dtype)
-
-    def chunked(iq, ik, q_start, bs):              # the model's way: query chunks, each against its causal keys
-        parts = [m3.index_block_scores.torch(iq[:, i:i + 1024], ik, q_start + i, bs) for i in range(0, iq.shape[1], 1024)]
-        nb = parts[-1].shape[-1]
-        return torch.cat([F.pad(p, (0, nb - p.shape[-1]), value=float("-inf")) for p in parts], dim=2)
     for S in lengths:
         x = r(S, c["D"])
         yield ("rms_norm", f"S={S}", (m3.rms_norm.torch, rms_norm), (x, r(c["D"], scale=0.1), 1e-6, r(S, c["D"])),
@@ -668,7 +670,7 @@ def bench_cases(c: dict, lengths, decode, device, dtype):
                0, 2 * S * c["E"] * c["D"])
         iq, ik = r(1, S, c["Hi"], c["Di"]), r(1, S, c["Di"])
         # the torch twin runs in query chunks of 1024, as the model does (one chunk would be [S, S])
-        yield ("index_block_scores", f"S={S}", (chunked, index_block_scores), (iq, ik, 0, c["bs"]), 0,
+        yield ("index_block_scores", f"S={S}", (_chunked_scores, index_block_scores), (iq, ik, 0, c["bs"]), 0,
                S * S * c["Hi"] * c["Di"])
         q, k, v = r(1, S, c["H"], c["Dh"]), r(1, S, c["Hkv"], c["Dh"]), r(1, S, c["Hkv"], c["Dh"])
         ids = _bench_selection(S, c, device)

@@ -550,15 +550,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     q [B, S, H, Dh]; k/v [B, Sk, Hkv, Dh]; block_ids int32 [B, Hkv, S, topk] (-1 = empty slot).
     -> [B, S, H, Dh]; fp32 scores, softmax and accumulation.
 
-    The G = H / Hkv query heads of a KV head share its selection, so each (query, KV head) is one
-    [G, Dh] x [Dh, topk*bs] matmul against its own keys: K and V are first copied block-major
+    The G = H / Hkv query heads of a KV head share its selection: each (query, KV head) is one
+    [G, Dh] x [Dh, topk*bs] matmul against its own keys. K and V are first copied block-major
     ([B*Hkv*nb, bs*Dh], one contiguous tile per block), then each query chunk gathers its blocks
     as whole tiles (one index_select each for K and V) and runs batched matmuls. The mask is one
     additive row per (query, KV head), broadcast over the G heads: -inf for empty slots and for the
     keys of the query's own block that lie in its future. Memory grows linearly with S; no [S, S]
-    mask or score matrix exists. (Selections differ from query to query, so a query block's union
-    of blocks is nearly all of its past for scattered selections: gathering per query keeps the
-    FLOPs at the selected ones.)
+    mask or score matrix exists. (Gathering per query keeps the FLOPs at the selected blocks: a
+    query block's union of scattered selections is nearly all of its past.)
     """
     B, S, H, Dh = q.shape
     Sk, Hkv, topk = k.shape[1], k.shape[2], block_ids.shape[-1]
@@ -3751,26 +3750,30 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("generate", parents=[media], help="greedy / MTP speculative decoding of the tiny preset "
                                                          "(random weights) or of a checkpoint, loaded whole or with "
                                                          "its routed experts offloaded")
-    d.add_argument("--checkpoint", help="directory with config.json and the safetensors (default: the tiny preset "
-                                        "on its demo prompt); loaded whole on --device unless --offload-experts")
-    _prompt_arguments(d, required=False)
-    d.add_argument("--max-new-tokens", type=int, default=16)
-    d.add_argument("--mtp", action="store_true", help="MTP speculative decoding, with the model's MTP conventions "
-                                                     "(M3's training ones unless config.json's mtp_config says otherwise)")
-    d.add_argument("--vllm-drafter", action="store_true", help="with --mtp: draft as vLLM does (embedding zeroed at "
-                                                              "position 0, pre-norm outputs passed on)")
-    d.add_argument("--draft-tokens", type=int, help="drafts per step with --mtp (default: the MTP depths)")
-    d.add_argument("--eos-token-id", type=int, help="stop a row at this token")
-    d.add_argument("--offload-experts", action="store_true", help="with --checkpoint: every weight but the routed "
-                   "experts on --device, the experts read on demand into an LRU cache (load_offloaded)")
-    d.add_argument("--expert-cache-gib", type=float, help="with --offload-experts: the device's expert cache "
-                                                          "(default 40)")
-    d.add_argument("--host-cache-gib", type=float, help="with --offload-experts: a host-RAM cache of the experts' "
-                                                        "stored bytes between disk and device")
-    d.add_argument("--save-outputs", help="write the prompt, the generated tokens and every main-model call's "
-                                          "logits (golden names, .safetensors)")
-    d.add_argument("--trace", action="store_true", help="with --save-outputs: the prefill's named intermediates too")
+    _generate_arguments(d)
     return parser
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="directory with config.json and the safetensors (default: the tiny preset "
+                                        "on its demo prompt); loaded whole on --device unless --offload-experts")
+    _prompt_arguments(p, required=False)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--mtp", action="store_true", help="MTP speculative decoding, with the model's MTP conventions "
+                                                     "(M3's training ones unless config.json's mtp_config says otherwise)")
+    p.add_argument("--vllm-drafter", action="store_true", help="with --mtp: draft as vLLM does (embedding zeroed at "
+                                                              "position 0, pre-norm outputs passed on)")
+    p.add_argument("--draft-tokens", type=int, help="drafts per step with --mtp (default: the MTP depths)")
+    p.add_argument("--eos-token-id", type=int, help="stop a row at this token")
+    p.add_argument("--offload-experts", action="store_true", help="with --checkpoint: every weight but the routed "
+                   "experts on --device, the experts read on demand into an LRU cache (load_offloaded)")
+    p.add_argument("--expert-cache-gib", type=float, help="with --offload-experts: the device's expert cache "
+                                                          "(default 40)")
+    p.add_argument("--host-cache-gib", type=float, help="with --offload-experts: a host-RAM cache of the experts' "
+                                                        "stored bytes between disk and device")
+    p.add_argument("--save-outputs", help="write the prompt, the generated tokens and every main-model call's "
+                                          "logits (golden names, .safetensors)")
+    p.add_argument("--trace", action="store_true", help="with --save-outputs: the prefill's named intermediates too")
 
 
 def _or_exit(command, *args):

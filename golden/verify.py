@@ -521,6 +521,25 @@ def with_derived(reference: dict[str, np.ndarray], specs: list[dict]) -> dict[st
     return out
 
 
+def _given(theirs: dict[str, np.ndarray], spec: dict) -> np.ndarray | None:
+    """Your tensor for a reference row: as given, or a derived one from your own sources (as the
+    reference's is derived), or None."""
+    if spec["name"] in theirs or "from" not in spec or not all(n in theirs for _, n in spec["from"]):
+        return theirs.get(spec["name"])
+    return with_derived(theirs, [spec])[spec["name"]]
+
+
+def _floats(row: dict, spec: dict, ref: np.ndarray, got: np.ndarray, theirs: dict, pcc: float | None) -> None:
+    """A floating tensor's row: the tolerance (or --pcc) verdict, max errors, cosine and PCC;
+    router weights first put in their ids' ascending order."""
+    if spec["name"].endswith("router.weights"):
+        got = _in_id_order(got, theirs.get(spec["name"].removesuffix("weights") + "ids"))
+    row.update(_close(spec, ref, got))
+    row["cos"], row["pcc"] = similarity(ref, got)
+    if pcc is not None:
+        _pcc_criterion(row, ref, got, pcc)
+
+
 def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np.ndarray],
             layerwise: bool = False, pcc: float | None = None) -> list[dict]:
     """One row per reference tensor in forward order: name, shape, max abs / rel error (rows that
@@ -539,10 +558,7 @@ def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np
         row = {"name": name, "shape": list(ref.shape), "abs": None, "rel": None, "tol": "", "note": "",
                "after": active[0]["name"] if active else None, "cos": None, "pcc": None}
         rows.append(row)
-        got = theirs.get(name)
-        if got is None and "from" in spec and all(n in theirs for _, n in spec["from"]):
-            got = with_derived(theirs, [spec])[name]          # yours, derived as the reference's is
-            row["derived"] = True
+        got = _given(theirs, spec)
         if got is None:
             row["status"] = "missing"
             continue
@@ -560,13 +576,8 @@ def compare(rules: Rules, reference: dict[str, np.ndarray], theirs: dict[str, np
                        note=f"{int(bad.sum())} of {ref.size} differ, first at {_where(int(np.argmax(bad)), ref.shape)}"
                        if bad.any() else "")
         else:
-            if name.endswith("router.weights"):
-                got = _in_id_order(got, theirs.get(name.removesuffix("weights") + "ids"))
-            row.update(_close(spec, ref, got))
-            row["cos"], row["pcc"] = similarity(ref, got)
-            if pcc is not None:
-                _pcc_criterion(row, ref, got, pcc)
-        if row.pop("derived", False):
+            _floats(row, spec, ref, got, theirs, pcc)
+        if "from" in spec and spec["name"] not in theirs:
             row["note"] = "; ".join(filter(None, [row["note"], "derived from your " + ", ".join(n for _, n in spec["from"])]))
         bad, tied = row.pop("bad"), row.pop("tied", None)
         if row["status"] == "FAIL":
