@@ -535,8 +535,11 @@ def check_block_ids(block_ids: torch.Tensor, nb: int) -> None:
     """Selections attend blocks 0..nb-1 and -1 (an empty slot), nothing else: an id past the keys
     would read another head's block here and nothing in the kernel. A block repeated in a row
     counts once per slot (its keys join the softmax twice), in both implementations."""
-    if block_ids.numel() and (int(block_ids.min()) < -1 or int(block_ids.max()) >= nb):
-        bad = int(block_ids.min()) if int(block_ids.min()) < -1 else int(block_ids.max())
+    if not block_ids.numel():
+        return
+    lo, hi = int(block_ids.min()), int(block_ids.max())
+    if lo < -1 or hi >= nb:
+        bad = lo if lo < -1 else hi
         raise ValueError(f"block_ids must be -1 (empty) or blocks in [0, {nb}) of the {nb} key blocks, got {bad}")
 
 
@@ -3139,6 +3142,13 @@ class StreamRun:
     bytes_read: int
 
 
+def chosen_experts(moe: MoE, x: torch.Tensor) -> list[int]:
+    """The experts the MoE's router chooses for some token of x [..., D], ascending: what a run
+    that holds experts on demand must make real before the MoE's own forward routes again."""
+    _, ids = route(x.reshape(-1, x.shape[-1]), moe.gate.weight, moe.e_score_correction_bias, moe.top_k, moe.scaling)
+    return ids.unique().tolist()
+
+
 class _Pieces:
     """Holds one piece of the meta model's weights at a time while the model's own forward runs: a
     forward pre-hook on each piece (`pieces`) reads its tensors when the forward enters it, after
@@ -3178,9 +3188,7 @@ class _Pieces:
     def route_then_load(self, prefix: str):
         """A forward pre-hook for the MoE at `prefix`: route its input, then read the chosen experts."""
         def hook(moe: MoE, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            _, ids = route(x, moe.gate.weight, moe.e_score_correction_bias, moe.top_k, moe.scaling)
-            chosen = ids.unique().tolist()
+            chosen = chosen_experts(moe, args[0])
             self.load([f"{prefix}experts.{e}.{w}.weight" for e in chosen for w in ("w1", "w2", "w3")])
             self.experts = f" {len(chosen)}/{len(moe.experts)} experts"
         return hook
@@ -3278,9 +3286,7 @@ class ExpertCache:
         self.handles += [m.register_forward_hook(lambda *_: self.trim()) for _, m in moes]
 
     def route(self, prefix: str, moe: MoE, x: torch.Tensor) -> None:
-        _, ids = route(x.reshape(-1, x.shape[-1]), moe.gate.weight, moe.e_score_correction_bias, moe.top_k,
-                       moe.scaling)
-        for e in ids.unique().tolist():
+        for e in chosen_experts(moe, x):
             self.fetch(f"{prefix}experts.{e}.")
 
     def fetch(self, expert: str) -> None:

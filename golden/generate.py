@@ -663,15 +663,20 @@ def run_grad_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, tor
     `grad.mtp_loss.`, `grad.lm_loss.` + the checkpoint key or `inputs_embeds`; then the losses.
     Parameters that only choose (router bias, indexer) get none, and lm_loss none in MTP depths."""
     model = m3.from_pretrained(path, dtype=dtype)
-    named = [(n, p) for n, p in model.named_parameters()]
     res = model(**inputs)
     out = {}
     for term, prefix in (("loss", "grad."), ("mtp_loss", "grad.mtp_loss."), ("lm_loss", "grad.lm_loss.")):
-        grads = torch.autograd.grad(getattr(res, term), [p for _, p in named] + [res.inputs_embeds],
-                                    retain_graph=True, allow_unused=True)
-        keys = [m3.checkpoint_key(n, model.config) for n, _ in named] + ["inputs_embeds"]
-        out.update({prefix + k: g for k, g in zip(keys, grads) if g is not None})
+        out |= gradients(model, getattr(res, term), prefix, {"inputs_embeds": res.inputs_embeds})
     return out | {n: getattr(res, n).detach() for n in ("lm_loss", "mtp_loss", "loss")}
+
+
+def gradients(model: m3.MiniMaxM3, loss: torch.Tensor, prefix: str = "grad.",
+              inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """d loss / d every parameter that gets a gradient, under `prefix` + its checkpoint key, and
+    / d each tensor of `inputs` under `prefix` + its name (the graph is kept for further losses)."""
+    named = {m3.checkpoint_key(n, model.config): p for n, p in model.named_parameters()} | (inputs or {})
+    grads = torch.autograd.grad(loss, list(named.values()), retain_graph=True, allow_unused=True)
+    return {prefix + k: g for k, g in zip(named, grads) if g is not None}
 
 
 def run_kl_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
@@ -688,12 +693,10 @@ def run_kl_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch
     tracer.close()
     for h in hooks:
         h.remove()
-    named = list(model.named_parameters())
-    grads = torch.autograd.grad(res.indexer_loss, [p for _, p in named], allow_unused=True)
     # the selections and the layers' states (what the loss reads), not the head's logits
     out = {k: t for k, t in tracer.out.items() if k.startswith("layers.")} | {k: t.detach() for k, t in kl.items()}
     out["indexer_loss"] = res.indexer_loss.detach()
-    return out | {f"grad.{m3.checkpoint_key(n, model.config)}": g for (n, _), g in zip(named, grads) if g is not None}
+    return out | gradients(model, res.indexer_loss)
 
 
 def run_split_case(path: Path, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
@@ -939,8 +942,9 @@ def make_case(case: dict, path: Path) -> dict:
     derived = gradient_sources(outputs) if case["kind"] == "grad" else {}
     if case["kind"] != "component":
         outputs = {name: outputs[name] for name in V.forward_order(outputs)}
-    if case["kind"] == "cached" and oneshot_mismatches(model, inputs, outputs):
-        raise ValueError(f"case {case['name']}: " + "; ".join(oneshot_mismatches(model, inputs, outputs)))
+    mismatches = oneshot_mismatches(model, inputs, outputs) if case["kind"] == "cached" else []
+    if mismatches:
+        raise ValueError(f"case {case['name']}: " + "; ".join(mismatches))
     if "generated" in outputs:
         tokens = torch.cat([inputs["input_ids"], outputs["generated"]], 1)
         margin = min([greedy_margin(model, tokens, inputs["attention_mask"], inputs["input_ids"].shape[1])]
