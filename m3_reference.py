@@ -3740,7 +3740,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-run the reference on the golden cases and compare (another "
                                       "implementation's outputs: golden/verify.py)")
     v.add_argument("root", help="golden directory")
-    v.add_argument("--case", help="verify only this case")
+    v.add_argument("--case", action="append", help="verify only this case (repeat for several)")
     r = sub.add_parser("run", parents=[media], help="streamed forward of a checkpoint, one layer resident at a time "
                                                     "(the released model on one GPU)")
     r.add_argument("--checkpoint", required=True, help="directory with config.json and the safetensors")

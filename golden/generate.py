@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -1052,15 +1053,17 @@ def generate_golden(out: str | os.PathLike) -> None:
 BACKWARD_KINDS = ("grad", "kl")        # cases whose outputs come from autograd
 
 
-def verify_golden(root: str | os.PathLike, case: str | None = None) -> int:
-    """Re-run the reference on every case (or one) and compare it with the committed outputs.
+def verify_golden(root: str | os.PathLike, cases: Sequence[str] | None = None) -> int:
+    """Re-run the reference on every case (or those named) and compare it with the committed outputs.
     Returns golden/verify.py's exit status: 0 pass, 1 divergence, 2 unusable input, 3 inconclusive.
     With the Triton kernels on, the gradient cases are left out, and said to be: the twins are
     forward-only (no backward), so their gradients are the torch functions' alone."""
     from safetensors.torch import load_file
+    if isinstance(cases, str):
+        raise TypeError(f"cases must be a list of case names, got the string {cases!r}")
     root = Path(root)
     manifest = V.load_manifest(root)
-    entries = [V.find_case(manifest, root, case)] if case else manifest["cases"]
+    entries = [V.find_case(manifest, root, case) for case in cases] if cases else manifest["cases"]
     if m3._kernels is not None:
         backward = [e["name"] for e in entries if e["kind"] in BACKWARD_KINDS]
         if backward:
