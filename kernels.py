@@ -618,6 +618,18 @@ def select_blocks(block_scores: torch.Tensor, q_start: int, block_size: int, top
 
 # ---- block-sparse attention -------------------------------------------------------------------
 
+@triton.jit
+def _online_softmax(s, v, m, l, acc, EXACT_PV: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile into the running softmax (flash attention): s [rows, keys] masked scores, m the
+    running max, l the running sum of e^(s - m), acc the running sum of e^(s - m) v, all fp32;
+    the old terms rescale by e^(m_old - m_new). Returns the new (m, l, acc)."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)        # no key yet: keep exp() finite
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    return m_new, l * alpha + tl.sum(p, axis=1), _pv(p, v, acc * alpha[:, None], EXACT_PV, UPCAST)
+
+
 @_tuned(key=["Dh", "bs", "G", "TOPK", "SPLIT"], configs=[triton.Config({}, num_warps=w, num_stages=n)
                                                           for w, n in ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3), (2, 3))])
 @triton.jit
@@ -658,14 +670,7 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, ACC, ML, S, Sk, H, Hkv, Dh, topk, 
         k = tl.load(K + at * sks, mask=kv_mask, other=0.0)                      # [BLOCK_S, BLOCK_D]
         v = tl.load(V + at * svs, mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros([G, BLOCK_S], dtype=tl.float32), UPCAST) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)        # no key yet: keep exp() finite
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = _pv(p, v, acc * alpha[:, None], EXACT_PV, UPCAST)
-        m = m_new
+        m, l, acc = _online_softmax(tl.where(valid[None, :], s, float("-inf")), v, m, l, acc, EXACT_PV, UPCAST)
     rows = (bh * S + i).to(tl.int64) * G + g                                      # (b, KV head, query, head)
     if SPLIT:
         part = rows * tl.num_programs(2) + split
