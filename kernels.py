@@ -8,14 +8,16 @@ functions stay the specification, and test_m3.py compares every pair.
     norm_rope, rope     per-head q/k Gemma norm + partial NeoX RoPE; RoPE alone (vision 3D RoPE)
     route               sigmoid router on tensor cores (fp32 weights as three exact bf16 pieces),
                         bias-corrected top-k (ties to the lower id), weights
-    routed_experts      grouped MoE: rows aligned to experts on the device (no host sync), gate/up +
+    routed_experts      grouped MoE: rows aligned to experts on the device (no host sync there), gate/up +
                         SwiGLU-OAI and down as grouped GEMMs over a table of per-expert weight
                         pointers, a deterministic fp32 combination
     index_block_scores  lightning-indexer scores, causal mask and block max-pool fused (no [S, S])
     select_blocks       forced-block top-k selection: ascending ids, -1 padding, ties to the lower id
-    sparse_attention    flash-style block-sparse attention walking only each query's selected blocks,
-                        the 16 heads of a KV group as the tile's rows; at decode the slots split
-                        over programs and merge (flash-decoding)
+    sparse_attention    block-sparse attention over the selected blocks only, the 16 heads of a KV
+                        group as the rows of every tl.dot. Prefill inverts the selection (per key
+                        block, the queries that chose it, 4 to a tile: the block loads once for
+                        64 rows), then merges each query's slots by their max and sum; decode walks
+                        each query's own blocks, its slots split over programs (flash-decoding)
 
 Kernels run on a CUDA device, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set
 before this module is imported): the interpreter runs one program at a time in numpy, for tests at
@@ -43,6 +45,9 @@ _ROUND_BY_HAND = tl.constexpr(INTERPRET)     # the interpreter truncates fp32 ->
 # sparse attention's p.v for 16-bit values: fp32-faithful (two dots, as the twin) under the
 # interpreter and in the exact tests; one bf16 dot on a GPU (see _pv for the error it allows)
 EXACT_PV = INTERPRET
+# sparse attention's prefill: the selection inverted, QUERIES_PER_TILE (query, slot) pairs per key
+# block tile (True), or each query walking its own blocks (False); decode always walks by query
+BY_BLOCK, QUERIES_PER_TILE = True, 4
 
 
 def _p2(n: int, least: int = 1) -> int:
@@ -71,6 +76,12 @@ def _tuned(key: list[str], configs: list) -> callable:
     the fastest kept); under the interpreter the first config alone, since timing numpy says
     nothing about a GPU (it is chosen small, for the interpreter's speed)."""
     return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured: no read-back then, so the id checks that need one
+    are skipped (the kernels stay within their tables: a bad id adds nothing)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _twin():
@@ -113,8 +124,9 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 def _pv(p, v, acc, EXACT: tl.constexpr, UPCAST: tl.constexpr):
     """acc + p @ v, p fp32 in [0, 1]. For fp32 v one fp32 dot. For 16-bit v: EXACT keeps p fp32 as
     the torch twin does, split into a rounded head and the rounded rest (p = hi + lo to ~2^-16),
-    two tensor-core dots; else p rounds once to v's dtype, one dot, an error of at most 2^-9 max|v|
-    (bf16) in the output before its own rounding (a FlashAttention kernel's choice)."""
+    two tensor-core dots; else p rounds once to v's dtype, one dot: each p moves by up to 2^-8 of
+    itself (bf16; 2^-11 fp16), so the output by up to 2^-8 max|v| before its own rounding (a
+    FlashAttention kernel's choice)."""
     if v.dtype == tl.float32:
         return _dot(p, v, acc, UPCAST)
     hi = _to(p, v.dtype)
@@ -140,7 +152,7 @@ def _rms_chunk(X, R, H, row, offs, D, sx, sxd, sr, srd, mask, RESIDUAL: tl.const
     return x
 
 
-@_tuned(key=["D", "BLOCK"], configs=[triton.Config({}, num_warps=w) for w in (4, 1, 2, 8, 16)])
+@_tuned(key=["D", "BLOCK", "RESIDUAL"], configs=[triton.Config({}, num_warps=w) for w in (4, 1, 2, 8, 16)])
 @triton.jit
 def _rms_norm_kernel(X, R, W, Y, H, rows, D, sx, sxd, sr, srd, sw, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                      RESIDUAL: tl.constexpr):
@@ -281,17 +293,21 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
 
 @triton.jit
 def _route_dot(x, w, acc, UPCAST: tl.constexpr):
-    """acc + x @ w for fp32 w, on tensor cores when x is bf16: w = hi + mid + lo exactly (three bf16
-    pieces hold fp32's 24 significant bits, whichever way the casts round), so each product with a
-    bf16 x is exact in fp32 and only the summation order differs from an fp32 GEMM. Any other x
-    runs one fp32 dot in full precision."""
-    if x.dtype != tl.bfloat16:
-        return _dot(x.to(tl.float32), w, acc, UPCAST)
-    hi = w.to(tl.bfloat16)
-    rest = w - hi.to(tl.float32)
-    mid = rest.to(tl.bfloat16)
-    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-    return _dot(x, hi, _dot(x, mid, _dot(x, lo, acc, UPCAST), UPCAST), UPCAST)  # smallest first
+    """acc + x @ w for fp32 w, on tensor cores when x is bf16: w = hi + mid + lo exactly for
+    2^-110 <= |w| < 2^128 (three bf16 pieces hold fp32's 24 significant bits, whichever way the
+    casts round; router weights are ~D^-0.5), so each product with a bf16 x is exact and only the
+    accumulation differs from an fp32 GEMM (the tensor cores' fp32 adds, in their order). Any
+    other x runs one fp32 dot in full precision. (Both branches assign: a GPU compiles the code
+    after an early return too, where a bf16 dot with fp32 x would not compile.)"""
+    if x.dtype == tl.bfloat16:
+        hi = w.to(tl.bfloat16)
+        rest = w - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = _dot(x, hi, _dot(x, mid, _dot(x, lo, acc, UPCAST), UPCAST), UPCAST)  # smallest first
+    else:
+        acc = _dot(x.to(tl.float32), w, acc, UPCAST)
+    return acc
 
 
 @_tuned(key=["T_BUCKET", "D", "E"], configs=[triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w, num_stages=n)
@@ -466,8 +482,9 @@ def _offset_table(ptrs: tuple, itemsize: int, device: torch.device) -> torch.Ten
 def _check_routes(flat: torch.Tensor, E: int, meta: list[int]) -> None:
     """The twin's check on ids outside [0, E), plus none routed to an expert left on the meta
     device: one read of three numbers from the device. Skipped under CUDA-graph capture (which
-    cannot read back): there an id outside [0, E) adds nothing."""
-    if not flat.numel() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    cannot read back): there an id outside [0, E) adds nothing, and a route to a meta expert reads
+    another expert's weights (capture a model whose experts are all loaded)."""
+    if not flat.numel() or _capturing():
         return
     on_meta = torch.zeros(E + 1, dtype=torch.bool, device=flat.device)
     on_meta[meta] = True
@@ -630,8 +647,8 @@ def _online_softmax(s, v, m, l, acc, EXACT_PV: tl.constexpr, UPCAST: tl.constexp
     return m_new, l * alpha + tl.sum(p, axis=1), _pv(p, v, acc * alpha[:, None], EXACT_PV, UPCAST)
 
 
-@_tuned(key=["Dh", "bs", "G", "TOPK", "SPLIT"], configs=[triton.Config({}, num_warps=w, num_stages=n)
-                                                          for w, n in ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3), (2, 3))])
+@_tuned(key=["Dh", "bs", "G", "TOPK", "SPLIT", "EXACT_PV"], configs=[triton.Config({}, num_warps=w, num_stages=n)
+                                                                      for w, n in ((8, 2), (8, 3), (8, 1), (4, 2))])
 @triton.jit
 def _sparse_attention_kernel(Q, K, V, IDS, O, ACC, ML, S, Sk, H, Hkv, Dh, topk, per_split, bs, q_start, scale,
                              sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sib, sih, sis, sit,
@@ -683,24 +700,78 @@ def _sparse_attention_kernel(Q, K, V, IDS, O, ACC, ML, S, Sk, H, Hkv, Dh, topk, 
                  mask=row_ok[:, None] & d_ok[None, :])
 
 
+@_tuned(key=["Dh", "bs", "G", "QB", "EXACT_PV"], configs=[triton.Config({}, num_warps=w, num_stages=n)
+                                            for w, n in ((4, 1), (4, 2), (8, 2), (8, 3), (4, 3))])
 @triton.jit
-def _sparse_combine_kernel(ACC, ML, O, S, H, Hkv, Dh, splits, G: tl.constexpr, SPLITS: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-    """o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits s of one (query, b, KV
-    head), M = max_s m_s: the flash-decoding merge; a row with no key in any split stays 0 / 0."""
+def _sparse_by_block_kernel(Q, K, V, PAIRS, TILES, ACC, ML, S, Sk, H, Hkv, Dh, nb, topk, bs, q_start, scale,
+                            sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, G: tl.constexpr,
+                            QB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                            EXACT_PV: tl.constexpr, UPCAST: tl.constexpr):
+    """The selection inverted (MSA-style prefill): one program per tile of up to QB (query, slot)
+    pairs that chose the same key block, sorted and tiled on the device (_expert_tiles). The block's
+    K and V load once for all QB x G rows (M3: 4 queries x 16 heads, an M of 64); each row's
+    softmax over this block alone, causal per query, goes to the workspace as (acc, max, sum) under
+    its (query, head, slot), and _sparse_combine_kernel merges a query's slots."""
+    tile = tl.program_id(0)
+    blk, start, count = tl.load(TILES + tile * 3), tl.load(TILES + tile * 3 + 1), tl.load(TILES + tile * 3 + 2)
+    if count == 0:                                        # past the real tiles (the grid is their bound)
+        return
+    b, h, n = (blk // nb // Hkv).to(tl.int64), blk // nb % Hkv, blk % nb
+    r, d, j = tl.arange(0, QB * G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_S)
+    g, group, d_ok = r % G, H // Hkv, d < Dh
+    pair = tl.load(PAIRS + start + r // G, mask=r // G < count, other=0)        # flat index into [B, Hkv, S, topk]
+    i, row_ok = pair // topk % S, (r // G < count) & (g < group)
+    q = tl.load(Q + b * sqb + i[:, None] * sqs + (h * group + g)[:, None] * sqh + d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)                 # [QB * G, BLOCK_D]
+    key = n * bs + j
+    valid = (j < bs) & (key < Sk)
+    at, kv_mask = key[:, None].to(tl.int64), valid[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + at * sks + h * skh + d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + at * svs + h * svh + d[None, :] * svd, mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), tl.zeros([QB * G, BLOCK_S], dtype=tl.float32), UPCAST) * scale
+    keep = valid[None, :] & (key[None, :] <= q_start + i[:, None])
+    m, l, acc = _online_softmax(tl.where(keep, s, float("-inf")), v, tl.full([QB * G], float("-inf"), tl.float32),
+                                tl.zeros([QB * G], dtype=tl.float32), tl.zeros([QB * G, BLOCK_D], dtype=tl.float32),
+                                EXACT_PV, UPCAST)
+    part = ((pair // topk) * G + g) * topk + pair % topk                          # the combine's (row, head, slot)
+    tl.store(ACC + part[:, None] * BLOCK_D + d[None, :], acc, mask=(r // G < count)[:, None])
+    tl.store(ML + part * 2, m, mask=r // G < count)
+    tl.store(ML + part * 2 + 1, l, mask=r // G < count)
+
+
+@triton.jit
+def _sparse_combine_kernel(ACC, ML, IDS, O, S, H, Hkv, Dh, nb, splits, sib, sih, sis, sit, sob, sos, soh, sod,
+                           G: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, BY_SLOT: tl.constexpr):
+    """o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the parts s of one (query, b, KV
+    head), M = max_s m_s: the flash-decoding merge. The parts are the splits of its slots, or with
+    BY_SLOT its slots themselves (an empty slot, -1 or past the nb blocks, has no part). The maxima are read first, then
+    one part's [G, BLOCK_D] at a time (16 of them at once would spill). A row with no key stays 0 / 0."""
     i, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // Hkv).to(tl.int64), bh % Hkv
     g, s, d = tl.arange(0, G), tl.arange(0, SPLITS), tl.arange(0, BLOCK_D)
     group = H // Hkv
-    part = ((bh * S + i).to(tl.int64) * G + g[:, None]) * splits + s[None, :]     # [G, SPLITS]
-    m = tl.load(ML + part * 2, mask=s[None, :] < splits, other=float("-inf"))
-    l = tl.load(ML + part * 2 + 1, mask=s[None, :] < splits, other=0.0)
-    top = tl.max(m, axis=1)
-    w = tl.exp(m - tl.where(top == float("-inf"), 0.0, top)[:, None])            # [G, SPLITS]
-    acc = tl.load(ACC + part[:, :, None] * BLOCK_D + d[None, None, :], mask=(s < splits)[None, :, None], other=0.0)
-    out = tl.sum(acc * w[:, :, None], axis=1) / tl.where(g < group, tl.sum(l * w, axis=1), 1.0)[:, None]
+    IDS += b * sib + h * sih + i.to(tl.int64) * sis
+    ok = s < splits
+    if BY_SLOT:
+        named = tl.load(IDS + s * sit, mask=ok, other=-1)
+        ok = ok & (named >= 0) & (named < nb)
+    rows = (bh * S + i).to(tl.int64) * G + g                                      # [G]
+    top = tl.max(tl.load(ML + (rows[:, None] * splits + s[None, :]) * 2, mask=ok[None, :], other=float("-inf")), axis=1)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    l = tl.zeros([G], dtype=tl.float32)
+    acc = tl.zeros([G, BLOCK_D], dtype=tl.float32)
+    for part in range(0, splits):
+        used = part < splits
+        if BY_SLOT:
+            named = tl.load(IDS + part * sit)
+            used = (named >= 0) & (named < nb)
+        at = rows * splits + part                                                 # an empty slot's part: unread
+        w = tl.exp(tl.load(ML + at * 2, mask=used, other=float("-inf")) - top)   # [G]
+        l += tl.load(ML + at * 2 + 1, mask=used, other=0.0) * w
+        acc += tl.load(ACC + at[:, None] * BLOCK_D + d[None, :], mask=used, other=0.0) * w[:, None]
+    out = acc / tl.where(g < group, l, 1.0)[:, None]
     head = h * group + g
-    tl.store(O + ((b * S + i) * H + head[:, None]) * Dh + d[None, :], _to(out, O.dtype.element_ty),
+    tl.store(O + b * sob + i.to(tl.int64) * sos + head[:, None] * soh + d[None, :] * sod, _to(out, O.dtype.element_ty),
              mask=(g < group)[:, None] & (d < Dh)[None, :])
 
 
@@ -712,32 +783,68 @@ def _slots_per_program(programs: int, topk: int, device) -> int:
     return -(-topk // max(1, min(topk, target // max(programs, 1))))
 
 
+def _sparse_by_query(q, k, v, block_ids, out, block_size, scale, q_start, per):
+    """Each (query, KV head) walks its own slots, per of them a program (_sparse_attention_kernel),
+    the splits merged after when per < topk. Writes out."""
+    B, S, H, Dh = q.shape
+    Sk, Hkv, topk = k.shape[1], k.shape[2], block_ids.shape[-1]
+    G, BD, splits = _p2(H // Hkv, 16), _p2(Dh, 16), -(-topk // per)              # tl.dot wants M >= 16
+    acc = torch.empty(B * Hkv * S * G * splits * BD if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    ml = torch.empty(acc.numel() // BD * 2 if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    _sparse_attention_kernel[(S, B * Hkv, splits)](
+        q, k, v, block_ids, out, acc, ml, S, Sk, H, Hkv, Dh, topk, per, block_size, q_start, scale,
+        *q.stride(), *k.stride(), *v.stride(), *block_ids.stride(), G=G, BS=_p2(block_size),
+        BLOCK_S=_p2(block_size, 16), BLOCK_D=BD, TOPK=_p2(topk), SPLIT=splits > 1, EXACT_PV=EXACT_PV, UPCAST=INTERPRET)
+    if splits > 1:
+        _sparse_combine_kernel[(S, B * Hkv)](acc, ml, block_ids, out, S, H, Hkv, Dh, 0, splits, *block_ids.stride(),
+                                             *out.stride(), G=G, SPLITS=_p2(splits), BLOCK_D=BD, BY_SLOT=False)
+
+
+def _sparse_by_block(q, k, v, block_ids, out, block_size, scale, q_start):
+    """The selection inverted (_sparse_by_block_kernel), in query chunks whose fp32 workspace (a
+    partial output per query, head and slot) stays within 1 GiB, each merged by its slots. Writes out."""
+    B, S, H, Dh = q.shape
+    Sk, Hkv, topk = k.shape[1], k.shape[2], block_ids.shape[-1]
+    G, BD, nb = _p2(H // Hkv, 16), _p2(Dh, 16), -(-Sk // block_size)
+    chunk = max(1, (1 << 30) // (B * Hkv * G * topk * BD * 4))
+    for s0 in range(0, S, chunk):
+        ids = block_ids[:, :, s0:s0 + chunk]
+        n = ids.shape[2]
+        heads = torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1, 1) * nb
+        named = torch.where((ids >= 0) & (ids < nb), heads + ids, -1)             # (b, KV head, block) keys
+        order, tiles = _expert_tiles(named, B * Hkv * nb, QUERIES_PER_TILE)
+        acc = torch.empty(B * Hkv * n * G * topk * BD, dtype=torch.float32, device=q.device)
+        ml = torch.empty(acc.numel() // BD * 2, dtype=torch.float32, device=q.device)
+        qs, os_ = q[:, s0:s0 + n], out[:, s0:s0 + n]
+        if len(tiles):
+            _sparse_by_block_kernel[(len(tiles),)](
+                qs, k, v, order, tiles, acc, ml, n, Sk, H, Hkv, Dh, nb, topk, block_size, q_start + s0, scale,
+                *qs.stride(), *k.stride(), *v.stride(), G=G, QB=QUERIES_PER_TILE, BLOCK_S=_p2(block_size, 16),
+                BLOCK_D=BD, EXACT_PV=EXACT_PV, UPCAST=INTERPRET)
+        _sparse_combine_kernel[(n, B * Hkv)](acc, ml, ids, os_, n, H, Hkv, Dh, nb, topk, *ids.stride(), *os_.stride(),
+                                             G=G, SPLITS=_p2(topk), BLOCK_D=BD, BY_SLOT=True)
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor,
                      block_size: int, scale: float, q_start: int = 0,
                      query_chunk: int | None = None) -> torch.Tensor:
     """m3_reference.sparse_attention. q [B, S, H, Dh]; k/v [B, Sk, Hkv, Dh]; block_ids int32
     [B, Hkv, S, topk] -> [B, S, H, Dh]. query_chunk bounds the torch twin's memory and has no
     meaning here (nothing is gathered); q_start > 0 is the decode case against cached keys.
-    EXACT_PV picks p.v's precision for 16-bit v (see _pv)."""
+    Enough queries to fill the device run by block (BY_BLOCK, the default) or by query; a few
+    run by query with their slots split. EXACT_PV picks p.v's precision for 16-bit v (see _pv)."""
     _on_device(q, k, v, block_ids)
-    B, S, H, Dh = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
-    _twin().check_block_ids(block_ids, -(-Sk // block_size))
+    if not _capturing():                   # under capture a block past the keys or below -1 adds nothing
+        _twin().check_block_ids(block_ids, -(-Sk // block_size))
     topk = block_ids.shape[-1]
-    G, BD = _p2(H // Hkv, 16), _p2(Dh, 16)                                       # tl.dot wants M >= 16
-    per = _slots_per_program(B * Hkv * S, topk, q.device)
-    splits = -(-topk // per)
+    per = _slots_per_program(q.shape[0] * Hkv * q.shape[1], topk, q.device)
     qc, k, v = _common(q, k, v)
     out = torch.empty(q.shape, dtype=qc.dtype, device=q.device)
-    acc = torch.empty(B * Hkv * S * G * splits * BD if splits > 1 else 1, dtype=torch.float32, device=q.device)
-    ml = torch.empty(acc.numel() // BD * 2 if splits > 1 else 1, dtype=torch.float32, device=q.device)
-    _sparse_attention_kernel[(S, B * Hkv, splits)](
-        qc, k, v, block_ids, out, acc, ml, S, Sk, H, Hkv, Dh, topk, per, block_size, q_start, scale,
-        *qc.stride(), *k.stride(), *v.stride(), *block_ids.stride(), G=G, BS=_p2(block_size),
-        BLOCK_S=_p2(block_size, 16), BLOCK_D=BD,
-        TOPK=_p2(topk), SPLIT=splits > 1, EXACT_PV=EXACT_PV, UPCAST=INTERPRET)
-    if splits > 1:
-        _sparse_combine_kernel[(S, B * Hkv)](acc, ml, out, S, H, Hkv, Dh, splits, G=G, SPLITS=_p2(splits), BLOCK_D=BD)
+    if BY_BLOCK and per == topk:
+        _sparse_by_block(qc, k, v, block_ids, out, block_size, scale, q_start)
+    else:
+        _sparse_by_query(qc, k, v, block_ids, out, block_size, scale, q_start, per)
     return out.to(q.dtype)
 
 
@@ -751,27 +858,33 @@ PEAKS = [("H100 PCIe", 756e12, 2.0e12), ("H100 NVL", 835e12, 3.9e12), ("H200", 9
 TARGETS = {"rms_norm": "HBM >= 80%", "swiglu_oai": "HBM >= 80%", "norm_rope": "HBM >= 80%", "rope": "HBM >= 80%",
            "route": ">= 1x torch", "routed_experts": "HBM >= 70% on expert weights",
            "index_block_scores": ">= 5x torch at 32k", "sparse_attention": ">= 5x torch at 32k, >= 30% of peak FLOP/s",
+           "sparse_attention by query": ">= 5x torch at 32k, >= 30% of peak FLOP/s",
            "sparse_attention decode": "HBM >= 50% on the selected K/V"}
 
 
 def sparse_attention_flops(block_ids: torch.Tensor, block_size: int, Sk: int, H: int, Dh: int,
-                           q_start: int = 0) -> tuple[int, int]:
-    """(useful, executed) FLOPs of sparse_attention on block_ids [B, Hkv, S, topk]. Useful: 4 Dh
-    (q.k and p.v) per query head and attended key, each key of a selected block that is not after
-    the query nor past the end (a repeated block counts per slot, as it weighs). Executed: what the
-    kernel computes with one program per row (prefill): per (query, KV head) its key tiles up to
-    the last used slot, BLOCK_S = max(16, bs') keys each (bs' = bs rounded up to a power of two;
-    BLOCK_S / bs' slots per tile), for G' = max(16, H / Hkv rounded up to a power of two) rows."""
+                           q_start: int = 0) -> tuple[int, int, int]:
+    """(useful, by block, by query) FLOPs of sparse_attention on block_ids [B, Hkv, S, topk].
+    Useful: 4 Dh (q.k and p.v) per query head and attended key, each key of a selected block that
+    is not after the query nor past the end (a repeated block counts per slot, as it weighs). The
+    other two are what each prefill path computes, at the padded tile sizes: G' = max(16, H / Hkv
+    rounded up to a power of two) rows per query, BLOCK_S = max(16, bs') keys per tile (bs' = bs
+    rounded up to a power of two). By block: per key block, its (query, slot) pairs in tiles of
+    QUERIES_PER_TILE. By query: per (query, KV head), its key tiles up to the last used slot,
+    BLOCK_S / bs' slots per tile."""
     B, Hkv, S, topk = block_ids.shape
-    G, dev = H // Hkv, block_ids.device
+    G, dev, nb = H // Hkv, block_ids.device, -(-Sk // block_size)
     ids = block_ids.long()
     q_slot = q_start + torch.arange(S, device=dev)[:, None]                       # [S, 1]
     end = torch.minimum((ids + 1) * block_size, (q_slot + 1).clamp(max=Sk))
     useful = 4 * Dh * G * int((end - ids * block_size).clamp(min=0).masked_fill(ids < 0, 0).sum())
+    tile = 4 * _p2(Dh, 16) * _p2(G, 16) * _p2(block_size, 16)                   # one query's rows x one key tile
+    heads = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1) * nb
+    pairs = torch.bincount((heads + ids)[ids >= 0], minlength=B * Hkv * nb)
+    by_block = int(((pairs + QUERIES_PER_TILE - 1) // QUERIES_PER_TILE).sum()) * QUERIES_PER_TILE * tile
     per_tile = _p2(block_size, 16) // _p2(block_size)
     used = torch.where(ids >= 0, torch.arange(1, topk + 1, device=dev), 0).amax(-1)
-    tiles = int(((used + per_tile - 1) // per_tile).sum())
-    return useful, 4 * _p2(Dh, 16) * tiles * _p2(G, 16) * _p2(block_size, 16)
+    return useful, by_block, int(((used + per_tile - 1) // per_tile).sum()) * tile
 
 
 def _time(fn, device) -> float:
@@ -791,6 +904,13 @@ def _time(fn, device) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def _sparse_attention_by_query(q, k, v, block_ids, block_size, scale):
+    """sparse_attention's other prefill path (each query walking its own blocks), for the bench."""
+    out = torch.empty_like(q)
+    _sparse_by_query(q, k, v, block_ids, out, block_size, scale, 0, block_ids.shape[-1])
+    return out
 
 
 def _chunked_scores(iq, ik, q_start, bs):
@@ -825,11 +945,13 @@ def bench_cases(c: dict, lengths, decode, device, dtype):
         # the torch twin runs in query chunks of 1024, as the model does (one chunk would be [S, S])
         yield ("index_block_scores", f"S={S}", (_chunked_scores, index_block_scores), (iq, ik, 0, c["bs"]), 0,
                S * S * c["Hi"] * c["Di"])
-        q, k, v = r(1, S, c["H"], c["Dh"]), r(1, S, c["Hkv"], c["Dh"]), r(1, S, c["Hkv"], c["Dh"])
-        ids = _bench_selection(S, c, device)
-        useful, executed = sparse_attention_flops(ids, c["bs"], S, c["H"], c["Dh"])
-        yield ("sparse_attention", f"S={S} (ran {executed / useful:.1f}x)", (m3.sparse_attention.torch, sparse_attention),
-               (q, k, v, ids, c["bs"], c["Dh"] ** -0.5), 0, useful)
+        args = (r(1, S, c["H"], c["Dh"]), r(1, S, c["Hkv"], c["Dh"]), r(1, S, c["Hkv"], c["Dh"]),
+                _bench_selection(S, c, device), c["bs"], c["Dh"] ** -0.5)
+        useful, by_block, by_query = sparse_attention_flops(args[3], c["bs"], S, c["H"], c["Dh"])
+        yield ("sparse_attention", f"S={S} (ran {by_block / useful:.1f}x)", (m3.sparse_attention.torch, sparse_attention),
+               args, 0, useful)
+        yield ("sparse_attention by query", f"S={S} (ran {by_query / useful:.1f}x)",
+               (m3.sparse_attention.torch, _sparse_attention_by_query), args, 0, useful)
     S = min(lengths[-1], 2048)
     scores = m3.index_block_scores.torch(r(1, S, c["Hi"], c["Di"]), r(1, S, c["Di"]), 0, c["bs"])
     yield ("select_blocks", f"S={S}", (m3.select_blocks.torch, select_blocks), (scores, 0, c["bs"], c["topk"], 0, 1), 0, 0)
