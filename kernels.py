@@ -311,7 +311,7 @@ def _route_dot(x, w, acc, UPCAST: tl.constexpr):
 
 
 @_tuned(key=["T_BUCKET", "D", "E"], configs=[triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w, num_stages=n)
-                                              for t, d, w, n in ((16, 32, 4, 1), (16, 64, 4, 3), (16, 128, 4, 3),
+                                              for t, d, w, n in ((16, 32, 4, 1), (16, 64, 4, 3), (16, 128, 8, 3),
                                                                  (32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3))])
 @triton.jit
 def _route_kernel(X, W, BIAS, WOUT, IDS, T, T_BUCKET, D, E, sx, sxd, sw, swd, sb, scaling, TOPK: tl.constexpr,
@@ -368,6 +368,12 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
 
 # ---- grouped MoE ------------------------------------------------------------------------------
 
+# BLOCK_N x BLOCK_K tiles of the grouped GEMMs (BLOCK_M is the tile table's); every one fits an
+# H100's 227 KB of shared memory at BLOCK_M = 64
+_MOE_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st) for n, k, w, st in
+                ((32, 32, 4, 1), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2), (256, 64, 8, 3))]
+
+
 @triton.jit
 def _expert_weights(OFFS, e, REF, ALIGNED: tl.constexpr):
     """Expert e's weight matrix: REF (expert 0's tensor) plus a table of per-expert element offsets
@@ -379,9 +385,7 @@ def _expert_weights(OFFS, e, REF, ALIGNED: tl.constexpr):
     return REF + offset
 
 
-@_tuned(key=["D", "I", "BLOCK_M"], configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-                                           for n, k, w, st in ((32, 32, 4, 1), (64, 64, 4, 3), (128, 64, 4, 3),
-                                                               (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3))])
+@_tuned(key=["D", "I", "BLOCK_M"], configs=_MOE_CONFIGS)
 @triton.jit
 def _moe_up_kernel(X, TOKEN, TILES, W1P, W3P, WREF, ACT, D, I, sx, sxd, alpha, limit, BLOCK_M: tl.constexpr,
                    UPCAST: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -411,9 +415,7 @@ def _moe_up_kernel(X, TOKEN, TILES, W1P, W3P, WREF, ACT, D, I, sx, sxd, alpha, l
     tl.store(ACT + rows[:, None].to(tl.int64) * I + n[None, :], act, mask=(m[:, None] < count) & (n[None, :] < I))
 
 
-@_tuned(key=["D", "I", "BLOCK_M"], configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-                                           for n, k, w, st in ((32, 32, 4, 1), (64, 64, 4, 3), (128, 64, 4, 3),
-                                                               (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3))])
+@_tuned(key=["D", "I", "BLOCK_M"], configs=_MOE_CONFIGS)
 @triton.jit
 def _moe_down_kernel(ACT, TILES, W2P, WREF, Y, D, I, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
                      ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -763,8 +765,8 @@ def _sparse_combine_kernel(ACC, ML, IDS, O, S, H, Hkv, Dh, nb, splits, sib, sih,
     for part in range(0, splits):
         used = part < splits
         if BY_SLOT:
-            named = tl.load(IDS + part * sit)
-            used = (named >= 0) & (named < nb)
+            slot_id = tl.load(IDS + part * sit)             # a scalar: `named` above is a vector
+            used = (slot_id >= 0) & (slot_id < nb)
         at = rows * splits + part                                                 # an empty slot's part: unread
         w = tl.exp(tl.load(ML + at * 2, mask=used, other=float("-inf")) - top)   # [G]
         l += tl.load(ML + at * 2 + 1, mask=used, other=0.0) * w
