@@ -375,6 +375,13 @@ _MOE_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_sta
 
 
 @triton.jit
+def _tile(TILES):
+    """This program's row of a _sorted_tiles table: (group, first sorted row, rows)."""
+    tile = tl.program_id(0)
+    return tl.load(TILES + tile * 3), tl.load(TILES + tile * 3 + 1), tl.load(TILES + tile * 3 + 2)
+
+
+@triton.jit
 def _expert_weights(OFFS, e, REF, ALIGNED: tl.constexpr):
     """Expert e's weight matrix: REF (expert 0's tensor) plus a table of per-expert element offsets
     (the checkpoint keeps one tensor per expert; the table avoids stacking them). When every weight
@@ -392,8 +399,8 @@ def _moe_up_kernel(X, TOKEN, TILES, W1P, W3P, WREF, ACT, D, I, sx, sxd, alpha, l
     """act[r] = swiglu_oai(x[token[r]] W1_e^T, x[token[r]] W3_e^T) for the rows r of one tile (one
     expert e), BLOCK_N columns of I. Like the torch twin, each projection rounds to the model dtype
     and the activation is computed in fp32 and rounded once."""
-    tile, col = tl.program_id(0), tl.program_id(1)
-    e, start, count = tl.load(TILES + tile * 3), tl.load(TILES + tile * 3 + 1), tl.load(TILES + tile * 3 + 2)
+    e, start, count = _tile(TILES)
+    col = tl.program_id(1)
     if count == 0:                                        # past the real tiles (the grid is their bound)
         return
     m = tl.arange(0, BLOCK_M)
@@ -420,8 +427,8 @@ def _moe_up_kernel(X, TOKEN, TILES, W1P, W3P, WREF, ACT, D, I, sx, sxd, alpha, l
 def _moe_down_kernel(ACT, TILES, W2P, WREF, Y, D, I, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
                      ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[r] = act[r] W2_e^T for one tile's rows, BLOCK_N columns of D, rounded to the model dtype."""
-    tile, col = tl.program_id(0), tl.program_id(1)
-    e, start, count = tl.load(TILES + tile * 3), tl.load(TILES + tile * 3 + 1), tl.load(TILES + tile * 3 + 2)
+    e, start, count = _tile(TILES)
+    col = tl.program_id(1)
     if count == 0:
         return
     m = tl.arange(0, BLOCK_M)
@@ -452,24 +459,24 @@ def _moe_combine_kernel(Y, ROW, WEIGHT, OUT, D, K: tl.constexpr, BLOCK: tl.const
     tl.store(OUT + t * D + d, acc, mask=d < D)
 
 
-def _expert_tiles(ids: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-expert alignment on the device, no host sync: the T*K (token, slot) pairs sorted by
-    expert (stably) -> order [T*K], and the tiles over the sorted rows [n_tiles, 3] int32 (expert,
-    first row, rows), none spanning two experts. n_tiles = ceil(T*K / block_m) + min(E, T*K) bounds
-    the real count (each expert adds at most one partial tile) without reading the ids: the tiles
-    past the real ones hold 0 rows and their programs return at once. Ids outside [0, E) sort last,
-    into no tile."""
-    flat = ids.reshape(-1)
-    bucket = torch.where((flat >= 0) & (flat < E), flat, E)
+def _sorted_tiles(groups: torch.Tensor, n: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alignment on the device, no host sync: items labelled with a group in [0, n) (a token-expert
+    pair's expert; a query-slot pair's key block) sorted by group, stably -> order [N], and the
+    tiles over the sorted items [n_tiles, 3] int32 (group, first item, items), none spanning two
+    groups. n_tiles = ceil(N / block_m) + min(n, N) bounds the real count (each group adds at most
+    one partial tile) without reading the labels: the tiles past the real ones hold 0 items and
+    their programs return at once. Labels outside [0, n) sort last, into no tile."""
+    flat = groups.reshape(-1)
+    bucket = torch.where((flat >= 0) & (flat < n), flat, n)
     order = torch.argsort(bucket, stable=True)
-    counts = torch.zeros(E + 1, dtype=torch.int64, device=ids.device).scatter_add_(0, bucket, torch.ones_like(bucket))[:E]
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, bucket, torch.ones_like(bucket))[:n]
     tiles_of = (counts + block_m - 1) // block_m
     tile_end = tiles_of.cumsum(0)
-    tile = torch.arange(-(-flat.numel() // block_m) + min(E, flat.numel()), device=ids.device)
-    e = torch.searchsorted(tile_end, tile, right=True).clamp(max=E - 1)           # [n_tiles] expert of each tile
-    within = (tile - tile_end[e] + tiles_of[e]) * block_m                         # the tile's first row in its expert
-    rows = (counts[e] - within).clamp(0, block_m).masked_fill(tile >= tile_end[-1], 0)
-    return order, torch.stack([e, counts.cumsum(0)[e] - counts[e] + within, rows], 1).to(torch.int32)
+    tile = torch.arange(-(-flat.numel() // block_m) + min(n, flat.numel()), device=flat.device)
+    g = torch.searchsorted(tile_end, tile, right=True).clamp(max=n - 1)           # [n_tiles] group of each tile
+    within = (tile - tile_end[g] + tiles_of[g]) * block_m                         # the tile's first item in its group
+    rows = (counts[g] - within).clamp(0, block_m).masked_fill(tile >= tile_end[-1], 0)
+    return order, torch.stack([g, counts.cumsum(0)[g] - counts[g] + within, rows], 1).to(torch.int32)
 
 
 @functools.lru_cache(maxsize=512)
@@ -502,7 +509,7 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
     """m3_reference.routed_experts as grouped GEMMs. x [T, D]; ids [T, K]; weights [T, K] fp32;
     w1/w3 per expert [I, D], w2 [D, I] (one dtype) -> [T, D] fp32.
 
-    The T*K (token, slot) rows are sorted by expert on the device (_expert_tiles), and one launch
+    The T*K (token, slot) rows are sorted by expert on the device (_sorted_tiles), and one launch
     runs gate/up + SwiGLU-OAI over all the tiles, one the down projection; the combination then sums
     each token's slots in ascending expert order. Only routed experts are read: an offloaded model
     may keep the others on the meta device.
@@ -517,7 +524,7 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1
     real = [w for w in ws if not w.is_meta] or [x]
     offsets = _offset_table(tuple(0 if w.is_meta else w.data_ptr() for w in ws), x.element_size(), x.device)
     block_m = 16 if INTERPRET or T * K <= 4 * E else 64                          # decode: a few rows per expert
-    order, tiles = _expert_tiles(ids, E, block_m)
+    order, tiles = _sorted_tiles(ids, E, block_m)
     token = (order // K).to(torch.int32)
     aligned, grid = all(w.data_ptr() % 32 == 0 for w in real), len(tiles)
     act = torch.empty(T * K, I, dtype=x.dtype, device=x.device)
@@ -710,12 +717,11 @@ def _sparse_by_block_kernel(Q, K, V, PAIRS, TILES, ACC, ML, S, Sk, H, Hkv, Dh, n
                             QB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                             EXACT_PV: tl.constexpr, UPCAST: tl.constexpr):
     """The selection inverted (MSA-style prefill): one program per tile of up to QB (query, slot)
-    pairs that chose the same key block, sorted and tiled on the device (_expert_tiles). The block's
+    pairs that chose the same key block, sorted and tiled on the device (_sorted_tiles). The block's
     K and V load once for all QB x G rows (M3: 4 queries x 16 heads, an M of 64); each row's
     softmax over this block alone, causal per query, goes to the workspace as (acc, max, sum) under
     its (query, head, slot), and _sparse_combine_kernel merges a query's slots."""
-    tile = tl.program_id(0)
-    blk, start, count = tl.load(TILES + tile * 3), tl.load(TILES + tile * 3 + 1), tl.load(TILES + tile * 3 + 2)
+    blk, start, count = _tile(TILES)
     if count == 0:                                        # past the real tiles (the grid is their bound)
         return
     b, h, n = (blk // nb // Hkv).to(tl.int64), blk // nb % Hkv, blk % nb
@@ -742,35 +748,29 @@ def _sparse_by_block_kernel(Q, K, V, PAIRS, TILES, ACC, ML, S, Sk, H, Hkv, Dh, n
 
 
 @triton.jit
-def _sparse_combine_kernel(ACC, ML, IDS, O, S, H, Hkv, Dh, nb, splits, sib, sih, sis, sit, sob, sos, soh, sod,
-                           G: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, BY_SLOT: tl.constexpr):
+def _sparse_combine_kernel(ACC, ML, O, S, H, Hkv, Dh, parts, sob, sos, soh, sod, G: tl.constexpr,
+                           PARTS: tl.constexpr, BLOCK_D: tl.constexpr):
     """o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the parts s of one (query, b, KV
-    head), M = max_s m_s: the flash-decoding merge. The parts are the splits of its slots, or with
-    BY_SLOT its slots themselves (an empty slot, -1 or past the nb blocks, has no part). The maxima are read first, then
-    one part's [G, BLOCK_D] at a time (16 of them at once would spill). A row with no key stays 0 / 0."""
+    head) (the splits of its slots, or its slots), M = max_s m_s: the flash-decoding merge. A part
+    with no key (m = -inf, l = 0: an empty slot's as the workspace starts) adds nothing and its acc
+    is not read. The maxima are read first, then one part's [G, BLOCK_D] at a time (16 of them at
+    once would spill). A row with no key stays 0 / 0."""
     i, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // Hkv).to(tl.int64), bh % Hkv
-    g, s, d = tl.arange(0, G), tl.arange(0, SPLITS), tl.arange(0, BLOCK_D)
+    g, s, d = tl.arange(0, G), tl.arange(0, PARTS), tl.arange(0, BLOCK_D)
     group = H // Hkv
-    IDS += b * sib + h * sih + i.to(tl.int64) * sis
-    ok = s < splits
-    if BY_SLOT:
-        named = tl.load(IDS + s * sit, mask=ok, other=-1)
-        ok = ok & (named >= 0) & (named < nb)
     rows = (bh * S + i).to(tl.int64) * G + g                                      # [G]
-    top = tl.max(tl.load(ML + (rows[:, None] * splits + s[None, :]) * 2, mask=ok[None, :], other=float("-inf")), axis=1)
+    top = tl.max(tl.load(ML + (rows[:, None] * parts + s[None, :]) * 2, mask=s[None, :] < parts,
+                         other=float("-inf")), axis=1)
     top = tl.where(top == float("-inf"), 0.0, top)
     l = tl.zeros([G], dtype=tl.float32)
     acc = tl.zeros([G, BLOCK_D], dtype=tl.float32)
-    for part in range(0, splits):
-        used = part < splits
-        if BY_SLOT:
-            slot_id = tl.load(IDS + part * sit)             # a scalar: `named` above is a vector
-            used = (slot_id >= 0) & (slot_id < nb)
-        at = rows * splits + part                                                 # an empty slot's part: unread
-        w = tl.exp(tl.load(ML + at * 2, mask=used, other=float("-inf")) - top)   # [G]
-        l += tl.load(ML + at * 2 + 1, mask=used, other=0.0) * w
-        acc += tl.load(ACC + at[:, None] * BLOCK_D + d[None, :], mask=used, other=0.0) * w[:, None]
+    for part in range(0, parts):
+        at = rows * parts + part
+        m = tl.load(ML + at * 2)                                                  # [G]
+        w = tl.exp(m - top)
+        l += tl.load(ML + at * 2 + 1) * w
+        acc += tl.load(ACC + at[:, None] * BLOCK_D + d[None, :], mask=(m > float("-inf"))[:, None], other=0.0) * w[:, None]
     out = acc / tl.where(g < group, l, 1.0)[:, None]
     head = h * group + g
     tl.store(O + b * sob + i.to(tl.int64) * sos + head[:, None] * soh + d[None, :] * sod, _to(out, O.dtype.element_ty),
@@ -783,6 +783,14 @@ def _slots_per_program(programs: int, topk: int, device) -> int:
     the interpreter, so that its tests reach both paths)."""
     target = 8 if INTERPRET else 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return -(-topk // max(1, min(topk, target // max(programs, 1))))
+
+
+def _block_keys(block_ids: torch.Tensor, nb: int) -> torch.Tensor:
+    """Each slot's key block as one label over all (b, KV head): (b Hkv + h) nb + id, or -1 for
+    an empty slot or an id outside [0, nb). block_ids [B, Hkv, S, topk] -> int64, same shape."""
+    B, Hkv = block_ids.shape[:2]
+    heads = torch.arange(B * Hkv, device=block_ids.device).view(B, Hkv, 1, 1) * nb
+    return torch.where((block_ids >= 0) & (block_ids < nb), heads + block_ids, -1)
 
 
 def _sparse_by_query(q, k, v, block_ids, out, block_size, scale, q_start, per):
@@ -798,13 +806,14 @@ def _sparse_by_query(q, k, v, block_ids, out, block_size, scale, q_start, per):
         *q.stride(), *k.stride(), *v.stride(), *block_ids.stride(), G=G, BS=_p2(block_size),
         BLOCK_S=_p2(block_size, 16), BLOCK_D=BD, TOPK=_p2(topk), SPLIT=splits > 1, EXACT_PV=EXACT_PV, UPCAST=INTERPRET)
     if splits > 1:
-        _sparse_combine_kernel[(S, B * Hkv)](acc, ml, block_ids, out, S, H, Hkv, Dh, 0, splits, *block_ids.stride(),
-                                             *out.stride(), G=G, SPLITS=_p2(splits), BLOCK_D=BD, BY_SLOT=False)
+        _sparse_combine_kernel[(S, B * Hkv)](acc, ml, out, S, H, Hkv, Dh, splits, *out.stride(), G=G,
+                                             PARTS=_p2(splits), BLOCK_D=BD)
 
 
 def _sparse_by_block(q, k, v, block_ids, out, block_size, scale, q_start):
     """The selection inverted (_sparse_by_block_kernel), in query chunks whose fp32 workspace (a
-    partial output per query, head and slot) stays within 1 GiB, each merged by its slots. Writes out."""
+    partial output per query, head and slot) stays within 1 GiB, each merged by its slots (a slot
+    no tile wrote keeps the workspace's start, no key). Writes out."""
     B, S, H, Dh = q.shape
     Sk, Hkv, topk = k.shape[1], k.shape[2], block_ids.shape[-1]
     G, BD, nb = _p2(H // Hkv, 16), _p2(Dh, 16), -(-Sk // block_size)
@@ -812,19 +821,18 @@ def _sparse_by_block(q, k, v, block_ids, out, block_size, scale, q_start):
     for s0 in range(0, S, chunk):
         ids = block_ids[:, :, s0:s0 + chunk]
         n = ids.shape[2]
-        heads = torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1, 1) * nb
-        named = torch.where((ids >= 0) & (ids < nb), heads + ids, -1)             # (b, KV head, block) keys
-        order, tiles = _expert_tiles(named, B * Hkv * nb, QUERIES_PER_TILE)
+        order, tiles = _sorted_tiles(_block_keys(ids, nb), B * Hkv * nb, QUERIES_PER_TILE)
         acc = torch.empty(B * Hkv * n * G * topk * BD, dtype=torch.float32, device=q.device)
-        ml = torch.empty(acc.numel() // BD * 2, dtype=torch.float32, device=q.device)
+        ml = torch.zeros(acc.numel() // BD, 2, dtype=torch.float32, device=q.device)
+        ml[:, 0] = float("-inf")                           # (max, sum) of no key: an empty slot's, never written
         qs, os_ = q[:, s0:s0 + n], out[:, s0:s0 + n]
         if len(tiles):
             _sparse_by_block_kernel[(len(tiles),)](
                 qs, k, v, order, tiles, acc, ml, n, Sk, H, Hkv, Dh, nb, topk, block_size, q_start + s0, scale,
                 *qs.stride(), *k.stride(), *v.stride(), G=G, QB=QUERIES_PER_TILE, BLOCK_S=_p2(block_size, 16),
                 BLOCK_D=BD, EXACT_PV=EXACT_PV, UPCAST=INTERPRET)
-        _sparse_combine_kernel[(n, B * Hkv)](acc, ml, ids, os_, n, H, Hkv, Dh, nb, topk, *ids.stride(), *os_.stride(),
-                                             G=G, SPLITS=_p2(topk), BLOCK_D=BD, BY_SLOT=True)
+        _sparse_combine_kernel[(n, B * Hkv)](acc, ml, os_, n, H, Hkv, Dh, topk, *os_.stride(), G=G,
+                                             PARTS=_p2(topk), BLOCK_D=BD)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor,
@@ -881,8 +889,8 @@ def sparse_attention_flops(block_ids: torch.Tensor, block_size: int, Sk: int, H:
     end = torch.minimum((ids + 1) * block_size, (q_slot + 1).clamp(max=Sk))
     useful = 4 * Dh * G * int((end - ids * block_size).clamp(min=0).masked_fill(ids < 0, 0).sum())
     tile = 4 * _p2(Dh, 16) * _p2(G, 16) * _p2(block_size, 16)                   # one query's rows x one key tile
-    heads = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1) * nb
-    pairs = torch.bincount((heads + ids)[ids >= 0], minlength=B * Hkv * nb)
+    keys = _block_keys(ids, nb)
+    pairs = torch.bincount(keys[keys >= 0], minlength=B * Hkv * nb)
     by_block = int(((pairs + QUERIES_PER_TILE - 1) // QUERIES_PER_TILE).sum()) * QUERIES_PER_TILE * tile
     per_tile = _p2(block_size, 16) // _p2(block_size)
     used = torch.where(ids >= 0, torch.arange(1, topk + 1, device=dev), 0).amax(-1)

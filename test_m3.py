@@ -2191,13 +2191,13 @@ def test_routed_experts_kernel_touches_only_the_routed_experts():
 
 @given(seed=seeds, T=st.integers(0, 40), K=st.integers(1, 4), E=st.integers(1, 9), block_m=st.sampled_from([1, 2, 16]))
 @few(12)
-def test_expert_tiles_align_the_routes_on_the_device_within_their_static_bound(seed, T, K, E, block_m):
-    """_expert_tiles against a host loop: the pairs sorted by expert (stably), each expert's rows cut
+def test_sorted_tiles_align_the_routes_on_the_device_within_their_static_bound(seed, T, K, E, block_m):
+    """_sorted_tiles against a host loop: the pairs sorted by expert (stably), each expert's rows cut
     into tiles of at most block_m, in expert order, then empty tiles up to the bound
     ceil(T K / block_m) + min(E, T K) that sizes the grid without reading the ids."""
     Km = kernels_module()
     ids = torch.randint(0, E, (T, K), generator=torch.Generator().manual_seed(seed))
-    order, tiles = Km._expert_tiles(ids, E, block_m)
+    order, tiles = Km._sorted_tiles(ids, E, block_m)
     flat = ids.flatten().tolist()
     assert order.tolist() == sorted(range(T * K), key=lambda r: flat[r])
     want, start = [], 0
