@@ -2555,17 +2555,19 @@ def put_tensor(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor
     return old
 
 
-def load_tensor(model: MiniMaxM3, ckpt: Checkpoint, name: str, device, raw=None) -> torch.Tensor:
+def load_tensor(model: MiniMaxM3, ckpt: Checkpoint, name: str, device, raw=None, check: bool = True) -> torch.Tensor:
     """Fill one meta parameter/buffer of `model` from the checkpoint (or from `raw`, its stored
     pair already read: Checkpoint.raw), cast to the dtype the model gave it (the router stays
     fp32), after checking that it is finite in that dtype (a stored NaN, an MXFP8 overflow, or a
-    value beyond float16's range). Returns the meta tensor it replaced."""
+    value beyond float16's range; check=False only for bytes that passed it before). Returns the
+    meta tensor it replaced."""
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner)
     dtype = (module._parameters[attr] if attr in module._parameters else module._buffers[attr]).dtype
     key = checkpoint_key(name, model.config, ckpt.mtp_layout)
-    value = check_finite(ckpt.tensor(key, device, raw).to(dtype),
-                         f"checkpoint key {key} (as {str(dtype).removeprefix('torch.')})")
+    value = ckpt.tensor(key, device, raw).to(dtype)
+    if check:
+        check_finite(value, f"checkpoint key {key} (as {str(dtype).removeprefix('torch.')})")
     return put_tensor(model, name, value)
 
 
@@ -3303,9 +3305,12 @@ class ExpertCache:
             before = self.ckpt.bytes_read
             raw = {n: self.ckpt.raw(checkpoint_key(n, self.model.config, self.ckpt.mtp_layout)) for n in names}
             self.stats["bytes_read"] += self.ckpt.bytes_read - before
-            self.keep_on_host(expert, raw)
             where = "disk"
-        meta = {n: load_tensor(self.model, self.ckpt, n, self.device, raw[n]) for n in names}
+        # the finiteness check reads back from the device: bytes from the host cache passed it on
+        # their way in from disk, so only those are checked (and kept on the host once they have)
+        meta = {n: load_tensor(self.model, self.ckpt, n, self.device, raw[n], check=where == "disk") for n in names}
+        if where == "disk":
+            self.keep_on_host(expert, raw)
         self.lru[expert] = (sum(t.numel() * t.element_size() for t in meta.values()), meta)
         self.stats[where] += 1
 
@@ -3577,7 +3582,7 @@ def generate_cli(args) -> None:
     length = inputs["input_ids"].shape[1] + args.max_new_tokens + drafts + 1
     t0 = time.perf_counter()
     model = _generate_model(args, cfg, device, dtype, inputs["input_ids"].shape[0] * length)
-    log = GenerateLog(model, inputs, args.max_new_tokens, args.trace)
+    log = GenerateLog(model, inputs, args.max_new_tokens, target is not None, args.trace)
     t1 = time.perf_counter()
     try:
         tokens, stats = generate(model, max_new_tokens=args.max_new_tokens, mtp=args.mtp,
@@ -3645,24 +3650,28 @@ class GenerateLog:
     """What `generate` reports while it runs: a forward hook on the model sees every main-model
     call (the prefill, then each step; the MTP drafter's depths run outside it), prints a line per
     call (tokens so far, tokens/s, an offloaded model's experts by source, bytes read, cache hit
-    rate, elapsed, ETA) and keeps each call's logits as `step.{s}.logits` with its q_start, for
-    --save-outputs (with --trace, the prefill's named intermediates too, as `step.0.*`)."""
+    rate, elapsed, ETA) and, when `keep` (--save-outputs), keeps each call's logits on the host as
+    `step.{s}.logits` with its q_start (with --trace, the prefill's named intermediates too, as
+    `step.0.*`); without it no logits leave the device."""
 
-    def __init__(self, model: MiniMaxM3, inputs: dict, max_new_tokens: int, trace: bool):
-        from golden.generate import Tracer                  # the golden names of the intermediates
-        self.model, self.inputs, self.total = model, inputs, max_new_tokens
+    def __init__(self, model: MiniMaxM3, inputs: dict, max_new_tokens: int, keep: bool, trace: bool):
+        self.model, self.inputs, self.total, self.keep, self.calls = model, inputs, max_new_tokens, keep, 0
         self.prompt, self.tensors, self.t0 = inputs["input_ids"].shape[1], {}, time.perf_counter()
         self.experts = getattr(model, "expert_cache", None)
         if self.experts is not None:
             self.experts.prefilling = True
         media = [m for m, key in (("image", "pixel_values"), ("video", "pixel_values_videos")) if key in inputs]
+        if trace:
+            from golden.generate import Tracer              # the golden names of the intermediates
         self.tracer = Tracer(model, media, "step.0.") if trace else None
         self.handle = model.register_forward_hook(self.call, with_kwargs=True)
 
     def call(self, model, args, kwargs, out: M3Output) -> None:
-        s, cache = len([k for k in self.tensors if k.endswith(".logits")]), kwargs["cache"]
-        self.tensors[f"step.{s}.q_start"] = torch.tensor([cache.length - out.logits.shape[1]])
-        self.tensors[f"step.{s}.logits"] = out.logits.detach().cpu()
+        s, cache = self.calls, kwargs["cache"]
+        self.calls += 1
+        if self.keep:
+            self.tensors[f"step.{s}.q_start"] = torch.tensor([cache.length - out.logits.shape[1]])
+            self.tensors[f"step.{s}.logits"] = out.logits.detach().cpu()
         if self.tracer is not None:
             self.tensors.update({k: t.cpu() for k, t in self.tracer.out.items()})
             self.tracer.close()
